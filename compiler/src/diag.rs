@@ -1,0 +1,166 @@
+//! Diagnostics: an error with a primary span, secondary labels and notes, rendered as
+//! `file:line:col`, the source line and carets under the span.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use vlmc_grammar::ast::Span;
+
+/// Index of a source file in a [`SourceMap`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub struct FileId(pub u32);
+
+/// A location: which file and which bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Loc {
+    pub file: FileId,
+    pub span: Span,
+}
+
+/// All source files read during one compilation.
+#[derive(Default, Debug)]
+pub struct SourceMap {
+    files: Vec<(PathBuf, String)>,
+}
+
+impl SourceMap {
+    /// Adds a file's text; returns its id.
+    pub fn add(&mut self, path: PathBuf, text: String) -> FileId {
+        self.files.push((path, text));
+        FileId(self.files.len() as u32 - 1)
+    }
+    /// The path a file was read from.
+    pub fn path(&self, id: FileId) -> &Path {
+        &self.files[id.0 as usize].0
+    }
+    /// The text of a file.
+    pub fn text(&self, id: FileId) -> &str {
+        &self.files[id.0 as usize].1
+    }
+    /// The id of an already-loaded file.
+    pub fn find(&self, path: &Path) -> Option<FileId> {
+        self.files
+            .iter()
+            .position(|(p, _)| p == path)
+            .map(|i| FileId(i as u32))
+    }
+    /// 1-based line and column (in characters) of a byte offset.
+    pub fn line_col(&self, id: FileId, offset: usize) -> (usize, usize) {
+        let text = self.text(id);
+        let offset = clamp_to_char(text, offset);
+        let before = &text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        (line, col)
+    }
+    /// `path:line:col` of a location.
+    pub fn describe(&self, loc: Loc) -> String {
+        let (l, c) = self.line_col(loc.file, loc.span.start);
+        format!("{}:{}:{}", self.path(loc.file).display(), l, c)
+    }
+}
+
+fn clamp_to_char(text: &str, mut offset: usize) -> usize {
+    offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    offset
+}
+
+/// One compile error.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Diagnostic {
+    pub message: String,
+    pub loc: Loc,
+    /// Text under the primary caret.
+    pub label: Option<String>,
+    /// Other places worth showing (a declaration, the call site).
+    pub secondary: Vec<(Loc, String)>,
+    pub notes: Vec<String>,
+    /// The call stack at the error, innermost first.
+    pub trace: Vec<String>,
+}
+
+impl Diagnostic {
+    /// An error at `loc`.
+    pub fn new(loc: Loc, message: impl Into<String>) -> Diagnostic {
+        Diagnostic {
+            message: message.into(),
+            loc,
+            label: None,
+            secondary: Vec::new(),
+            notes: Vec::new(),
+            trace: Vec::new(),
+        }
+    }
+    /// Sets the text under the caret.
+    pub fn label(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+    /// Adds a secondary location.
+    pub fn also(mut self, loc: Loc, label: impl Into<String>) -> Self {
+        self.secondary.push((loc, label.into()));
+        self
+    }
+    /// Adds a note line.
+    pub fn note(mut self, note: impl Into<String>) -> Self {
+        self.notes.push(note.into());
+        self
+    }
+    /// Adds a line of the call stack (shown after the notes).
+    pub fn trace(mut self, line: impl Into<String>) -> Self {
+        self.trace.push(line.into());
+        self
+    }
+    /// Renders the diagnostic as plain text, rustc-style: the message, `--> file:line:col`, the
+    /// source line with carets under the span, secondary locations, notes and the call stack.
+    pub fn render(&self, sources: &SourceMap) -> String {
+        let mut lines: Vec<(Loc, char, Option<&str>)> = vec![(self.loc, '^', self.label.as_deref())];
+        lines.extend(self.secondary.iter().map(|(l, t)| (*l, '-', Some(t.as_str()))));
+        let width = lines
+            .iter()
+            .map(|(l, _, _)| sources.line_col(l.file, l.span.start).0.to_string().len())
+            .max()
+            .unwrap_or(1);
+        let pad = " ".repeat(width);
+        let mut out = format!("error: {}\n", self.message);
+        for (i, (loc, mark, label)) in lines.iter().enumerate() {
+            let arrow = if i == 0 { "-->" } else { ":::" };
+            out.push_str(&format!("{pad}{arrow} {}\n", sources.describe(*loc)));
+            out.push_str(&format!("{pad} |\n"));
+            let text = sources.text(loc.file);
+            let start = clamp_to_char(text, loc.span.start);
+            let line_start = text[..start].rfind('\n').map_or(0, |p| p + 1);
+            let line_end = text[start..].find('\n').map_or(text.len(), |p| start + p);
+            let line_text = &text[line_start..line_end];
+            let (line_no, col) = sources.line_col(loc.file, start);
+            let end = clamp_to_char(text, loc.span.end).clamp(start, line_end);
+            let n_marks = text[start..end].chars().count().max(1);
+            out.push_str(&format!("{line_no:>width$} | {}\n", line_text.replace('\t', " ")));
+            let mut under = format!("{pad} | {}{}", " ".repeat(col - 1), mark.to_string().repeat(n_marks));
+            if let Some(l) = label {
+                under.push(' ');
+                under.push_str(l);
+            }
+            out.push_str(under.trim_end());
+            out.push('\n');
+        }
+        if !self.notes.is_empty() || !self.trace.is_empty() {
+            out.push_str(&format!("{pad} |\n"));
+        }
+        for n in &self.notes {
+            out.push_str(&format!("{pad} = note: {n}\n"));
+        }
+        for t in &self.trace {
+            out.push_str(&format!("{pad} = {t}\n"));
+        }
+        out
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}

@@ -1,0 +1,541 @@
+//! `adapter` and `trainer` declarations: checked against the elaborated model (every path
+//! pattern must match something, every method, objective, optimiser and setting must be known
+//! with arguments of the right kind). They run in later stages; here they are validated and
+//! summarised.
+
+use super::modules::{ItemRef, Program};
+use super::value::{Instance, Value};
+use super::Elaborated;
+use crate::diag::{Diagnostic, Loc};
+use std::rc::Rc;
+use vlmc_grammar::ast::{
+    AdapterDecl, Expr, ExprKind, Item, PatSeg, Pattern, SettingValue, Span, TrainerDecl, UnaryOp,
+};
+
+type R<T> = Result<T, Diagnostic>;
+
+/// A checked adapter: its method with arguments and the module paths it applies to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterInfo {
+    pub name: String,
+    pub method: String,
+    pub args: Vec<(String, Setting)>,
+    pub targets: Vec<String>,
+}
+
+/// A checked trainer: its settings, and the parameter paths it trains.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainerInfo {
+    pub name: String,
+    pub settings: Vec<(String, Setting)>,
+    pub trainable: Vec<String>,
+}
+
+/// A compile-time value in an adapter or trainer declaration.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Setting {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Symbol(String),
+    List(Vec<Setting>),
+    Call(String, Vec<(String, Setting)>),
+    Paths(Vec<String>),
+}
+
+/// (method, [(argument, kind)]) for adapters. Kinds: i int, f number, b bool, s symbol.
+const ADAPTERS: &[(&str, &[(&str, char)])] = &[
+    ("lora", &[("rank", 'i'), ("alpha", 'f'), ("dropout", 'f'), ("rslora", 'b')]),
+    ("qlora", &[("rank", 'i'), ("alpha", 'f'), ("dropout", 'f'), ("rslora", 'b'), ("block", 'i'), ("double_quant", 'b')]),
+    ("ia3", &[]),
+    ("houlsby", &[("bottleneck", 'i'), ("act", 's')]),
+    ("pfeiffer", &[("bottleneck", 'i'), ("act", 's')]),
+    ("prompt", &[("tokens", 'i')]),
+    ("prefix", &[("tokens", 'i'), ("reparam", 'b'), ("hidden", 'i')]),
+];
+
+const OBJECTIVES: &[&str] = &[
+    "pretrain", "sft", "dpo", "ipo", "mpo", "online_dpo", "cpo", "simpo", "kto", "nash_md", "orpo",
+    "xpo", "reward", "ppo", "prm", "grpo", "rloo", "gkd", "distill", "clip", "siglip", "itc", "itm",
+    "itg",
+];
+
+const OPTIMIZERS: &[(&str, &[&str])] = &[
+    ("adamw", &["lr", "beta1", "beta2", "eps", "weight_decay"]),
+    ("adam", &["lr", "beta1", "beta2", "eps"]),
+    ("sgd", &["lr", "momentum", "weight_decay", "nesterov"]),
+];
+
+const SCHEDULES: &[(&str, &[&str])] = &[
+    ("constant", &["warmup"]),
+    ("linear", &["warmup"]),
+    ("cosine", &["warmup", "min_lr"]),
+];
+
+/// Trainer settings and the kind of value each takes: i int, f number, p patterns, c call,
+/// n name of another declaration.
+const SETTINGS: &[(&str, char)] = &[
+    ("objective", 'c'),
+    ("optimizer", 'c'),
+    ("schedule", 'c'),
+    ("train", 'p'),
+    ("freeze", 'p'),
+    ("adapter", 'n'),
+    ("from", 'n'),
+    ("batch", 'i'),
+    ("steps", 'i'),
+    ("epochs", 'i'),
+    ("seed", 'i'),
+    ("grad_accum", 'i'),
+    ("clip_grad", 'f'),
+    ("eval_every", 'i'),
+    ("save_every", 'i'),
+    ("max_len", 'i'),
+    ("lr", 'f'),
+];
+
+fn err(prog: &Program, module: usize, span: Span, msg: impl Into<String>) -> Diagnostic {
+    Diagnostic::new(
+        Loc {
+            file: prog.modules[module].file,
+            span,
+        },
+        msg,
+    )
+}
+
+/// Evaluates a declaration's argument: literals, names (as symbols), calls, lists.
+fn setting(prog: &Program, module: usize, e: &Expr) -> R<Setting> {
+    Ok(match &e.kind {
+        ExprKind::Int(i) => Setting::Int(*i),
+        ExprKind::Float(f) => Setting::Float(*f),
+        ExprKind::Bool(b) => Setting::Bool(*b),
+        ExprKind::Str(s) => Setting::Str(s.clone()),
+        ExprKind::Name(n) => Setting::Symbol(n.clone()),
+        ExprKind::Unary { op: UnaryOp::Neg, operand } => match setting(prog, module, operand)? {
+            Setting::Int(i) => Setting::Int(-i),
+            Setting::Float(f) => Setting::Float(-f),
+            _ => return Err(err(prog, module, e.span, "`-` needs a number")),
+        },
+        ExprKind::List(items) => Setting::List(
+            items
+                .iter()
+                .map(|i| setting(prog, module, i))
+                .collect::<R<_>>()?,
+        ),
+        ExprKind::Call { callee, args } => {
+            let ExprKind::Name(n) = &callee.kind else {
+                return Err(err(prog, module, callee.span, "expected a name such as `adamw`"));
+            };
+            let mut out = Vec::new();
+            for a in args {
+                let Some(k) = &a.name else {
+                    return Err(err(prog, module, a.value.span, "arguments here must be named, e.g. `lr: 1e-4`")
+                        .label("unnamed argument"));
+                };
+                out.push((k.name.clone(), setting(prog, module, &a.value)?));
+            }
+            Setting::Call(n.clone(), out)
+        }
+        _ => {
+            return Err(err(prog, module, e.span, "expected a number, a name or a call such as `adamw(lr: 1e-4)`")
+                .label("not a constant"))
+        }
+    })
+}
+
+fn kind_ok(s: &Setting, kind: char) -> bool {
+    match kind {
+        'i' => matches!(s, Setting::Int(_)),
+        'f' => matches!(s, Setting::Int(_) | Setting::Float(_)),
+        'b' => matches!(s, Setting::Bool(_)),
+        's' => matches!(s, Setting::Symbol(_)),
+        _ => true,
+    }
+}
+
+fn kind_name(kind: char) -> &'static str {
+    match kind {
+        'i' => "an integer",
+        'f' => "a number",
+        'b' => "true or false",
+        's' => "a name",
+        'c' => "a call such as `adamw(lr: 1e-4)`",
+        'n' => "the name of a declaration",
+        _ => "path patterns",
+    }
+}
+
+/// All module paths and parameter paths under `inst` (depth-first, declaration order).
+fn paths(inst: &Rc<Instance>, graph: &crate::ir::Graph) -> (Vec<String>, Vec<String>) {
+    fn walk(inst: &Rc<Instance>, out: &mut Vec<String>) {
+        if !inst.path.is_empty() {
+            out.push(inst.path.clone());
+        }
+        for n in &inst.order {
+            collect(inst.env.get(n), out);
+        }
+    }
+    fn collect(v: Option<&Value>, out: &mut Vec<String>) {
+        match v {
+            Some(Value::Module(m)) => walk(m, out),
+            Some(Value::List(items)) => items.iter().for_each(|i| collect(Some(i), out)),
+            _ => {}
+        }
+    }
+    let mut modules = Vec::new();
+    walk(inst, &mut modules);
+    let params = graph.params().into_iter().map(|(_, p, _, _)| p.to_string()).collect();
+    (modules, params)
+}
+
+/// Whether a pattern matches a whole dotted path.
+pub fn pattern_matches(p: &Pattern, path: &str) -> bool {
+    fn go(segs: &[PatSeg], parts: &[&str]) -> bool {
+        match segs.split_first() {
+            None => parts.is_empty(),
+            Some((PatSeg::DoubleStar, rest)) => (0..=parts.len()).any(|k| go(rest, &parts[k..])),
+            Some((s, rest)) => match parts.split_first() {
+                None => false,
+                Some((head, tail)) => {
+                    let ok = match s {
+                        PatSeg::Name(n) => n == head,
+                        PatSeg::Star => true,
+                        PatSeg::Alt(v) => v.iter().any(|n| n == head),
+                        PatSeg::DoubleStar => false,
+                    };
+                    ok && go(rest, tail)
+                }
+            },
+        }
+    }
+    let parts: Vec<&str> = path.split('.').collect();
+    go(&p.segs, &parts)
+}
+
+/// Checks the adapters declared for `model` in its file.
+pub fn check_adapters(prog: &Program, model: ItemRef, root: &Rc<Instance>, graph: &crate::ir::Graph) -> R<Vec<AdapterInfo>> {
+    let (modules, _) = paths(root, graph);
+    let mut out = Vec::new();
+    for a in decls::<AdapterDecl>(prog, model) {
+        out.push(check_adapter(prog, model.module, a, &modules, graph)?);
+    }
+    Ok(out)
+}
+
+fn check_adapter(prog: &Program, m: usize, a: &AdapterDecl, modules: &[String], graph: &crate::ir::Graph) -> R<AdapterInfo> {
+    let method = setting(prog, m, &a.method)?;
+    let (name, args) = match method {
+        Setting::Call(n, args) => (n, args),
+        Setting::Symbol(n) => (n, Vec::new()),
+        _ => return Err(err(prog, m, a.method.span, "expected an adapter method such as `lora(rank: 8)`")),
+    };
+    let Some((_, sig)) = ADAPTERS.iter().find(|(n, _)| *n == name) else {
+        let known: Vec<&str> = ADAPTERS.iter().map(|(n, _)| *n).collect();
+        return Err(err(prog, m, a.method.span, format!("unknown adapter method `{name}`"))
+            .label("not an adapter method")
+            .note(format!("methods: {}", known.join(", "))));
+    };
+    for (k, v) in &args {
+        match sig.iter().find(|(n, _)| n == k) {
+            None => {
+                let ks: Vec<&str> = sig.iter().map(|(n, _)| *n).collect();
+                return Err(err(prog, m, a.method.span, format!("`{name}` has no argument `{k}`"))
+                    .note(format!("arguments: {}", if ks.is_empty() { "none".into() } else { ks.join(", ") })));
+            }
+            Some((_, kind)) if !kind_ok(v, *kind) => {
+                return Err(err(prog, m, a.method.span, format!("`{name}`'s `{k}` must be {}", kind_name(*kind))));
+            }
+            _ => {}
+        }
+    }
+    if name == "lora" || name == "qlora" {
+        if let Some((_, Setting::Int(r))) = args.iter().find(|(k, _)| k == "rank") {
+            if *r <= 0 {
+                return Err(err(prog, m, a.method.span, format!("LoRA rank must be positive, got {r}")));
+            }
+        }
+    }
+    let mut targets = Vec::new();
+    for p in &a.targets {
+        let hits: Vec<&String> = modules.iter().filter(|path| pattern_matches(p, path)).collect();
+        if hits.is_empty() {
+            return Err(err(prog, m, p.span, format!("adapter target `{p}` matches no module of `{}`", a.model.name))
+                .label("matches nothing")
+                .note(suggest_paths(modules, p)));
+        }
+        for h in hits {
+            if (name == "lora" || name == "qlora" || name == "ia3") && graph.param(&format!("{h}.weight")).is_none_or(|w| graph.node(w).ty.rank() != 2) {
+                return Err(err(prog, m, p.span, format!("`{name}` applies to linear layers, but `{h}` has no 2-D `weight`"))
+                    .label("not a linear layer"));
+            }
+            if !targets.contains(h) {
+                targets.push(h.clone());
+            }
+        }
+    }
+    Ok(AdapterInfo {
+        name: a.name.name.clone(),
+        method: name,
+        args,
+        targets,
+    })
+}
+
+fn suggest_paths(modules: &[String], p: &Pattern) -> String {
+    let first = match p.segs.first() {
+        Some(PatSeg::Name(n)) => n.clone(),
+        _ => String::new(),
+    };
+    let mut near: Vec<&String> = modules
+        .iter()
+        .filter(|m| m.starts_with(&first) && !first.is_empty())
+        .take(6)
+        .collect();
+    if near.is_empty() {
+        near = modules.iter().filter(|m| !m.contains('.')).take(8).collect();
+    }
+    let near: Vec<&str> = near.iter().map(|s| s.as_str()).collect();
+    format!("modules include: {}", near.join(", "))
+}
+
+/// Checks the trainers declared for `model` in its file.
+pub fn check_trainers(
+    prog: &Program,
+    model: ItemRef,
+    root: &Rc<Instance>,
+    graph: &crate::ir::Graph,
+    adapters: &[AdapterInfo],
+) -> R<Vec<TrainerInfo>> {
+    let (modules, params) = paths(root, graph);
+    let trainer_names: Vec<String> = decls::<TrainerDecl>(prog, model).iter().map(|t| t.name.name.clone()).collect();
+    let mut out = Vec::new();
+    for t in decls::<TrainerDecl>(prog, model) {
+        out.push(check_trainer(prog, model.module, t, &modules, &params, adapters, &trainer_names)?);
+    }
+    Ok(out)
+}
+
+fn check_trainer(
+    prog: &Program,
+    m: usize,
+    t: &TrainerDecl,
+    modules: &[String],
+    params: &[String],
+    adapters: &[AdapterInfo],
+    trainers: &[String],
+) -> R<TrainerInfo> {
+    let mut settings: Vec<(String, Setting)> = Vec::new();
+    let mut trainable: Vec<String> = Vec::new();
+    let mut frozen: Vec<String> = Vec::new();
+    let mut has_objective = false;
+    for s in &t.settings {
+        let key = s.key.name.as_str();
+        let Some((_, kind)) = SETTINGS.iter().find(|(k, _)| *k == key) else {
+            let known: Vec<&str> = SETTINGS.iter().map(|(k, _)| *k).collect();
+            return Err(err(prog, m, s.key.span, format!("unknown trainer setting `{key}`"))
+                .label("not a setting")
+                .note(format!("settings: {}", known.join(", "))));
+        };
+        if key != "train" && key != "freeze" && settings.iter().any(|(k, _)| k == key) {
+            return Err(err(prog, m, s.key.span, format!("`{key}` is set twice")).label("set again here"));
+        }
+        let value = match &s.value {
+            SettingValue::Targets(pats) => {
+                let mut hit = Vec::new();
+                for p in pats {
+                    let matched: Vec<&String> = params
+                        .iter()
+                        .filter(|path| pattern_matches(p, path) || modules.iter().any(|mp| pattern_matches(p, mp) && path.starts_with(&format!("{mp}."))))
+                        .collect();
+                    if matched.is_empty() {
+                        return Err(err(prog, m, p.span, format!("`{p}` matches no parameter or module"))
+                            .label("matches nothing")
+                            .note(suggest_paths(modules, p)));
+                    }
+                    hit.extend(matched.into_iter().cloned());
+                }
+                if key == "train" {
+                    trainable.extend(hit.iter().cloned());
+                } else {
+                    frozen.extend(hit.iter().cloned());
+                }
+                Setting::Paths(hit)
+            }
+            SettingValue::Expr(e) => {
+                let v = setting(prog, m, e)?;
+                check_setting(prog, m, key, *kind, &v, e.span, adapters, trainers, &t.name.name)?;
+                if key == "objective" {
+                    has_objective = true;
+                }
+                v
+            }
+        };
+        settings.push((key.to_string(), value));
+    }
+    if !has_objective {
+        return Err(err(prog, m, t.name.span, format!("trainer `{}` has no `objective`", t.name.name))
+            .label("add e.g. `objective sft(mask: prompt)`"));
+    }
+    let adapter_used = settings.iter().any(|(k, _)| k == "adapter");
+    if trainable.is_empty() && !adapter_used {
+        // Nothing named: everything trains (full fine-tuning).
+        trainable = params.to_vec();
+    }
+    trainable.retain(|p| !frozen.contains(p));
+    trainable.sort();
+    trainable.dedup();
+    Ok(TrainerInfo {
+        name: t.name.name.clone(),
+        settings,
+        trainable,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_setting(
+    prog: &Program,
+    m: usize,
+    key: &str,
+    kind: char,
+    v: &Setting,
+    span: Span,
+    adapters: &[AdapterInfo],
+    trainers: &[String],
+    this: &str,
+) -> R<()> {
+    let bad = || err(prog, m, span, format!("`{key}` takes {}", kind_name(kind))).label("wrong kind of value");
+    match kind {
+        'i' => match v {
+            Setting::Int(i) if *i > 0 => Ok(()),
+            Setting::Int(i) => Err(err(prog, m, span, format!("`{key}` must be positive, got {i}"))),
+            _ => Err(bad()),
+        },
+        'f' => match v {
+            Setting::Int(_) | Setting::Float(_) => Ok(()),
+            _ => Err(bad()),
+        },
+        'n' => {
+            let Setting::Symbol(n) = v else {
+                return Err(bad());
+            };
+            let ok = if key == "adapter" {
+                adapters.iter().any(|a| &a.name == n)
+            } else {
+                trainers.iter().any(|t| t == n) && n != this
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(err(prog, m, span, format!("no {} named `{n}` for this model", if key == "adapter" { "adapter" } else { "other trainer" }))
+                    .label("unknown name"))
+            }
+        }
+        _ => {
+            let (name, args) = match v {
+                Setting::Call(n, a) => (n.as_str(), a.as_slice()),
+                Setting::Symbol(n) => (n.as_str(), &[][..]),
+                _ => return Err(bad()),
+            };
+            let allowed: Option<&[&str]> = match key {
+                "objective" => {
+                    if !OBJECTIVES.contains(&name) {
+                        return Err(err(prog, m, span, format!("unknown objective `{name}`"))
+                            .label("not an objective")
+                            .note(format!("objectives: {}", OBJECTIVES.join(", "))));
+                    }
+                    None
+                }
+                "optimizer" | "schedule" => {
+                    let table = if key == "optimizer" { OPTIMIZERS } else { SCHEDULES };
+                    match table.iter().find(|(n, _)| *n == name) {
+                        Some((_, a)) => Some(*a),
+                        None => {
+                            let known: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+                            return Err(err(prog, m, span, format!("unknown {key} `{name}`"))
+                                .note(format!("choose one of: {}", known.join(", "))));
+                        }
+                    }
+                }
+                _ => None,
+            };
+            if let Some(allowed) = allowed {
+                for (k, val) in args {
+                    if !allowed.contains(&k.as_str()) {
+                        return Err(err(prog, m, span, format!("`{name}` has no argument `{k}`"))
+                            .note(format!("arguments: {}", allowed.join(", "))));
+                    }
+                    if !matches!(val, Setting::Int(_) | Setting::Float(_) | Setting::Bool(_)) {
+                        return Err(err(prog, m, span, format!("`{name}`'s `{k}` must be a number")));
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The declarations of one kind in `model`'s file that name `model`.
+fn decls<T: DeclOf>(prog: &Program, model: ItemRef) -> Vec<&T> {
+    let model_name = prog.item_name(model).unwrap_or("");
+    prog.modules[model.module]
+        .ast
+        .items
+        .iter()
+        .filter_map(T::of)
+        .filter(|d| d.model() == model_name)
+        .collect()
+}
+
+trait DeclOf {
+    fn of(item: &Item) -> Option<&Self>;
+    fn model(&self) -> &str;
+}
+
+impl DeclOf for AdapterDecl {
+    fn of(item: &Item) -> Option<&Self> {
+        match item {
+            Item::Adapter(a) => Some(a),
+            _ => None,
+        }
+    }
+    fn model(&self) -> &str {
+        &self.model.name
+    }
+}
+
+impl DeclOf for TrainerDecl {
+    fn of(item: &Item) -> Option<&Self> {
+        match item {
+            Item::Trainer(t) => Some(t),
+            _ => None,
+        }
+    }
+    fn model(&self) -> &str {
+        &self.model.name
+    }
+}
+
+/// Adapters and trainers in the root file that name a model not declared there.
+pub fn check_orphans(prog: &Program, root: usize, _models: &[Elaborated]) -> Vec<Diagnostic> {
+    let m = &prog.modules[root];
+    let mut out = Vec::new();
+    for item in &m.ast.items {
+        let (model, span) = match item {
+            Item::Adapter(a) => (&a.model, a.model.span),
+            Item::Trainer(t) => (&t.model, t.model.span),
+            _ => continue,
+        };
+        let is_model = m.scope.get(&model.name).is_some_and(|r| {
+            r.module == root && matches!(prog.item(*r), Item::Block(b) if b.kind == vlmc_grammar::ast::BlockKind::Model)
+        });
+        if !is_model {
+            out.push(
+                err(prog, root, span, format!("`{}` is not a model declared in this file", model.name))
+                    .label("unknown model"),
+            );
+        }
+    }
+    out
+}

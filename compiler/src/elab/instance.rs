@@ -1,0 +1,337 @@
+//! Block instantiation: binding compile-time arguments, declaring parameters (graph inputs named
+//! by their full path, with an init rule), and instantiating sub-blocks and repeated stacks
+//! (`layers = [Layer(dim) for i in 0..depth]` gives `layers.0`, `layers.1`, ...).
+
+use super::eval::ArgVal;
+use super::value::{Func, Instance, Value};
+use super::{Ctx, Elaborator};
+use crate::diag::{Diagnostic, Loc};
+use crate::ir::{DType, Init, Op, TensorType};
+use std::collections::HashMap;
+use std::rc::Rc;
+use vlmc_grammar::ast::{Expr, ExprKind, Item, Member, ParamMember, Span, TypeKind};
+
+type R<T> = Result<T, Diagnostic>;
+
+/// Init rules: name, then (argument, default) in positional order.
+const INITS: &[(&str, &[(&str, f64)])] = &[
+    ("zeros", &[]),
+    ("ones", &[]),
+    ("constant", &[("value", f64::NAN)]),
+    ("normal", &[("mean", 0.0), ("std", 1.0)]),
+    ("uniform", &[("lo", 0.0), ("hi", 1.0)]),
+    ("trunc_normal", &[("mean", 0.0), ("std", 1.0), ("lo", -2.0), ("hi", 2.0)]),
+    ("kaiming_uniform", &[("a", 2.23606797749979)]),
+    ("kaiming_normal", &[("a", 0.0)]),
+    ("xavier_uniform", &[("gain", 1.0)]),
+    ("xavier_normal", &[("gain", 1.0)]),
+];
+
+impl Elaborator<'_> {
+    /// Instantiates `block` with arguments at parameter path `path`.
+    pub fn instantiate(
+        &mut self,
+        block: super::modules::ItemRef,
+        args: Vec<ArgVal>,
+        path: String,
+        site: Loc,
+    ) -> R<Rc<Instance>> {
+        let prog = self.prog;
+        let Item::Block(decl) = prog.item(block) else {
+            return Err(Diagnostic::new(site, "internal error: not a block"));
+        };
+        let name = decl.name.name.clone();
+        if self.instantiating.contains(&block) {
+            return Err(Diagnostic::new(site, format!("block `{name}` contains itself"))
+                .label("recursive instantiation")
+                .note("a block cannot have itself as a member, directly or through other blocks"));
+        }
+        let mut cx = Ctx {
+            module: block.module,
+            inst: None,
+            locals: vec![HashMap::new()],
+            path: path.clone(),
+        };
+        for p in &decl.params {
+            if let TypeKind::Tensor(_) = p.ty.kind {
+                return Err(self
+                    .err(&cx, p.ty.span, "block parameters are compile-time values")
+                    .label("a tensor type here")
+                    .note("pass tensors to `fn forward(...)` instead"));
+            }
+        }
+        let call_cx = Ctx {
+            module: site.file_module(self.prog),
+            inst: None,
+            locals: Vec::new(),
+            path: String::new(),
+        };
+        self.bind_args(&call_cx, &mut cx, &name, &decl.params, args, site.span)?;
+        self.instantiating.push(block);
+        self.stack.push((format!("new {}:{}", block.module, block.item), format!("`{name}` at `{}`", display_path(&path)), site));
+        let mut methods = HashMap::new();
+        let mut order = Vec::new();
+        let r = self.members(&mut cx, &decl.members, &path, &mut methods, &mut order);
+        self.stack.pop();
+        self.instantiating.pop();
+        r?;
+        let env = cx.locals.pop().unwrap_or_default();
+        Ok(Rc::new(Instance {
+            block,
+            kind: name,
+            path,
+            env,
+            methods,
+            order,
+        }))
+    }
+
+    fn members(
+        &mut self,
+        cx: &mut Ctx,
+        members: &[Member],
+        path: &str,
+        methods: &mut HashMap<String, Rc<vlmc_grammar::ast::FnDecl>>,
+        order: &mut Vec<String>,
+    ) -> R<()> {
+        for m in members {
+            match m {
+                Member::Param(p) => {
+                    self.check_fresh(cx, &p.name.name, p.name.span, methods)?;
+                    let id = self.declare_param(cx, p, path)?;
+                    self.define(cx, &p.name.name, Value::Tensor(id));
+                    order.push(p.name.name.clone());
+                }
+                Member::Sub { name, value, .. } => {
+                    self.check_fresh(cx, &name.name, name.span, methods)?;
+                    let v = self.member_value(cx, value, &join(path, &name.name))?;
+                    self.define(cx, &name.name, v);
+                    order.push(name.name.clone());
+                }
+                Member::Let { name, value, .. } => {
+                    self.check_fresh(cx, &name.name, name.span, methods)?;
+                    let v = self.eval(cx, value)?;
+                    self.define(cx, &name.name, v);
+                }
+                Member::Fn(f) => {
+                    if methods.contains_key(&f.name.name) || self.local(cx, &f.name.name) {
+                        return Err(self
+                            .err(cx, f.name.span, format!("`{}` is defined twice in this block", f.name.name))
+                            .label("second definition"));
+                    }
+                    methods.insert(f.name.name.clone(), Rc::new(f.clone()));
+                }
+                Member::If { cond, then, els, .. } => {
+                    let c = self.eval_bool(cx, cond)?;
+                    self.members(cx, if c { then } else { els }, path, methods, order)?;
+                }
+                Member::Assert { cond, message, span } => {
+                    if !self.eval_bool(cx, cond)? {
+                        let msg = message.clone().unwrap_or_else(|| {
+                            format!("assertion failed: {}", self.source_text(cx.module, cond.span))
+                        });
+                        return Err(self.err(cx, *span, msg).label("assertion failed"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn local(&self, cx: &Ctx, name: &str) -> bool {
+        cx.locals.last().is_some_and(|s| s.contains_key(name))
+    }
+
+    fn check_fresh(
+        &self,
+        cx: &Ctx,
+        name: &str,
+        span: Span,
+        methods: &HashMap<String, Rc<vlmc_grammar::ast::FnDecl>>,
+    ) -> R<()> {
+        if self.local(cx, name) || methods.contains_key(name) {
+            return Err(self
+                .err(cx, span, format!("`{name}` is already defined in this block"))
+                .label("defined again here")
+                .note("parameters, members, `let`s and methods of a block share one namespace"));
+        }
+        Ok(())
+    }
+
+    /// The value of `name = expr` in a block: sub-block instances get the member's path.
+    fn member_value(&mut self, cx: &mut Ctx, e: &Expr, path: &str) -> R<Value> {
+        match &e.kind {
+            ExprKind::Call { callee, args } => {
+                if let Some(block) = self.block_ref(cx, callee) {
+                    let vals = self.eval_args(cx, args)?;
+                    let site = self.prog.loc(cx.module, e.span);
+                    return Ok(Value::Module(self.instantiate(block, vals, path.to_string(), site)?));
+                }
+                self.eval(cx, e)
+            }
+            ExprKind::Comprehension { elem, var, iter, filter } => {
+                let items = self.iterate(cx, iter)?;
+                let mut out = Vec::new();
+                for v in items {
+                    cx.locals.push([(var.name.clone(), v)].into_iter().collect());
+                    let keep = match filter {
+                        Some(f) => self.eval_bool(cx, f),
+                        None => Ok(true),
+                    };
+                    let r = match keep {
+                        Ok(true) => self.member_value(cx, elem, &format!("{path}.{}", out.len())).map(Some),
+                        Ok(false) => Ok(None),
+                        Err(d) => Err(d),
+                    };
+                    cx.locals.pop();
+                    if let Some(v) = r? {
+                        out.push(v);
+                    }
+                }
+                Ok(Value::List(out))
+            }
+            ExprKind::List(items) => {
+                let mut out = Vec::new();
+                for (i, it) in items.iter().enumerate() {
+                    out.push(self.member_value(cx, it, &format!("{path}.{i}"))?);
+                }
+                Ok(Value::List(out))
+            }
+            _ => self.eval(cx, e),
+        }
+    }
+
+    /// If `callee` names a block, its reference.
+    fn block_ref(&self, cx: &Ctx, callee: &Expr) -> Option<super::modules::ItemRef> {
+        let ExprKind::Name(n) = &callee.kind else {
+            return None;
+        };
+        match self.lookup(cx, n)? {
+            Value::Func(Func::Item(r)) if matches!(self.prog.item(r), Item::Block(_)) => Some(r),
+            _ => None,
+        }
+    }
+
+    fn declare_param(&mut self, cx: &mut Ctx, p: &ParamMember, path: &str) -> R<crate::ir::NodeId> {
+        let dtype = match &p.ty.dtype {
+            Some(d) => DType::parse(&d.name)
+                .ok_or_else(|| self.err(cx, d.span, format!("unknown dtype `{}`", d.name)))?,
+            None => DType::F32,
+        };
+        let mut dims = Vec::new();
+        for d in &p.ty.dims {
+            match d {
+                vlmc_grammar::ast::DimPat::Star(n) => {
+                    return Err(self
+                        .err(cx, n.span, "parameter shapes must be fixed: `*name` is not allowed")
+                        .label("variadic dims"))
+                }
+                vlmc_grammar::ast::DimPat::Expr(e) => {
+                    let v = self.eval(cx, e)?;
+                    match v.as_dim() {
+                        Some(d) if d.as_const().is_none_or(|c| c > 0) => dims.push(d),
+                        Some(d) => {
+                            return Err(self
+                                .err(cx, e.span, format!("parameter dimension must be positive, got {d}"))
+                                .label("not a valid size"))
+                        }
+                        None => {
+                            return Err(self
+                                .err(cx, e.span, format!("a dimension must be a size, got a {}", v.kind()))
+                                .label("not a size"))
+                        }
+                    }
+                }
+            }
+        }
+        let init = match &p.init {
+            Some(e) => self.init_rule(cx, e)?,
+            None => Init::new("normal", &[("mean", 0.0), ("std", 0.02)]),
+        };
+        let full = join(path, &p.name.name);
+        let scope = path.to_string();
+        self.graph
+            .add_source(Op::Param { path: full, init }, TensorType::new(dtype, dims), &scope)
+            .map_err(|e| self.err(cx, p.span, e.to_string()))
+    }
+
+    /// `zeros`, `normal(std: 0.02)`, `kaiming_uniform(a: sqrt(5))`, ...
+    fn init_rule(&mut self, cx: &mut Ctx, e: &Expr) -> R<Init> {
+        let (name, name_span, args) = match &e.kind {
+            ExprKind::Name(n) => (n.clone(), e.span, Vec::new()),
+            ExprKind::Call { callee, args } => match &callee.kind {
+                ExprKind::Name(n) => (n.clone(), callee.span, self.eval_args(cx, args)?),
+                _ => return Err(self.err(cx, e.span, "expected an init rule such as `normal(std: 0.02)`")),
+            },
+            _ => return Err(self.err(cx, e.span, "expected an init rule such as `normal(std: 0.02)`")),
+        };
+        let Some((_, sig)) = INITS.iter().find(|(n, _)| *n == name) else {
+            let known: Vec<&str> = INITS.iter().map(|(n, _)| *n).collect();
+            return Err(self
+                .err(cx, name_span, format!("unknown init rule `{name}`"))
+                .label("not an init rule")
+                .note(format!("init rules: {}", known.join(", "))));
+        };
+        let mut values: Vec<Option<f64>> = vec![None; sig.len()];
+        let mut pos = 0;
+        for a in args {
+            let i = match &a.name {
+                Some(n) => sig.iter().position(|(k, _)| *k == n.name).ok_or_else(|| {
+                    let ks: Vec<&str> = sig.iter().map(|(k, _)| *k).collect();
+                    self.err(cx, n.span, format!("`{name}` has no argument `{}`", n.name))
+                        .note(format!("arguments: {}", if ks.is_empty() { "none".to_string() } else { ks.join(", ") }))
+                })?,
+                None => {
+                    pos += 1;
+                    pos - 1
+                }
+            };
+            if i >= sig.len() {
+                return Err(self.err(cx, a.span, format!("too many arguments for `{name}`")));
+            }
+            let Some(x) = a.value.as_f64() else {
+                return Err(self
+                    .err(cx, a.span, format!("init arguments must be numbers, got a {}", a.value.kind()))
+                    .label("not a number"));
+            };
+            values[i] = Some(x);
+        }
+        let mut out = Vec::new();
+        for ((k, default), v) in sig.iter().zip(values) {
+            let v = v.unwrap_or(*default);
+            if v.is_nan() {
+                return Err(self
+                    .err(cx, e.span, format!("`{name}` needs its argument `{k}`"))
+                    .label("missing argument"));
+            }
+            out.push((*k, v));
+        }
+        Ok(Init::new(&name, &out))
+    }
+}
+
+fn join(path: &str, name: &str) -> String {
+    if path.is_empty() {
+        name.to_string()
+    } else {
+        format!("{path}.{name}")
+    }
+}
+
+fn display_path(p: &str) -> &str {
+    if p.is_empty() {
+        "<root>"
+    } else {
+        p
+    }
+}
+
+impl Loc {
+    /// The index of the module whose file this location is in.
+    fn file_module(&self, prog: &super::modules::Program) -> usize {
+        prog.modules
+            .iter()
+            .position(|m| m.file == self.file)
+            .unwrap_or(0)
+    }
+}

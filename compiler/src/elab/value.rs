@@ -1,0 +1,103 @@
+//! Values seen during elaboration: compile-time numbers, dims, lists, module instances, functions,
+//! and tensors (graph nodes).
+
+use super::modules::ItemRef;
+use crate::ir::{DType, Dim, NodeId};
+use std::collections::HashMap;
+use std::rc::Rc;
+use vlmc_grammar::ast::FnDecl;
+
+/// A value during elaboration.
+#[derive(Clone, Debug)]
+pub enum Value {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    None,
+    /// A symbolic size such as `B` or `16 + T` (constant sizes are `Int`).
+    Dim(Dim),
+    List(Vec<Value>),
+    Tuple(Vec<Value>),
+    /// `lo..hi`.
+    Range(i64, i64),
+    /// A variant of an enum parameter (`rope`, `learned`).
+    Enum(String),
+    DType(DType),
+    Tensor(NodeId),
+    Module(Rc<Instance>),
+    Func(Func),
+}
+
+/// Something callable.
+#[derive(Clone, Debug)]
+pub enum Func {
+    /// A top-level `fn` or a `block` (whose call instantiates it).
+    Item(ItemRef),
+    /// A primitive or built-in helper.
+    Builtin(&'static str),
+    /// A method of a module instance.
+    Method(Rc<Instance>, String),
+}
+
+/// An instantiated block: its compile-time environment, members and methods.
+#[derive(Debug)]
+pub struct Instance {
+    pub block: ItemRef,
+    /// Block name (`Linear`).
+    pub kind: String,
+    /// Parameter path prefix (`vision.layers.3.attn`); empty for the root.
+    pub path: String,
+    pub env: HashMap<String, Value>,
+    pub methods: HashMap<String, Rc<FnDecl>>,
+    /// Member names in declaration order (for listings).
+    pub order: Vec<String>,
+}
+
+impl Value {
+    /// A short description of the value's kind, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Value::Int(_) => "int",
+            Value::Float(_) => "float",
+            Value::Bool(_) => "bool",
+            Value::Str(_) => "string",
+            Value::None => "none",
+            Value::Dim(_) => "dim",
+            Value::List(_) => "list",
+            Value::Tuple(_) => "tuple",
+            Value::Range(_, _) => "range",
+            Value::Enum(_) => "enum value",
+            Value::DType(_) => "dtype",
+            Value::Tensor(_) => "tensor",
+            Value::Module(_) => "module",
+            Value::Func(_) => "function",
+        }
+    }
+
+    /// The value as a size (`Int` or `Dim`).
+    pub fn as_dim(&self) -> Option<Dim> {
+        match self {
+            Value::Int(i) => Some(Dim::c(*i)),
+            Value::Dim(d) => Some(d.clone()),
+            _ => None,
+        }
+    }
+
+    /// A size as a value: constant sizes become `Int`.
+    pub fn from_dim(d: Dim) -> Value {
+        match d.as_const() {
+            Some(i) => Value::Int(i),
+            None => Value::Dim(d),
+        }
+    }
+
+    /// The value as a float, if numeric and constant.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Int(i) => Some(*i as f64),
+            Value::Float(f) => Some(*f),
+            _ => None,
+        }
+    }
+}

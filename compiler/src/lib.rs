@@ -1,0 +1,9 @@
+//! vlmc: a compiler for vision-language models.
+//!
+//! Stages, each a folder: `elab` (AST → graph IR, with shape checking), `ir` (the typed graph IR,
+//! its text form, verifier and DOT writer), `diag` (diagnostics rendered against the source).
+
+pub mod cli;
+pub mod diag;
+pub mod elab;
+pub mod ir;

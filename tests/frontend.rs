@@ -1,0 +1,1 @@
+//! Front-end tests: .vlm files in, snapshots out.
