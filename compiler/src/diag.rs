@@ -116,8 +116,13 @@ impl Diagnostic {
     /// Renders the diagnostic as plain text, rustc-style: the message, `--> file:line:col`, the
     /// source line with carets under the span, secondary locations, notes and the call stack.
     pub fn render(&self, sources: &SourceMap) -> String {
-        let mut lines: Vec<(Loc, char, Option<&str>)> = vec![(self.loc, '^', self.label.as_deref())];
-        lines.extend(self.secondary.iter().map(|(l, t)| (*l, '-', Some(t.as_str()))));
+        let mut lines: Vec<(Loc, char, Option<&str>)> =
+            vec![(self.loc, '^', self.label.as_deref())];
+        lines.extend(
+            self.secondary
+                .iter()
+                .map(|(l, t)| (*l, '-', Some(t.as_str()))),
+        );
         let width = lines
             .iter()
             .map(|(l, _, _)| sources.line_col(l.file, l.span.start).0.to_string().len())
@@ -137,8 +142,15 @@ impl Diagnostic {
             let (line_no, col) = sources.line_col(loc.file, start);
             let end = clamp_to_char(text, loc.span.end).clamp(start, line_end);
             let n_marks = text[start..end].chars().count().max(1);
-            out.push_str(&format!("{line_no:>width$} | {}\n", line_text.replace('\t', " ")));
-            let mut under = format!("{pad} | {}{}", " ".repeat(col - 1), mark.to_string().repeat(n_marks));
+            out.push_str(&format!(
+                "{line_no:>width$} | {}\n",
+                line_text.replace('\t', " ")
+            ));
+            let mut under = format!(
+                "{pad} | {}{}",
+                " ".repeat(col - 1),
+                mark.to_string().repeat(n_marks)
+            );
             if let Some(l) = label {
                 under.push(' ');
                 under.push_str(l);

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "vlmc", version, about = "A compiler for vision-language models")]
+#[command(
+    name = "vlmc",
+    version,
+    about = "A compiler for vision-language models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

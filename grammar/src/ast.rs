@@ -173,9 +173,17 @@ pub enum Member {
     /// `param weight: [out, in] init normal(std: 0.02)`.
     Param(ParamMember),
     /// `attn = Attention(dim: dim)` or `layers = [Layer(dim) for i in 0..depth]`.
-    Sub { name: Ident, value: Expr, span: Span },
+    Sub {
+        name: Ident,
+        value: Expr,
+        span: Span,
+    },
     /// `let head_dim = dim / heads`.
-    Let { name: Ident, value: Expr, span: Span },
+    Let {
+        name: Ident,
+        value: Expr,
+        span: Span,
+    },
     /// A method: `fn forward(...)`.
     Fn(FnDecl),
     /// Compile-time conditional members.

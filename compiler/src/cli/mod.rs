@@ -80,7 +80,12 @@ pub fn param_count(m: &Elaborated) -> String {
 }
 
 /// `vlmc build FILE --emit ...`: writes the artefacts of one model into `out`.
-pub fn build(file: &Path, model: Option<&str>, emit: &[Emit], out: Option<&Path>) -> Result<(), u8> {
+pub fn build(
+    file: &Path,
+    model: Option<&str>,
+    emit: &[Emit],
+    out: Option<&Path>,
+) -> Result<(), u8> {
     let checked = check_file(file);
     let models = match &checked.result {
         Ok(m) => m,

@@ -59,10 +59,47 @@ const SIGS: &[(&str, &[&str])] = &[
 
 /// The names of all builtins (for suggestions).
 pub const NAMES: &[&str] = &[
-    "exp", "log", "sqrt", "rsqrt", "recip", "tanh", "erf", "sin", "cos", "abs", "floor", "pow",
-    "maximum", "minimum", "where", "sum", "max", "min", "matmul", "transpose", "permute",
-    "reshape", "unsqueeze", "squeeze", "flatten", "expand", "concat", "stack", "pad", "gather",
-    "cast", "full", "zeros", "ones", "arange", "iota", "rand", "bernoulli", "len", "int", "float",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "recip",
+    "tanh",
+    "erf",
+    "sin",
+    "cos",
+    "abs",
+    "floor",
+    "pow",
+    "maximum",
+    "minimum",
+    "where",
+    "sum",
+    "max",
+    "min",
+    "matmul",
+    "transpose",
+    "permute",
+    "reshape",
+    "unsqueeze",
+    "squeeze",
+    "flatten",
+    "expand",
+    "concat",
+    "stack",
+    "pad",
+    "gather",
+    "cast",
+    "full",
+    "zeros",
+    "ones",
+    "arange",
+    "iota",
+    "rand",
+    "bernoulli",
+    "len",
+    "int",
+    "float",
 ];
 
 /// The builtin with this name.
@@ -101,16 +138,27 @@ fn parse_default(s: &str) -> Value {
 
 impl Elaborator<'_> {
     fn bind_builtin(&self, cx: &Ctx, name: &'static str, args: Vec<ArgVal>, span: Span) -> R<Args> {
-        let sig = SIGS.iter().find(|(n, _)| *n == name).map(|(_, s)| *s).unwrap_or(&[]);
-        let names: Vec<&'static str> = sig.iter().map(|p| p.split('=').next().unwrap_or(p)).collect();
+        let sig = SIGS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| *s)
+            .unwrap_or(&[]);
+        let names: Vec<&'static str> = sig
+            .iter()
+            .map(|p| p.split('=').next().unwrap_or(p))
+            .collect();
         let mut vals: HashMap<&'static str, (Value, Span)> = HashMap::new();
         let mut pos = 0;
         for a in args {
             let key = match &a.name {
                 Some(n) => *names.iter().find(|k| **k == n.name).ok_or_else(|| {
-                    self.err(cx, n.span, format!("`{name}` has no parameter `{}`", n.name))
-                        .label("unknown parameter")
-                        .note(format!("`{name}({})`", sig.join(", ")))
+                    self.err(
+                        cx,
+                        n.span,
+                        format!("`{name}` has no parameter `{}`", n.name),
+                    )
+                    .label("unknown parameter")
+                    .note(format!("`{name}({})`", sig.join(", ")))
                 })?,
                 None => {
                     let k = *names.get(pos).ok_or_else(|| {
@@ -123,7 +171,9 @@ impl Elaborator<'_> {
                 }
             };
             if let Value::Enum(n) = &a.value {
-                return Err(self.err(cx, a.span, format!("unknown name `{n}`")).label("not defined here"));
+                return Err(self
+                    .err(cx, a.span, format!("unknown name `{n}`"))
+                    .label("not defined here"));
             }
             if vals.insert(key, (a.value, a.span)).is_some() {
                 return Err(self.err(cx, a.span, format!("argument `{key}` is given twice")));
@@ -148,21 +198,35 @@ impl Elaborator<'_> {
     }
 
     /// Calls a builtin.
-    pub fn call_builtin(&mut self, cx: &mut Ctx, name: &'static str, args: Vec<ArgVal>, span: Span) -> R<Value> {
+    pub fn call_builtin(
+        &mut self,
+        cx: &mut Ctx,
+        name: &'static str,
+        args: Vec<ArgVal>,
+        span: Span,
+    ) -> R<Value> {
         let a = self.bind_builtin(cx, name, args, span)?;
         let t = |s: &Self, k: &str| -> R<NodeId> {
             match a.get(k) {
                 Value::Tensor(t) => Ok(*t),
                 v => Err(s
-                    .err(cx, a.span(k), format!("`{name}` expects a tensor for `{k}`, got a {}", v.kind()))
-                    .label(format!("this is a {}", v.kind()))),
+                    .err(
+                        cx,
+                        a.span(k),
+                        format!("`{name}` expects a tensor for `{k}`, got {}", v.kind()),
+                    )
+                    .label(format!("this is {}", v.kind()))),
             }
         };
         let int = |s: &Self, k: &str| -> R<i64> {
             match a.get(k) {
                 Value::Int(i) => Ok(*i),
                 v => Err(s
-                    .err(cx, a.span(k), format!("`{name}` expects an integer for `{k}`, got a {}", v.kind()))
+                    .err(
+                        cx,
+                        a.span(k),
+                        format!("`{name}` expects an integer for `{k}`, got {}", v.kind()),
+                    )
                     .label("not an integer")),
             }
         };
@@ -187,7 +251,11 @@ impl Elaborator<'_> {
                 v => match v.as_f64() {
                     Some(x) => Ok(Value::Float(f(x))),
                     None => Err(self
-                        .err(cx, a.span("x"), format!("`{name}` expects a tensor or a number, got a {}", v.kind()))
+                        .err(
+                            cx,
+                            a.span("x"),
+                            format!("`{name}` expects a tensor or a number, got {}", v.kind()),
+                        )
                         .label("not a tensor or number")),
                 },
             };
@@ -197,7 +265,11 @@ impl Elaborator<'_> {
                 let (x, y) = (a.get("x").clone(), a.get("y").clone());
                 if !matches!(x, Value::Tensor(_)) && !matches!(y, Value::Tensor(_)) {
                     let (Some(p), Some(q)) = (x.as_f64(), y.as_f64()) else {
-                        return Err(self.err(cx, span, format!("`{name}` expects tensors or numbers")));
+                        return Err(self.err(
+                            cx,
+                            span,
+                            format!("`{name}` expects tensors or numbers"),
+                        ));
                     };
                     return Ok(Value::Float(match name {
                         "pow" => p.powf(q),
@@ -210,7 +282,15 @@ impl Elaborator<'_> {
                     "maximum" => BinaryOp::Max,
                     _ => BinaryOp::Min,
                 };
-                Ok(Value::Tensor(self.tensor_binary(cx, op, x, y, a.span("x"), a.span("y"), span)?))
+                Ok(Value::Tensor(self.tensor_binary(
+                    cx,
+                    op,
+                    x,
+                    y,
+                    a.span("x"),
+                    a.span("y"),
+                    span,
+                )?))
             }
             "min" => {
                 let (x, y) = (a.get("x"), a.get("y"));
@@ -220,23 +300,34 @@ impl Elaborator<'_> {
                         (Some(p), Some(q)) => Ok(Value::Float(p.min(q))),
                         _ => Err(self
                             .err(cx, span, "`min` compares two compile-time numbers")
-                            .note("for tensors use `minimum(x, y)`; to reduce use `-max(-x, axis)`")),
+                            .note(
+                                "for tensors use `minimum(x, y)`; to reduce use `-max(-x, axis)`",
+                            )),
                     },
                 }
             }
             "max" => match (a.get("x"), a.get("axis")) {
                 (Value::Tensor(x), Value::Int(ax)) => {
                     let keep = matches!(a.get("keepdim"), Value::Bool(true));
-                    self.reduce(cx, ReduceOp::Max, *x, *ax, keep, a.span("axis"), span).map(Value::Tensor)
+                    self.reduce(cx, ReduceOp::Max, *x, *ax, keep, a.span("axis"), span)
+                        .map(Value::Tensor)
                 }
                 (Value::Tensor(_), _) => Err(self
-                    .err(cx, span, "`max` of a tensor needs an axis: `max(x, axis: -1)`")
+                    .err(
+                        cx,
+                        span,
+                        "`max` of a tensor needs an axis: `max(x, axis: -1)`",
+                    )
                     .note("for the elementwise maximum of two tensors use `maximum(x, y)`")),
                 (x, y) => match (x, y) {
                     (Value::Int(p), Value::Int(q)) => Ok(Value::Int(*p.max(q))),
                     _ => match (x.as_f64(), y.as_f64()) {
                         (Some(p), Some(q)) => Ok(Value::Float(p.max(q))),
-                        _ => Err(self.err(cx, span, "`max` takes a tensor and an axis, or two numbers")),
+                        _ => Err(self.err(
+                            cx,
+                            span,
+                            "`max` takes a tensor and an axis, or two numbers",
+                        )),
                     },
                 },
             },
@@ -244,7 +335,11 @@ impl Elaborator<'_> {
                 let c = t(self, "cond")?;
                 if self.ty(c).dtype != DType::Bool {
                     return Err(self
-                        .err(cx, a.span("cond"), format!("`where` needs a bool condition, got {}", self.ty(c)))
+                        .err(
+                            cx,
+                            a.span("cond"),
+                            format!("`where` needs a bool condition, got {}", self.ty(c)),
+                        )
                         .label("not bool"));
                 }
                 let (x, y) = (a.get("x").clone(), a.get("y").clone());
@@ -255,17 +350,28 @@ impl Elaborator<'_> {
                 let xt = self.as_tensor(cx, &x, dtype, a.span("x"))?;
                 let yt = self.as_tensor(cx, &y, dtype, a.span("y"))?;
                 let s1 = self.broadcast_shape(cx, &self.ty(c), &self.ty(xt), span)?;
-                let s = self.broadcast_shape(cx, &TensorType::new(DType::Bool, s1), &self.ty(yt), span)?;
+                let s = self.broadcast_shape(
+                    cx,
+                    &TensorType::new(DType::Bool, s1),
+                    &self.ty(yt),
+                    span,
+                )?;
                 let c = self.broadcast_to(cx, c, &s, span)?;
                 let xt = self.broadcast_to(cx, xt, &s, span)?;
                 let yt = self.broadcast_to(cx, yt, &s, span)?;
-                Ok(Value::Tensor(self.op(cx, Op::Select, &[c, xt, yt], span)?))
+                Ok(Value::Tensor(self.op(
+                    cx,
+                    Op::Select,
+                    &[c, xt, yt],
+                    span,
+                )?))
             }
             "sum" => {
                 let x = t(self, "x")?;
                 let ax = int(self, "axis")?;
                 let keep = matches!(a.get("keepdim"), Value::Bool(true));
-                self.reduce(cx, ReduceOp::Sum, x, ax, keep, a.span("axis"), span).map(Value::Tensor)
+                self.reduce(cx, ReduceOp::Sum, x, ax, keep, a.span("axis"), span)
+                    .map(Value::Tensor)
             }
             "matmul" => {
                 let (x, y) = (t(self, "x")?, t(self, "y")?);
@@ -288,12 +394,22 @@ impl Elaborator<'_> {
                 for v in perm {
                     p.push(self.axis(cx, v, r, a.span("perm"))?);
                 }
-                Ok(Value::Tensor(self.op(cx, Op::Permute { perm: p }, &[x], span)?))
+                Ok(Value::Tensor(self.op(
+                    cx,
+                    Op::Permute { perm: p },
+                    &[x],
+                    span,
+                )?))
             }
             "reshape" => {
                 let x = t(self, "x")?;
                 let dims = self.shape_arg(cx, a.get("shape"), a.span("shape"), Some(x))?;
-                Ok(Value::Tensor(self.op(cx, Op::Reshape { shape: Shape(dims) }, &[x], span)?))
+                Ok(Value::Tensor(self.op(
+                    cx,
+                    Op::Reshape { shape: Shape(dims) },
+                    &[x],
+                    span,
+                )?))
             }
             "unsqueeze" | "squeeze" => {
                 let x = t(self, "x")?;
@@ -307,7 +423,14 @@ impl Elaborator<'_> {
                     let i = self.axis(cx, ax, dims.len(), a.span("axis"))?;
                     if dims[i] != Dim::c(1) {
                         return Err(self
-                            .err(cx, a.span("axis"), format!("cannot squeeze axis {ax} of {ty}: its size is {}", dims[i]))
+                            .err(
+                                cx,
+                                a.span("axis"),
+                                format!(
+                                    "cannot squeeze axis {ax} of {ty}: its size is {}",
+                                    dims[i]
+                                ),
+                            )
                             .label("not size 1"));
                     }
                     dims.remove(i);
@@ -335,14 +458,23 @@ impl Elaborator<'_> {
             "expand" => {
                 let x = t(self, "x")?;
                 let dims = self.shape_arg(cx, a.get("shape"), a.span("shape"), None)?;
-                Ok(Value::Tensor(self.broadcast_to(cx, x, &Shape(dims), span)?))
+                Ok(Value::Tensor(self.broadcast_to(
+                    cx,
+                    x,
+                    &Shape(dims),
+                    span,
+                )?))
             }
             "concat" | "stack" => {
                 let xs = match a.get("xs") {
                     Value::List(v) | Value::Tuple(v) => v.clone(),
                     v => {
                         return Err(self
-                            .err(cx, a.span("xs"), format!("`{name}` takes a list of tensors, got a {}", v.kind()))
+                            .err(
+                                cx,
+                                a.span("xs"),
+                                format!("`{name}` takes a list of tensors, got {}", v.kind()),
+                            )
                             .label("not a list"))
                     }
                 };
@@ -355,7 +487,11 @@ impl Elaborator<'_> {
                         Value::Tensor(t) => ids.push(*t),
                         v => {
                             return Err(self
-                                .err(cx, a.span("xs"), format!("`{name}` takes tensors, found a {}", v.kind()))
+                                .err(
+                                    cx,
+                                    a.span("xs"),
+                                    format!("`{name}` takes tensors, found {}", v.kind()),
+                                )
                                 .label("not all tensors"))
                         }
                     }
@@ -367,18 +503,32 @@ impl Elaborator<'_> {
                     for id in ids.iter_mut() {
                         let mut d = self.ty(*id).shape.0.clone();
                         if i > d.len() {
-                            return Err(self.err(cx, a.span("axis"), "stack: tensors differ in rank"));
+                            return Err(self.err(
+                                cx,
+                                a.span("axis"),
+                                "stack: tensors differ in rank",
+                            ));
                         }
                         d.insert(i, Dim::c(1));
                         *id = self.reshape(cx, *id, d, span)?;
                     }
-                    return Ok(Value::Tensor(self.op(cx, Op::Concat { axis: i }, &ids, span)?));
+                    return Ok(Value::Tensor(self.op(
+                        cx,
+                        Op::Concat { axis: i },
+                        &ids,
+                        span,
+                    )?));
                 }
                 let i = self.axis(cx, ax, r, a.span("axis"))?;
                 if ids.len() == 1 {
                     return Ok(Value::Tensor(ids[0]));
                 }
-                Ok(Value::Tensor(self.op(cx, Op::Concat { axis: i }, &ids, span)?))
+                Ok(Value::Tensor(self.op(
+                    cx,
+                    Op::Concat { axis: i },
+                    &ids,
+                    span,
+                )?))
             }
             "pad" => {
                 let x = t(self, "x")?;
@@ -389,13 +539,28 @@ impl Elaborator<'_> {
                 let Some(value) = a.get("value").as_f64() else {
                     return Err(self.err(cx, a.span("value"), "pad value must be a number"));
                 };
-                Ok(Value::Tensor(self.op(cx, Op::Pad { axis: ax, before, after, value }, &[x], span)?))
+                Ok(Value::Tensor(self.op(
+                    cx,
+                    Op::Pad {
+                        axis: ax,
+                        before,
+                        after,
+                        value,
+                    },
+                    &[x],
+                    span,
+                )?))
             }
             "gather" => {
                 let (table, idx) = (t(self, "table")?, t(self, "idx")?);
                 let r = self.ty(table).rank();
                 let ax = self.axis(cx, int(self, "axis")?, r, a.span("axis"))?;
-                Ok(Value::Tensor(self.op(cx, Op::Gather { axis: ax }, &[table, idx], span)?))
+                Ok(Value::Tensor(self.op(
+                    cx,
+                    Op::Gather { axis: ax },
+                    &[table, idx],
+                    span,
+                )?))
             }
             "cast" => {
                 let x = t(self, "x")?;
@@ -405,7 +570,12 @@ impl Elaborator<'_> {
                 if self.ty(x).dtype == *dt {
                     return Ok(Value::Tensor(x));
                 }
-                Ok(Value::Tensor(self.op(cx, Op::Cast { dtype: *dt }, &[x], span)?))
+                Ok(Value::Tensor(self.op(
+                    cx,
+                    Op::Cast { dtype: *dt },
+                    &[x],
+                    span,
+                )?))
             }
             "full" | "zeros" | "ones" => {
                 let dims = self.shape_arg(cx, a.get("shape"), a.span("shape"), None)?;
@@ -417,12 +587,17 @@ impl Elaborator<'_> {
                     "ones" => 1.0,
                     _ => match a.get("value") {
                         Value::Bool(b) => f64::from(u8::from(*b)),
-                        v => v
-                            .as_f64()
-                            .ok_or_else(|| self.err(cx, a.span("value"), "fill value must be a number"))?,
+                        v => v.as_f64().ok_or_else(|| {
+                            self.err(cx, a.span("value"), "fill value must be a number")
+                        })?,
                     },
                 };
-                Ok(Value::Tensor(self.source(cx, Op::Const { value }, TensorType::new(*dt, dims), span)?))
+                Ok(Value::Tensor(self.source(
+                    cx,
+                    Op::Const { value },
+                    TensorType::new(*dt, dims),
+                    span,
+                )?))
             }
             "arange" | "iota" => {
                 let (dims, axis) = if name == "arange" {
@@ -435,7 +610,12 @@ impl Elaborator<'_> {
                 let Value::DType(dt) = a.get("dtype") else {
                     return Err(self.err(cx, a.span("dtype"), "expected a dtype such as `i32`"));
                 };
-                Ok(Value::Tensor(self.source(cx, Op::Iota { axis }, TensorType::new(*dt, dims), span)?))
+                Ok(Value::Tensor(self.source(
+                    cx,
+                    Op::Iota { axis },
+                    TensorType::new(*dt, dims),
+                    span,
+                )?))
             }
             "rand" | "bernoulli" => {
                 let dims = self.shape_arg(cx, a.get("shape"), a.span("shape"), None)?;
@@ -443,37 +623,69 @@ impl Elaborator<'_> {
                 let (dist, dt) = if name == "rand" {
                     (Dist::Uniform { lo: 0.0, hi: 1.0 }, DType::F32)
                 } else {
-                    let p = a.get("p").as_f64().ok_or_else(|| self.err(cx, a.span("p"), "p must be a number"))?;
+                    let p = a
+                        .get("p")
+                        .as_f64()
+                        .ok_or_else(|| self.err(cx, a.span("p"), "p must be a number"))?;
                     if !(0.0..=1.0).contains(&p) {
-                        return Err(self.err(cx, a.span("p"), format!("p must be in [0, 1], got {p}")));
+                        return Err(self.err(
+                            cx,
+                            a.span("p"),
+                            format!("p must be in [0, 1], got {p}"),
+                        ));
                     }
                     (Dist::Bernoulli { p }, DType::Bool)
                 };
-                Ok(Value::Tensor(self.source(cx, Op::Random { dist, seed: seed as u64 }, TensorType::new(dt, dims), span)?))
+                Ok(Value::Tensor(self.source(
+                    cx,
+                    Op::Random {
+                        dist,
+                        seed: seed as u64,
+                    },
+                    TensorType::new(dt, dims),
+                    span,
+                )?))
             }
             "len" => match a.get("x") {
                 Value::List(v) | Value::Tuple(v) => Ok(Value::Int(v.len() as i64)),
                 Value::Str(s) => Ok(Value::Int(s.chars().count() as i64)),
-                v => Err(self.err(cx, a.span("x"), format!("`len` of a {}", v.kind()))),
+                v => Err(self.err(cx, a.span("x"), format!("`len` of {}", v.kind()))),
             },
             "int" => match a.get("x") {
                 Value::Int(i) => Ok(Value::Int(*i)),
                 Value::Float(f) if f.is_finite() => Ok(Value::Int(*f as i64)),
                 Value::Bool(b) => Ok(Value::Int(i64::from(*b))),
-                v => Err(self.err(cx, a.span("x"), format!("cannot convert a {} to int", v.kind()))),
+                v => Err(self.err(
+                    cx,
+                    a.span("x"),
+                    format!("cannot convert {} to int", v.kind()),
+                )),
             },
             "float" => a
                 .get("x")
                 .as_f64()
                 .map(Value::Float)
                 .ok_or_else(|| self.err(cx, a.span("x"), "cannot convert to float")),
-            _ => Err(self.err(cx, span, format!("internal error: builtin `{name}` has no implementation"))),
+            _ => Err(self.err(
+                cx,
+                span,
+                format!("internal error: builtin `{name}` has no implementation"),
+            )),
         }
     }
 
     /// A reduction over one axis (the IR keeps the axis as size 1; `keepdim: false` drops it).
     #[allow(clippy::too_many_arguments)]
-    fn reduce(&mut self, cx: &Ctx, op: ReduceOp, x: NodeId, axis: i64, keep: bool, axis_span: Span, span: Span) -> R<NodeId> {
+    fn reduce(
+        &mut self,
+        cx: &Ctx,
+        op: ReduceOp,
+        x: NodeId,
+        axis: i64,
+        keep: bool,
+        axis_span: Span,
+        span: Span,
+    ) -> R<NodeId> {
         let ty = self.ty(x);
         let ax = self.axis(cx, axis, ty.rank(), axis_span)?;
         let r = self.op(cx, Op::Reduce { op, axis: ax }, &[x], span)?;
@@ -491,10 +703,18 @@ impl Elaborator<'_> {
                 .iter()
                 .map(|i| match i {
                     Value::Int(i) => Ok(*i),
-                    v => Err(self.err(cx, span, format!("expected a list of integers, found a {}", v.kind()))),
+                    v => Err(self.err(
+                        cx,
+                        span,
+                        format!("expected a list of integers, found {}", v.kind()),
+                    )),
                 })
                 .collect(),
-            v => Err(self.err(cx, span, format!("expected a list of integers, got a {}", v.kind()))),
+            v => Err(self.err(
+                cx,
+                span,
+                format!("expected a list of integers, got {}", v.kind()),
+            )),
         }
     }
 
@@ -503,7 +723,7 @@ impl Elaborator<'_> {
             Some(d) if d.as_const().is_none_or(|c| c >= 0) => Ok(d),
             Some(d) => Err(self.err(cx, span, format!("size must not be negative, got {d}"))),
             None => Err(self
-                .err(cx, span, format!("expected a size, got a {}", v.kind()))
+                .err(cx, span, format!("expected a size, got {}", v.kind()))
                 .label("not a size")),
         }
     }
@@ -514,7 +734,11 @@ impl Elaborator<'_> {
             Value::List(items) | Value::Tuple(items) => items.clone(),
             v => {
                 return Err(self
-                    .err(cx, span, format!("expected a shape (a list of sizes), got a {}", v.kind()))
+                    .err(
+                        cx,
+                        span,
+                        format!("expected a shape (a list of sizes), got {}", v.kind()),
+                    )
                     .label("not a list"))
             }
         };
@@ -532,14 +756,22 @@ impl Elaborator<'_> {
                 Some(d) => return Err(self.err(cx, span, format!("negative size {d} in shape"))),
                 None => {
                     return Err(self
-                        .err(cx, span, format!("shape entries must be sizes, found a {}", it.kind()))
+                        .err(
+                            cx,
+                            span,
+                            format!("shape entries must be sizes, found {}", it.kind()),
+                        )
                         .label("not a size"))
                 }
             }
         }
         if let (Some(i), Some(x)) = (infer_at, like) {
             let ty = self.ty(x);
-            let total = ty.shape.0.iter().try_fold(Dim::c(1), |acc, d| acc.checked_mul(d));
+            let total = ty
+                .shape
+                .0
+                .iter()
+                .try_fold(Dim::c(1), |acc, d| acc.checked_mul(d));
             let known = dims.iter().try_fold(Dim::c(1), |acc, d| acc.checked_mul(d));
             let inferred = match (total, known) {
                 (Some(t), Some(k)) => t.div_exact(&k),
@@ -549,7 +781,11 @@ impl Elaborator<'_> {
                 Some(d) => dims[i] = d,
                 None => {
                     return Err(self
-                        .err(cx, span, format!("cannot infer `-1`: {ty} does not split into this shape"))
+                        .err(
+                            cx,
+                            span,
+                            format!("cannot infer `-1`: {ty} does not split into this shape"),
+                        )
                         .label("bad shape"))
                 }
             }

@@ -46,18 +46,60 @@ pub enum Setting {
 
 /// (method, [(argument, kind)]) for adapters. Kinds: i int, f number, b bool, s symbol.
 const ADAPTERS: &[(&str, &[(&str, char)])] = &[
-    ("lora", &[("rank", 'i'), ("alpha", 'f'), ("dropout", 'f'), ("rslora", 'b')]),
-    ("qlora", &[("rank", 'i'), ("alpha", 'f'), ("dropout", 'f'), ("rslora", 'b'), ("block", 'i'), ("double_quant", 'b')]),
+    (
+        "lora",
+        &[
+            ("rank", 'i'),
+            ("alpha", 'f'),
+            ("dropout", 'f'),
+            ("rslora", 'b'),
+        ],
+    ),
+    (
+        "qlora",
+        &[
+            ("rank", 'i'),
+            ("alpha", 'f'),
+            ("dropout", 'f'),
+            ("rslora", 'b'),
+            ("block", 'i'),
+            ("double_quant", 'b'),
+        ],
+    ),
     ("ia3", &[]),
     ("houlsby", &[("bottleneck", 'i'), ("act", 's')]),
     ("pfeiffer", &[("bottleneck", 'i'), ("act", 's')]),
     ("prompt", &[("tokens", 'i')]),
-    ("prefix", &[("tokens", 'i'), ("reparam", 'b'), ("hidden", 'i')]),
+    (
+        "prefix",
+        &[("tokens", 'i'), ("reparam", 'b'), ("hidden", 'i')],
+    ),
 ];
 
 const OBJECTIVES: &[&str] = &[
-    "pretrain", "sft", "dpo", "ipo", "mpo", "online_dpo", "cpo", "simpo", "kto", "nash_md", "orpo",
-    "xpo", "reward", "ppo", "prm", "grpo", "rloo", "gkd", "distill", "clip", "siglip", "itc", "itm",
+    "pretrain",
+    "sft",
+    "dpo",
+    "ipo",
+    "mpo",
+    "online_dpo",
+    "cpo",
+    "simpo",
+    "kto",
+    "nash_md",
+    "orpo",
+    "xpo",
+    "reward",
+    "ppo",
+    "prm",
+    "grpo",
+    "rloo",
+    "gkd",
+    "distill",
+    "clip",
+    "siglip",
+    "itc",
+    "itm",
     "itg",
 ];
 
@@ -113,7 +155,10 @@ fn setting(prog: &Program, module: usize, e: &Expr) -> R<Setting> {
         ExprKind::Bool(b) => Setting::Bool(*b),
         ExprKind::Str(s) => Setting::Str(s.clone()),
         ExprKind::Name(n) => Setting::Symbol(n.clone()),
-        ExprKind::Unary { op: UnaryOp::Neg, operand } => match setting(prog, module, operand)? {
+        ExprKind::Unary {
+            op: UnaryOp::Neg,
+            operand,
+        } => match setting(prog, module, operand)? {
             Setting::Int(i) => Setting::Int(-i),
             Setting::Float(f) => Setting::Float(-f),
             _ => return Err(err(prog, module, e.span, "`-` needs a number")),
@@ -126,21 +171,36 @@ fn setting(prog: &Program, module: usize, e: &Expr) -> R<Setting> {
         ),
         ExprKind::Call { callee, args } => {
             let ExprKind::Name(n) = &callee.kind else {
-                return Err(err(prog, module, callee.span, "expected a name such as `adamw`"));
+                return Err(err(
+                    prog,
+                    module,
+                    callee.span,
+                    "expected a name such as `adamw`",
+                ));
             };
             let mut out = Vec::new();
             for a in args {
                 let Some(k) = &a.name else {
-                    return Err(err(prog, module, a.value.span, "arguments here must be named, e.g. `lr: 1e-4`")
-                        .label("unnamed argument"));
+                    return Err(err(
+                        prog,
+                        module,
+                        a.value.span,
+                        "arguments here must be named, e.g. `lr: 1e-4`",
+                    )
+                    .label("unnamed argument"));
                 };
                 out.push((k.name.clone(), setting(prog, module, &a.value)?));
             }
             Setting::Call(n.clone(), out)
         }
         _ => {
-            return Err(err(prog, module, e.span, "expected a number, a name or a call such as `adamw(lr: 1e-4)`")
-                .label("not a constant"))
+            return Err(err(
+                prog,
+                module,
+                e.span,
+                "expected a number, a name or a call such as `adamw(lr: 1e-4)`",
+            )
+            .label("not a constant"))
         }
     })
 }
@@ -186,7 +246,11 @@ fn paths(inst: &Rc<Instance>, graph: &crate::ir::Graph) -> (Vec<String>, Vec<Str
     }
     let mut modules = Vec::new();
     walk(inst, &mut modules);
-    let params = graph.params().into_iter().map(|(_, p, _, _)| p.to_string()).collect();
+    let params = graph
+        .params()
+        .into_iter()
+        .map(|(_, p, _, _)| p.to_string())
+        .collect();
     (modules, params)
 }
 
@@ -215,7 +279,12 @@ pub fn pattern_matches(p: &Pattern, path: &str) -> bool {
 }
 
 /// Checks the adapters declared for `model` in its file.
-pub fn check_adapters(prog: &Program, model: ItemRef, root: &Rc<Instance>, graph: &crate::ir::Graph) -> R<Vec<AdapterInfo>> {
+pub fn check_adapters(
+    prog: &Program,
+    model: ItemRef,
+    root: &Rc<Instance>,
+    graph: &crate::ir::Graph,
+) -> R<Vec<AdapterInfo>> {
     let (modules, _) = paths(root, graph);
     let mut out = Vec::new();
     for a in decls::<AdapterDecl>(prog, model) {
@@ -224,28 +293,63 @@ pub fn check_adapters(prog: &Program, model: ItemRef, root: &Rc<Instance>, graph
     Ok(out)
 }
 
-fn check_adapter(prog: &Program, m: usize, a: &AdapterDecl, modules: &[String], graph: &crate::ir::Graph) -> R<AdapterInfo> {
+fn check_adapter(
+    prog: &Program,
+    m: usize,
+    a: &AdapterDecl,
+    modules: &[String],
+    graph: &crate::ir::Graph,
+) -> R<AdapterInfo> {
     let method = setting(prog, m, &a.method)?;
     let (name, args) = match method {
         Setting::Call(n, args) => (n, args),
         Setting::Symbol(n) => (n, Vec::new()),
-        _ => return Err(err(prog, m, a.method.span, "expected an adapter method such as `lora(rank: 8)`")),
+        _ => {
+            return Err(err(
+                prog,
+                m,
+                a.method.span,
+                "expected an adapter method such as `lora(rank: 8)`",
+            ))
+        }
     };
     let Some((_, sig)) = ADAPTERS.iter().find(|(n, _)| *n == name) else {
         let known: Vec<&str> = ADAPTERS.iter().map(|(n, _)| *n).collect();
-        return Err(err(prog, m, a.method.span, format!("unknown adapter method `{name}`"))
-            .label("not an adapter method")
-            .note(format!("methods: {}", known.join(", "))));
+        return Err(err(
+            prog,
+            m,
+            a.method.span,
+            format!("unknown adapter method `{name}`"),
+        )
+        .label("not an adapter method")
+        .note(format!("methods: {}", known.join(", "))));
     };
     for (k, v) in &args {
         match sig.iter().find(|(n, _)| n == k) {
             None => {
                 let ks: Vec<&str> = sig.iter().map(|(n, _)| *n).collect();
-                return Err(err(prog, m, a.method.span, format!("`{name}` has no argument `{k}`"))
-                    .note(format!("arguments: {}", if ks.is_empty() { "none".into() } else { ks.join(", ") })));
+                return Err(err(
+                    prog,
+                    m,
+                    a.method.span,
+                    format!("`{name}` has no argument `{k}`"),
+                )
+                .note(format!(
+                    "arguments: {}",
+                    if ks.is_empty() {
+                        "none".into()
+                    } else {
+                        ks.join(", ")
+                    }
+                )));
             }
             Some((_, kind)) if !kind_ok(v, *kind) => {
-                return Err(err(prog, m, a.method.span, format!("`{name}`'s `{k}` must be {}", kind_name(*kind))));
+                return Err(err(
+                    prog,
+                    m,
+                    a.method.span,
+                    format!("`{name}`'s `{k}` must be {}", kind_name(*kind)),
+                ));
             }
             _ => {}
         }
@@ -253,22 +357,47 @@ fn check_adapter(prog: &Program, m: usize, a: &AdapterDecl, modules: &[String], 
     if name == "lora" || name == "qlora" {
         if let Some((_, Setting::Int(r))) = args.iter().find(|(k, _)| k == "rank") {
             if *r <= 0 {
-                return Err(err(prog, m, a.method.span, format!("LoRA rank must be positive, got {r}")));
+                return Err(err(
+                    prog,
+                    m,
+                    a.method.span,
+                    format!("LoRA rank must be positive, got {r}"),
+                ));
             }
         }
     }
     let mut targets = Vec::new();
     for p in &a.targets {
-        let hits: Vec<&String> = modules.iter().filter(|path| pattern_matches(p, path)).collect();
+        let hits: Vec<&String> = modules
+            .iter()
+            .filter(|path| pattern_matches(p, path))
+            .collect();
         if hits.is_empty() {
-            return Err(err(prog, m, p.span, format!("adapter target `{p}` matches no module of `{}`", a.model.name))
-                .label("matches nothing")
-                .note(suggest_paths(modules, p)));
+            return Err(err(
+                prog,
+                m,
+                p.span,
+                format!(
+                    "adapter target `{p}` matches no module of `{}`",
+                    a.model.name
+                ),
+            )
+            .label("matches nothing")
+            .note(suggest_paths(modules, p)));
         }
         for h in hits {
-            if (name == "lora" || name == "qlora" || name == "ia3") && graph.param(&format!("{h}.weight")).is_none_or(|w| graph.node(w).ty.rank() != 2) {
-                return Err(err(prog, m, p.span, format!("`{name}` applies to linear layers, but `{h}` has no 2-D `weight`"))
-                    .label("not a linear layer"));
+            if (name == "lora" || name == "qlora" || name == "ia3")
+                && graph
+                    .param(&format!("{h}.weight"))
+                    .is_none_or(|w| graph.node(w).ty.rank() != 2)
+            {
+                return Err(err(
+                    prog,
+                    m,
+                    p.span,
+                    format!("`{name}` applies to linear layers, but `{h}` has no 2-D `weight`"),
+                )
+                .label("not a linear layer"));
             }
             if !targets.contains(h) {
                 targets.push(h.clone());
@@ -294,7 +423,11 @@ fn suggest_paths(modules: &[String], p: &Pattern) -> String {
         .take(6)
         .collect();
     if near.is_empty() {
-        near = modules.iter().filter(|m| !m.contains('.')).take(8).collect();
+        near = modules
+            .iter()
+            .filter(|m| !m.contains('.'))
+            .take(8)
+            .collect();
     }
     let near: Vec<&str> = near.iter().map(|s| s.as_str()).collect();
     format!("modules include: {}", near.join(", "))
@@ -309,10 +442,21 @@ pub fn check_trainers(
     adapters: &[AdapterInfo],
 ) -> R<Vec<TrainerInfo>> {
     let (modules, params) = paths(root, graph);
-    let trainer_names: Vec<String> = decls::<TrainerDecl>(prog, model).iter().map(|t| t.name.name.clone()).collect();
+    let trainer_names: Vec<String> = decls::<TrainerDecl>(prog, model)
+        .iter()
+        .map(|t| t.name.name.clone())
+        .collect();
     let mut out = Vec::new();
     for t in decls::<TrainerDecl>(prog, model) {
-        out.push(check_trainer(prog, model.module, t, &modules, &params, adapters, &trainer_names)?);
+        out.push(check_trainer(
+            prog,
+            model.module,
+            t,
+            &modules,
+            &params,
+            adapters,
+            &trainer_names,
+        )?);
     }
     Ok(out)
 }
@@ -334,12 +478,19 @@ fn check_trainer(
         let key = s.key.name.as_str();
         let Some((_, kind)) = SETTINGS.iter().find(|(k, _)| *k == key) else {
             let known: Vec<&str> = SETTINGS.iter().map(|(k, _)| *k).collect();
-            return Err(err(prog, m, s.key.span, format!("unknown trainer setting `{key}`"))
-                .label("not a setting")
-                .note(format!("settings: {}", known.join(", "))));
+            return Err(err(
+                prog,
+                m,
+                s.key.span,
+                format!("unknown trainer setting `{key}`"),
+            )
+            .label("not a setting")
+            .note(format!("settings: {}", known.join(", "))));
         };
         if key != "train" && key != "freeze" && settings.iter().any(|(k, _)| k == key) {
-            return Err(err(prog, m, s.key.span, format!("`{key}` is set twice")).label("set again here"));
+            return Err(
+                err(prog, m, s.key.span, format!("`{key}` is set twice")).label("set again here")
+            );
         }
         let value = match &s.value {
             SettingValue::Targets(pats) => {
@@ -347,12 +498,22 @@ fn check_trainer(
                 for p in pats {
                     let matched: Vec<&String> = params
                         .iter()
-                        .filter(|path| pattern_matches(p, path) || modules.iter().any(|mp| pattern_matches(p, mp) && path.starts_with(&format!("{mp}."))))
+                        .filter(|path| {
+                            pattern_matches(p, path)
+                                || modules.iter().any(|mp| {
+                                    pattern_matches(p, mp) && path.starts_with(&format!("{mp}."))
+                                })
+                        })
                         .collect();
                     if matched.is_empty() {
-                        return Err(err(prog, m, p.span, format!("`{p}` matches no parameter or module"))
-                            .label("matches nothing")
-                            .note(suggest_paths(modules, p)));
+                        return Err(err(
+                            prog,
+                            m,
+                            p.span,
+                            format!("`{p}` matches no parameter or module"),
+                        )
+                        .label("matches nothing")
+                        .note(suggest_paths(modules, p)));
                     }
                     hit.extend(matched.into_iter().cloned());
                 }
@@ -365,7 +526,17 @@ fn check_trainer(
             }
             SettingValue::Expr(e) => {
                 let v = setting(prog, m, e)?;
-                check_setting(prog, m, key, *kind, &v, e.span, adapters, trainers, &t.name.name)?;
+                check_setting(
+                    prog,
+                    m,
+                    key,
+                    *kind,
+                    &v,
+                    e.span,
+                    adapters,
+                    trainers,
+                    &t.name.name,
+                )?;
                 if key == "objective" {
                     has_objective = true;
                 }
@@ -375,8 +546,13 @@ fn check_trainer(
         settings.push((key.to_string(), value));
     }
     if !has_objective {
-        return Err(err(prog, m, t.name.span, format!("trainer `{}` has no `objective`", t.name.name))
-            .label("add e.g. `objective sft(mask: prompt)`"));
+        return Err(err(
+            prog,
+            m,
+            t.name.span,
+            format!("trainer `{}` has no `objective`", t.name.name),
+        )
+        .label("add e.g. `objective sft(mask: prompt)`"));
     }
     let adapter_used = settings.iter().any(|(k, _)| k == "adapter");
     if trainable.is_empty() && !adapter_used {
@@ -405,11 +581,19 @@ fn check_setting(
     trainers: &[String],
     this: &str,
 ) -> R<()> {
-    let bad = || err(prog, m, span, format!("`{key}` takes {}", kind_name(kind))).label("wrong kind of value");
+    let bad = || {
+        err(prog, m, span, format!("`{key}` takes {}", kind_name(kind)))
+            .label("wrong kind of value")
+    };
     match kind {
         'i' => match v {
             Setting::Int(i) if *i > 0 => Ok(()),
-            Setting::Int(i) => Err(err(prog, m, span, format!("`{key}` must be positive, got {i}"))),
+            Setting::Int(i) => Err(err(
+                prog,
+                m,
+                span,
+                format!("`{key}` must be positive, got {i}"),
+            )),
             _ => Err(bad()),
         },
         'f' => match v {
@@ -428,8 +612,20 @@ fn check_setting(
             if ok {
                 Ok(())
             } else {
-                Err(err(prog, m, span, format!("no {} named `{n}` for this model", if key == "adapter" { "adapter" } else { "other trainer" }))
-                    .label("unknown name"))
+                Err(err(
+                    prog,
+                    m,
+                    span,
+                    format!(
+                        "no {} named `{n}` for this model",
+                        if key == "adapter" {
+                            "adapter"
+                        } else {
+                            "other trainer"
+                        }
+                    ),
+                )
+                .label("unknown name"))
             }
         }
         _ => {
@@ -448,7 +644,11 @@ fn check_setting(
                     None
                 }
                 "optimizer" | "schedule" => {
-                    let table = if key == "optimizer" { OPTIMIZERS } else { SCHEDULES };
+                    let table = if key == "optimizer" {
+                        OPTIMIZERS
+                    } else {
+                        SCHEDULES
+                    };
                     match table.iter().find(|(n, _)| *n == name) {
                         Some((_, a)) => Some(*a),
                         None => {
@@ -463,11 +663,18 @@ fn check_setting(
             if let Some(allowed) = allowed {
                 for (k, val) in args {
                     if !allowed.contains(&k.as_str()) {
-                        return Err(err(prog, m, span, format!("`{name}` has no argument `{k}`"))
-                            .note(format!("arguments: {}", allowed.join(", "))));
+                        return Err(
+                            err(prog, m, span, format!("`{name}` has no argument `{k}`"))
+                                .note(format!("arguments: {}", allowed.join(", "))),
+                        );
                     }
                     if !matches!(val, Setting::Int(_) | Setting::Float(_) | Setting::Bool(_)) {
-                        return Err(err(prog, m, span, format!("`{name}`'s `{k}` must be a number")));
+                        return Err(err(
+                            prog,
+                            m,
+                            span,
+                            format!("`{name}`'s `{k}` must be a number"),
+                        ));
                     }
                 }
             }
@@ -532,8 +739,13 @@ pub fn check_orphans(prog: &Program, root: usize, _models: &[Elaborated]) -> Vec
         });
         if !is_model {
             out.push(
-                err(prog, root, span, format!("`{}` is not a model declared in this file", model.name))
-                    .label("unknown model"),
+                err(
+                    prog,
+                    root,
+                    span,
+                    format!("`{}` is not a model declared in this file", model.name),
+                )
+                .label("unknown model"),
             );
         }
     }

@@ -58,7 +58,9 @@ impl Elaborator<'_> {
             ExprKind::Bool(b) => Ok(Value::Bool(*b)),
             ExprKind::Str(s) => Ok(Value::Str(s.clone())),
             ExprKind::None => Ok(Value::None),
-            ExprKind::Name(n) => self.lookup(cx, n).ok_or_else(|| self.unknown_name(cx, n, e.span)),
+            ExprKind::Name(n) => self
+                .lookup(cx, n)
+                .ok_or_else(|| self.unknown_name(cx, n, e.span)),
             ExprKind::List(items) => {
                 let mut out = Vec::with_capacity(items.len());
                 for it in items {
@@ -82,7 +84,8 @@ impl Elaborator<'_> {
                 let items = self.iterate(cx, iter)?;
                 let mut out = Vec::new();
                 for v in items {
-                    cx.locals.push([(var.name.clone(), v)].into_iter().collect());
+                    cx.locals
+                        .push([(var.name.clone(), v)].into_iter().collect());
                     let keep = match filter {
                         Some(f) => self.eval_bool(cx, f),
                         None => Ok(true),
@@ -162,7 +165,7 @@ impl Elaborator<'_> {
             Value::Bool(b) => Ok(b),
             v => Err(self
                 .err(cx, e.span, "expected a compile-time bool")
-                .label(format!("this is a {}", v.kind()))),
+                .label(format!("this is {}", v.kind()))),
         }
     }
 
@@ -172,7 +175,7 @@ impl Elaborator<'_> {
             Value::Int(i) => Ok(i),
             v => Err(self
                 .err(cx, e.span, "expected a compile-time integer")
-                .label(format!("this is a {}", v.kind()))),
+                .label(format!("this is {}", v.kind()))),
         }
     }
 
@@ -181,14 +184,22 @@ impl Elaborator<'_> {
         match self.eval(cx, e)? {
             Value::Range(lo, hi) => {
                 if hi.saturating_sub(lo) > 1_000_000 {
-                    return Err(self.err(cx, e.span, "range is too long to unroll (over 1,000,000)"));
+                    return Err(self.err(
+                        cx,
+                        e.span,
+                        "range is too long to unroll (over 1,000,000)",
+                    ));
                 }
                 Ok((lo..hi).map(Value::Int).collect())
             }
             Value::List(v) | Value::Tuple(v) => Ok(v),
             v => Err(self
-                .err(cx, e.span, "can only iterate over a range (`0..n`) or a list")
-                .label(format!("this is a {}", v.kind()))),
+                .err(
+                    cx,
+                    e.span,
+                    "can only iterate over a range (`0..n`) or a list",
+                )
+                .label(format!("this is {}", v.kind()))),
         }
     }
 
@@ -217,16 +228,23 @@ impl Elaborator<'_> {
                     cx,
                     span,
                     format!(
-                        "cannot apply `{}` to a {}",
+                        "cannot apply `{}` to {}",
                         if op == UnaryOp::Neg { "-" } else { "!" },
                         v.kind()
                     ),
                 )
-                .label(format!("this is a {}", v.kind()))),
+                .label(format!("this is {}", v.kind()))),
         }
     }
 
-    fn binary_expr(&mut self, cx: &mut Ctx, op: BinOp, lhs: &Expr, rhs: &Expr, span: Span) -> R<Value> {
+    fn binary_expr(
+        &mut self,
+        cx: &mut Ctx,
+        op: BinOp,
+        lhs: &Expr,
+        rhs: &Expr,
+        span: Span,
+    ) -> R<Value> {
         // Short-circuit compile-time logic so that `x != none && x.rank == 2` works.
         if matches!(op, BinOp::And | BinOp::Or) {
             let l = self.eval(cx, lhs)?;
@@ -238,8 +256,12 @@ impl Elaborator<'_> {
                 return match r {
                     Value::Bool(rb) => Ok(Value::Bool(rb)),
                     r => Err(self
-                        .err(cx, rhs.span, format!("`{}` needs bools on both sides", op.symbol()))
-                        .label(format!("this is a {}", r.kind()))),
+                        .err(
+                            cx,
+                            rhs.span,
+                            format!("`{}` needs bools on both sides", op.symbol()),
+                        )
+                        .label(format!("this is {}", r.kind()))),
                 };
             }
             let r = self.eval(cx, rhs)?;
@@ -281,7 +303,8 @@ impl Elaborator<'_> {
         span: Span,
     ) -> R<Value> {
         use Value as V;
-        let none_test = matches!(op, BinOp::Eq | BinOp::Ne) && (matches!(l, V::None) || matches!(r, V::None));
+        let none_test =
+            matches!(op, BinOp::Eq | BinOp::Ne) && (matches!(l, V::None) || matches!(r, V::None));
         if !none_test && (matches!(l, V::Tensor(_)) || matches!(r, V::Tensor(_))) {
             if op == BinOp::MatMul {
                 let (V::Tensor(a), V::Tensor(b)) = (&l, &r) else {
@@ -296,14 +319,16 @@ impl Elaborator<'_> {
                     format!("`{}` is not defined on tensors", op.symbol()),
                 ));
             };
-            return Ok(V::Tensor(self.tensor_binary(cx, prim, l, r, lspan, rspan, span)?));
+            return Ok(V::Tensor(
+                self.tensor_binary(cx, prim, l, r, lspan, rspan, span)?,
+            ));
         }
         let bad = |s: &Self, l: &Value, r: &Value| {
             s.err(
                 cx,
                 span,
                 format!(
-                    "cannot apply `{}` to a {} and a {}",
+                    "cannot apply `{}` to {} and {}",
                     op.symbol(),
                     l.kind(),
                     r.kind()
@@ -342,67 +367,65 @@ impl Elaborator<'_> {
                     _ => ord != Less,
                 }))
             }
-            BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem => {
-                match (&l, &r) {
-                    (V::Float(_), _) | (_, V::Float(_)) => {
-                        let (Some(a), Some(b)) = (l.as_f64(), r.as_f64()) else {
-                            return Err(bad(self, &l, &r));
-                        };
-                        Ok(V::Float(match op {
-                            BinOp::Add => a + b,
-                            BinOp::Sub => a - b,
-                            BinOp::Mul => a * b,
-                            BinOp::Div => a / b,
-                            _ => a % b,
-                        }))
-                    }
-                    (V::Int(a), V::Int(b)) if op == BinOp::Div && *b != 0 && a % b != 0 => {
-                        Ok(V::Float(*a as f64 / *b as f64))
-                    }
-                    _ => {
-                        let (Some(a), Some(b)) = (l.as_dim(), r.as_dim()) else {
-                            return Err(bad(self, &l, &r));
-                        };
-                        let res = match op {
-                            BinOp::Add => a.checked_add(&b),
-                            BinOp::Sub => a.checked_sub(&b),
-                            BinOp::Mul => a.checked_mul(&b),
-                            BinOp::Div => {
-                                if b.as_const() == Some(0) {
-                                    return Err(self.err(cx, rspan, "division by zero"));
-                                }
-                                match a.div_exact(&b) {
-                                    Some(d) => Some(d),
-                                    None => {
-                                        return Err(self.err(
-                                            cx,
-                                            span,
-                                            format!("`{a}` is not divisible by `{b}`"),
-                                        ))
-                                    }
-                                }
-                            }
-                            _ => {
-                                if b.as_const() == Some(0) {
-                                    return Err(self.err(cx, rspan, "remainder by zero"));
-                                }
-                                match a.rem(&b) {
-                                    Some(d) => Some(d),
-                                    None => {
-                                        return Err(self.err(
-                                            cx,
-                                            span,
-                                            format!("cannot compute `{a} % {b}` at compile time"),
-                                        ))
-                                    }
-                                }
-                            }
-                        };
-                        res.map(V::from_dim)
-                            .ok_or_else(|| self.err(cx, span, "integer overflow"))
-                    }
+            BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem => match (&l, &r) {
+                (V::Float(_), _) | (_, V::Float(_)) => {
+                    let (Some(a), Some(b)) = (l.as_f64(), r.as_f64()) else {
+                        return Err(bad(self, &l, &r));
+                    };
+                    Ok(V::Float(match op {
+                        BinOp::Add => a + b,
+                        BinOp::Sub => a - b,
+                        BinOp::Mul => a * b,
+                        BinOp::Div => a / b,
+                        _ => a % b,
+                    }))
                 }
-            }
+                (V::Int(a), V::Int(b)) if op == BinOp::Div && *b != 0 && a % b != 0 => {
+                    Ok(V::Float(*a as f64 / *b as f64))
+                }
+                _ => {
+                    let (Some(a), Some(b)) = (l.as_dim(), r.as_dim()) else {
+                        return Err(bad(self, &l, &r));
+                    };
+                    let res = match op {
+                        BinOp::Add => a.checked_add(&b),
+                        BinOp::Sub => a.checked_sub(&b),
+                        BinOp::Mul => a.checked_mul(&b),
+                        BinOp::Div => {
+                            if b.as_const() == Some(0) {
+                                return Err(self.err(cx, rspan, "division by zero"));
+                            }
+                            match a.div_exact(&b) {
+                                Some(d) => Some(d),
+                                None => {
+                                    return Err(self.err(
+                                        cx,
+                                        span,
+                                        format!("`{a}` is not divisible by `{b}`"),
+                                    ))
+                                }
+                            }
+                        }
+                        _ => {
+                            if b.as_const() == Some(0) {
+                                return Err(self.err(cx, rspan, "remainder by zero"));
+                            }
+                            match a.rem(&b) {
+                                Some(d) => Some(d),
+                                None => {
+                                    return Err(self.err(
+                                        cx,
+                                        span,
+                                        format!("cannot compute `{a} % {b}` at compile time"),
+                                    ))
+                                }
+                            }
+                        }
+                    };
+                    res.map(V::from_dim)
+                        .ok_or_else(|| self.err(cx, span, "integer overflow"))
+                }
+            },
             BinOp::MatMul => Err(bad(self, &l, &r).note("`@` multiplies tensors")),
         }
     }
@@ -414,7 +437,11 @@ impl Elaborator<'_> {
             if matches!(b, Value::Tensor(_) | Value::List(_) | Value::Tuple(_)) {
                 let Some(f) = super::builtins::lookup(&name.name) else {
                     return Err(self
-                        .err(cx, name.span, format!("no method `{}` on a {}", name.name, b.kind()))
+                        .err(
+                            cx,
+                            name.span,
+                            format!("no method `{}` on {}", name.name, b.kind()),
+                        )
                         .label("unknown method"));
                 };
                 let mut vals = vec![ArgVal {
@@ -467,7 +494,10 @@ impl Elaborator<'_> {
                     .err(
                         cx,
                         span,
-                        format!("block `{}` can only be instantiated as a member", b.name.name),
+                        format!(
+                            "block `{}` can only be instantiated as a member",
+                            b.name.name
+                        ),
                     )
                     .label("not a member declaration")
                     .note(format!(
@@ -487,11 +517,15 @@ impl Elaborator<'_> {
                     self.call_fn(cx, &decl, module, Some(inst), args, span)
                 }
                 None => Err(self
-                    .err(cx, callee_span, format!("`{}` has no `forward` method", inst.kind))
+                    .err(
+                        cx,
+                        callee_span,
+                        format!("`{}` has no `forward` method", inst.kind),
+                    )
                     .label("called here")),
             },
             v => Err(self
-                .err(cx, callee_span, format!("a {} is not callable", v.kind()))
+                .err(cx, callee_span, format!("{} is not callable", v.kind()))
                 .label("not a function or module")),
         }
     }
@@ -507,7 +541,11 @@ impl Elaborator<'_> {
                     return Ok(Value::Func(Func::Method(inst.clone(), name.name.clone())));
                 }
                 let mut d = self
-                    .err(cx, name.span, format!("`{}` has no member `{}`", inst.kind, name.name))
+                    .err(
+                        cx,
+                        name.span,
+                        format!("`{}` has no member `{}`", inst.kind, name.name),
+                    )
                     .label("unknown member");
                 let mut known: Vec<&String> = inst.order.iter().collect();
                 known.extend(inst.methods.keys());
@@ -550,12 +588,24 @@ impl Elaborator<'_> {
                     return Err(self.err(
                         cx,
                         name.span,
-                        format!("index {i} is out of range for a {} of {}", base.kind(), items.len()),
+                        format!(
+                            "index {i} is out of range for {} of {}",
+                            base.kind(),
+                            items.len()
+                        ),
                     ));
                 }
-                Err(self.err(cx, name.span, format!("a {} has no field `{}`", base.kind(), name.name)))
+                Err(self.err(
+                    cx,
+                    name.span,
+                    format!("{} has no field `{}`", base.kind(), name.name),
+                ))
             }
-            v => Err(self.err(cx, name.span, format!("a {} has no field `{}`", v.kind(), name.name))),
+            v => Err(self.err(
+                cx,
+                name.span,
+                format!("{} has no field `{}`", v.kind(), name.name),
+            )),
         }
     }
 }
@@ -626,4 +676,3 @@ fn edit_distance(a: &str, b: &str) -> usize {
     }
     prev[b.len()]
 }
-

@@ -20,7 +20,10 @@ const INITS: &[(&str, &[(&str, f64)])] = &[
     ("constant", &[("value", f64::NAN)]),
     ("normal", &[("mean", 0.0), ("std", 1.0)]),
     ("uniform", &[("lo", 0.0), ("hi", 1.0)]),
-    ("trunc_normal", &[("mean", 0.0), ("std", 1.0), ("lo", -2.0), ("hi", 2.0)]),
+    (
+        "trunc_normal",
+        &[("mean", 0.0), ("std", 1.0), ("lo", -2.0), ("hi", 2.0)],
+    ),
     ("kaiming_uniform", &[("a", 2.23606797749979)]),
     ("kaiming_normal", &[("a", 0.0)]),
     ("xavier_uniform", &[("gain", 1.0)]),
@@ -42,9 +45,13 @@ impl Elaborator<'_> {
         };
         let name = decl.name.name.clone();
         if self.instantiating.contains(&block) {
-            return Err(Diagnostic::new(site, format!("block `{name}` contains itself"))
-                .label("recursive instantiation")
-                .note("a block cannot have itself as a member, directly or through other blocks"));
+            return Err(
+                Diagnostic::new(site, format!("block `{name}` contains itself"))
+                    .label("recursive instantiation")
+                    .note(
+                        "a block cannot have itself as a member, directly or through other blocks",
+                    ),
+            );
         }
         let mut cx = Ctx {
             module: block.module,
@@ -68,7 +75,11 @@ impl Elaborator<'_> {
         };
         self.bind_args(&call_cx, &mut cx, &name, &decl.params, args, site.span)?;
         self.instantiating.push(block);
-        self.stack.push((format!("new {}:{}", block.module, block.item), format!("`{name}` at `{}`", display_path(&path)), site));
+        self.stack.push((
+            format!("new {}:{}", block.module, block.item),
+            format!("in `{name}` (`{}`), instantiated at", display_path(&path)),
+            site,
+        ));
         let mut methods = HashMap::new();
         let mut order = Vec::new();
         let r = self.members(&mut cx, &decl.members, &path, &mut methods, &mut order);
@@ -116,19 +127,32 @@ impl Elaborator<'_> {
                 Member::Fn(f) => {
                     if methods.contains_key(&f.name.name) || self.local(cx, &f.name.name) {
                         return Err(self
-                            .err(cx, f.name.span, format!("`{}` is defined twice in this block", f.name.name))
+                            .err(
+                                cx,
+                                f.name.span,
+                                format!("`{}` is defined twice in this block", f.name.name),
+                            )
                             .label("second definition"));
                     }
                     methods.insert(f.name.name.clone(), Rc::new(f.clone()));
                 }
-                Member::If { cond, then, els, .. } => {
+                Member::If {
+                    cond, then, els, ..
+                } => {
                     let c = self.eval_bool(cx, cond)?;
                     self.members(cx, if c { then } else { els }, path, methods, order)?;
                 }
-                Member::Assert { cond, message, span } => {
+                Member::Assert {
+                    cond,
+                    message,
+                    span,
+                } => {
                     if !self.eval_bool(cx, cond)? {
                         let msg = message.clone().unwrap_or_else(|| {
-                            format!("assertion failed: {}", self.source_text(cx.module, cond.span))
+                            format!(
+                                "assertion failed: {}",
+                                self.source_text(cx.module, cond.span)
+                            )
                         });
                         return Err(self.err(cx, *span, msg).label("assertion failed"));
                     }
@@ -151,7 +175,11 @@ impl Elaborator<'_> {
     ) -> R<()> {
         if self.local(cx, name) || methods.contains_key(name) {
             return Err(self
-                .err(cx, span, format!("`{name}` is already defined in this block"))
+                .err(
+                    cx,
+                    span,
+                    format!("`{name}` is already defined in this block"),
+                )
                 .label("defined again here")
                 .note("parameters, members, `let`s and methods of a block share one namespace"));
         }
@@ -165,21 +193,34 @@ impl Elaborator<'_> {
                 if let Some(block) = self.block_ref(cx, callee) {
                     let vals = self.eval_args(cx, args)?;
                     let site = self.prog.loc(cx.module, e.span);
-                    return Ok(Value::Module(self.instantiate(block, vals, path.to_string(), site)?));
+                    return Ok(Value::Module(self.instantiate(
+                        block,
+                        vals,
+                        path.to_string(),
+                        site,
+                    )?));
                 }
                 self.eval(cx, e)
             }
-            ExprKind::Comprehension { elem, var, iter, filter } => {
+            ExprKind::Comprehension {
+                elem,
+                var,
+                iter,
+                filter,
+            } => {
                 let items = self.iterate(cx, iter)?;
                 let mut out = Vec::new();
                 for v in items {
-                    cx.locals.push([(var.name.clone(), v)].into_iter().collect());
+                    cx.locals
+                        .push([(var.name.clone(), v)].into_iter().collect());
                     let keep = match filter {
                         Some(f) => self.eval_bool(cx, f),
                         None => Ok(true),
                     };
                     let r = match keep {
-                        Ok(true) => self.member_value(cx, elem, &format!("{path}.{}", out.len())).map(Some),
+                        Ok(true) => self
+                            .member_value(cx, elem, &format!("{path}.{}", out.len()))
+                            .map(Some),
                         Ok(false) => Ok(None),
                         Err(d) => Err(d),
                     };
@@ -223,7 +264,11 @@ impl Elaborator<'_> {
             match d {
                 vlmc_grammar::ast::DimPat::Star(n) => {
                     return Err(self
-                        .err(cx, n.span, "parameter shapes must be fixed: `*name` is not allowed")
+                        .err(
+                            cx,
+                            n.span,
+                            "parameter shapes must be fixed: `*name` is not allowed",
+                        )
                         .label("variadic dims"))
                 }
                 vlmc_grammar::ast::DimPat::Expr(e) => {
@@ -232,12 +277,20 @@ impl Elaborator<'_> {
                         Some(d) if d.as_const().is_none_or(|c| c > 0) => dims.push(d),
                         Some(d) => {
                             return Err(self
-                                .err(cx, e.span, format!("parameter dimension must be positive, got {d}"))
+                                .err(
+                                    cx,
+                                    e.span,
+                                    format!("parameter dimension must be positive, got {d}"),
+                                )
                                 .label("not a valid size"))
                         }
                         None => {
                             return Err(self
-                                .err(cx, e.span, format!("a dimension must be a size, got a {}", v.kind()))
+                                .err(
+                                    cx,
+                                    e.span,
+                                    format!("a dimension must be a size, got {}", v.kind()),
+                                )
                                 .label("not a size"))
                         }
                     }
@@ -251,7 +304,11 @@ impl Elaborator<'_> {
         let full = join(path, &p.name.name);
         let scope = path.to_string();
         self.graph
-            .add_source(Op::Param { path: full, init }, TensorType::new(dtype, dims), &scope)
+            .add_source(
+                Op::Param { path: full, init },
+                TensorType::new(dtype, dims),
+                &scope,
+            )
             .map_err(|e| self.err(cx, p.span, e.to_string()))
     }
 
@@ -261,9 +318,21 @@ impl Elaborator<'_> {
             ExprKind::Name(n) => (n.clone(), e.span, Vec::new()),
             ExprKind::Call { callee, args } => match &callee.kind {
                 ExprKind::Name(n) => (n.clone(), callee.span, self.eval_args(cx, args)?),
-                _ => return Err(self.err(cx, e.span, "expected an init rule such as `normal(std: 0.02)`")),
+                _ => {
+                    return Err(self.err(
+                        cx,
+                        e.span,
+                        "expected an init rule such as `normal(std: 0.02)`",
+                    ))
+                }
             },
-            _ => return Err(self.err(cx, e.span, "expected an init rule such as `normal(std: 0.02)`")),
+            _ => {
+                return Err(self.err(
+                    cx,
+                    e.span,
+                    "expected an init rule such as `normal(std: 0.02)`",
+                ))
+            }
         };
         let Some((_, sig)) = INITS.iter().find(|(n, _)| *n == name) else {
             let known: Vec<&str> = INITS.iter().map(|(n, _)| *n).collect();
@@ -279,7 +348,14 @@ impl Elaborator<'_> {
                 Some(n) => sig.iter().position(|(k, _)| *k == n.name).ok_or_else(|| {
                     let ks: Vec<&str> = sig.iter().map(|(k, _)| *k).collect();
                     self.err(cx, n.span, format!("`{name}` has no argument `{}`", n.name))
-                        .note(format!("arguments: {}", if ks.is_empty() { "none".to_string() } else { ks.join(", ") }))
+                        .note(format!(
+                            "arguments: {}",
+                            if ks.is_empty() {
+                                "none".to_string()
+                            } else {
+                                ks.join(", ")
+                            }
+                        ))
                 })?,
                 None => {
                     pos += 1;
@@ -291,7 +367,11 @@ impl Elaborator<'_> {
             }
             let Some(x) = a.value.as_f64() else {
                 return Err(self
-                    .err(cx, a.span, format!("init arguments must be numbers, got a {}", a.value.kind()))
+                    .err(
+                        cx,
+                        a.span,
+                        format!("init arguments must be numbers, got {}", a.value.kind()),
+                    )
                     .label("not a number"));
             };
             values[i] = Some(x);

@@ -83,7 +83,11 @@ pub fn check_file(path: &Path) -> Checked {
     diags.extend(decls::check_orphans(&program, root, &out));
     Checked {
         program,
-        result: if diags.is_empty() { Ok(out) } else { Err(diags) },
+        result: if diags.is_empty() {
+            Ok(out)
+        } else {
+            Err(diags)
+        },
     }
 }
 
@@ -111,7 +115,10 @@ pub fn elaborate_model(program: &Program, model: ItemRef) -> Result<Elaborated, 
         let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
         Diagnostic::new(
             loc,
-            format!("internal error: the elaborated graph is invalid: {}", text.join("; ")),
+            format!(
+                "internal error: the elaborated graph is invalid: {}",
+                text.join("; ")
+            ),
         )
     })?;
     Ok(Elaborated {
@@ -126,7 +133,7 @@ pub fn elaborate_model(program: &Program, model: ItemRef) -> Result<Elaborated, 
 pub(crate) struct Elaborator<'p> {
     pub prog: &'p Program,
     pub graph: Graph,
-    /// Active calls, innermost last: (identity, description, call site).
+    /// Active calls and instantiations, innermost last: (identity, "in X, called at", site).
     pub stack: Vec<(String, String, Loc)>,
     pub budget: usize,
     /// Blocks being instantiated, to detect a block that contains itself.
@@ -160,10 +167,7 @@ impl Elaborator<'_> {
     pub fn err_in(&self, module: usize, span: Span, msg: impl Into<String>) -> Diagnostic {
         let mut d = Diagnostic::new(self.prog.loc(module, span), msg);
         for (_, what, site) in self.stack.iter().rev().filter(|f| !f.1.is_empty()).take(8) {
-            d = d.trace(format!(
-                "in {what}, called at {}",
-                self.prog.sources.describe(*site)
-            ));
+            d = d.trace(format!("{what} {}", self.prog.sources.describe(*site)));
         }
         d
     }

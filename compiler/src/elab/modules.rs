@@ -66,7 +66,10 @@ pub fn search_roots() -> Vec<PathBuf> {
     if let Ok(p) = std::env::var("VLMC_PATH") {
         roots.extend(p.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
     }
-    roots.push(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models")));
+    roots.push(PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models"
+    )));
     roots
 }
 
@@ -265,10 +268,7 @@ impl Loader {
         let mut candidates = vec![dir.join(&rel)];
         candidates.extend(search_roots().into_iter().map(|r| r.join(&rel)));
         let Some(found) = candidates.iter().find(|c| c.is_file()).cloned() else {
-            let tried: Vec<String> = candidates
-                .iter()
-                .map(|c| c.display().to_string())
-                .collect();
+            let tried: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
             self.diags.push(
                 Diagnostic::new(loc, format!("cannot find module `{dotted}`"))
                     .label("imported here")
@@ -278,10 +278,8 @@ impl Loader {
         };
         let canon = std::fs::canonicalize(&found).unwrap_or_else(|_| found.clone());
         if let Some(pos) = self.loading.iter().position(|(p, _)| *p == canon) {
-            let mut chain: Vec<String> = self.loading[pos..]
-                .iter()
-                .map(|(_, n)| n.clone())
-                .collect();
+            let mut chain: Vec<String> =
+                self.loading[pos..].iter().map(|(_, n)| n.clone()).collect();
             chain.push(self.loading[pos].1.clone());
             self.diags.push(
                 Diagnostic::new(loc, format!("import cycle: {}", chain.join(" -> ")))

@@ -49,13 +49,21 @@ impl Elaborator<'_> {
                         let names: Vec<&str> =
                             params.iter().map(|p| p.name.name.as_str()).collect();
                         return Err(self
-                            .err(call_cx, n.span, format!("`{what}` has no parameter `{}`", n.name))
+                            .err(
+                                call_cx,
+                                n.span,
+                                format!("`{what}` has no parameter `{}`", n.name),
+                            )
                             .label("unknown parameter")
                             .note(format!("parameters: {}", names.join(", "))));
                     };
                     if slots[i].is_some() {
                         return Err(self
-                            .err(call_cx, n.span, format!("parameter `{}` is given twice", n.name))
+                            .err(
+                                call_cx,
+                                n.span,
+                                format!("parameter `{}` is given twice", n.name),
+                            )
                             .label("given again here"));
                     }
                     slots[i] = Some(a);
@@ -85,7 +93,11 @@ impl Elaborator<'_> {
                     }
                 },
             };
-            let err_mod = if from_caller { call_cx.module } else { callee.module };
+            let err_mod = if from_caller {
+                call_cx.module
+            } else {
+                callee.module
+            };
             let v = self.check_param(err_mod, callee, what, p, value, span)?;
             if let Some(scope) = callee.locals.last_mut() {
                 scope.insert(p.name.name.clone(), v);
@@ -111,7 +123,11 @@ impl Elaborator<'_> {
                 return Ok(Value::None);
             }
             return Err(self
-                .err_in(err_mod, span, format!("`{pname}` of `{what}` may not be `none`"))
+                .err_in(
+                    err_mod,
+                    span,
+                    format!("`{pname}` of `{what}` may not be `none`"),
+                )
                 .note("declare the parameter optional with `?` after its type"));
         }
         let mismatch = |s: &Self, expected: &str, v: &Value| {
@@ -119,9 +135,9 @@ impl Elaborator<'_> {
                 .err_in(
                     err_mod,
                     span,
-                    format!("`{pname}` of `{what}` expects {expected}, got a {}", v.kind()),
+                    format!("`{pname}` of `{what}` expects {expected}, got {}", v.kind()),
                 )
-                .label(format!("this is a {}", v.kind()));
+                .label(format!("this is {}", v.kind()));
             if let Value::Enum(name) = v {
                 d = s
                     .err_in(err_mod, span, format!("unknown name `{name}`"))
@@ -135,7 +151,14 @@ impl Elaborator<'_> {
                     return Err(mismatch(self, "a tensor", &value));
                 };
                 let ty = self.graph.node(t).ty.clone();
-                self.match_tensor(err_mod, callee, tt, &ty, span, &format!("`{pname}` of `{what}`"))?;
+                self.match_tensor(
+                    err_mod,
+                    callee,
+                    tt,
+                    &ty,
+                    span,
+                    &format!("`{pname}` of `{what}`"),
+                )?;
                 Ok(value)
             }
             TypeKind::Scalar(s) => {
@@ -155,7 +178,7 @@ impl Elaborator<'_> {
                 if ok {
                     Ok(value)
                 } else {
-                    Err(mismatch(self, &format!("a {}", s.name()), &value))
+                    Err(mismatch(self, article(s.name()), &value))
                 }
             }
             TypeKind::Enum(variants) => {
@@ -166,7 +189,11 @@ impl Elaborator<'_> {
                         .err_in(err_mod, span, format!("`{v}` is not a valid `{pname}`"))
                         .label("unknown choice")
                         .note(format!("choose one of: {}", names.join(", ")))),
-                    _ => Err(mismatch(self, &format!("one of {}", names.join(" | ")), &value)),
+                    _ => Err(mismatch(
+                        self,
+                        &format!("one of {}", names.join(" | ")),
+                        &value,
+                    )),
                 }
             }
         }
@@ -186,18 +213,34 @@ impl Elaborator<'_> {
     ) -> R<()> {
         let fail = |s: &mut Self, callee: &mut Ctx, why: String| -> Diagnostic {
             let expected = s.render_pattern(callee, pat);
-            s.err_in(err_mod, span, format!("{what} expects {expected}, got {actual}"))
-                .label(format!("this is {actual}"))
-                .note(why)
+            s.err_in(
+                err_mod,
+                span,
+                format!("{what} expects {expected}, got {actual}"),
+            )
+            .label(format!("this is {actual}"))
+            .note(why)
         };
         if let Some(dt) = &pat.dtype {
             if dt.name != actual.dtype.name() {
-                return Err(fail(self, callee, format!("dtype {} is not {}", actual.dtype, dt.name)));
+                return Err(fail(
+                    self,
+                    callee,
+                    format!("dtype {} is not {}", actual.dtype, dt.name),
+                ));
             }
         }
-        let stars = pat.dims.iter().filter(|d| matches!(d, DimPat::Star(_))).count();
+        let stars = pat
+            .dims
+            .iter()
+            .filter(|d| matches!(d, DimPat::Star(_)))
+            .count();
         if stars > 1 {
-            return Err(self.err(callee, pat.span, "at most one `*name` is allowed in a shape"));
+            return Err(self.err(
+                callee,
+                pat.span,
+                "at most one `*name` is allowed in a shape",
+            ));
         }
         let rank = actual.shape.0.len();
         let fixed = pat.dims.len() - stars;
@@ -253,7 +296,11 @@ impl Elaborator<'_> {
                     let v = self.eval(callee, e)?;
                     let Some(want) = v.as_dim() else {
                         return Err(self
-                            .err(callee, e.span, format!("a dimension must be a size, got a {}", v.kind()))
+                            .err(
+                                callee,
+                                e.span,
+                                format!("a dimension must be a size, got {}", v.kind()),
+                            )
                             .label("not a size"));
                     };
                     if want != actual_d {
@@ -320,7 +367,11 @@ impl Elaborator<'_> {
             match d {
                 DimPat::Star(name) => {
                     return Err(self
-                        .err(cx, name.span, "a model's inputs need a fixed rank: `*name` is not allowed here")
+                        .err(
+                            cx,
+                            name.span,
+                            "a model's inputs need a fixed rank: `*name` is not allowed here",
+                        )
                         .label("variadic dims"))
                 }
                 DimPat::Expr(e) => {
@@ -344,7 +395,11 @@ impl Elaborator<'_> {
                         }
                         None => {
                             return Err(self
-                                .err(cx, e.span, format!("a dimension must be a size, got a {}", v.kind()))
+                                .err(
+                                    cx,
+                                    e.span,
+                                    format!("a dimension must be a size, got {}", v.kind()),
+                                )
                                 .label("not a size"))
                         }
                     }
@@ -352,5 +407,17 @@ impl Elaborator<'_> {
             }
         }
         Ok(TensorType::new(dtype, dims))
+    }
+}
+
+/// "an int", "a float", ... for a scalar type name.
+fn article(name: &str) -> &'static str {
+    match name {
+        "int" => "an int",
+        "float" => "a float",
+        "bool" => "a bool",
+        "str" => "a string",
+        "fn" => "a function",
+        _ => "a size",
     }
 }

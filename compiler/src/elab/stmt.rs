@@ -48,7 +48,9 @@ impl Elaborator<'_> {
             return Err(self.err(cx, span, "calls are nested too deeply"));
         }
         let site = self.prog.loc(cx.module, span);
-        let path = inst.as_ref().map_or_else(|| cx.path.clone(), |i| i.path.clone());
+        let path = inst
+            .as_ref()
+            .map_or_else(|| cx.path.clone(), |i| i.path.clone());
         let mut callee = Ctx {
             module,
             inst,
@@ -56,7 +58,7 @@ impl Elaborator<'_> {
             path,
         };
         self.bind_args(cx, &mut callee, &what, &decl.params, args, span)?;
-        self.stack.push((id, what.clone(), site));
+        self.stack.push((id, format!("in {what}, called at"), site));
         let result = self.run_body(&mut callee, decl, &what);
         self.stack.pop();
         result
@@ -67,7 +69,11 @@ impl Elaborator<'_> {
             Flow::Return(v, s) => (v, s),
             Flow::Next => {
                 return Err(self
-                    .err(cx, decl.name.span, format!("`{what}` ends without `return`"))
+                    .err(
+                        cx,
+                        decl.name.span,
+                        format!("`{what}` ends without `return`"),
+                    )
                     .label("no return value"))
             }
         };
@@ -77,21 +83,36 @@ impl Elaborator<'_> {
         Ok(value)
     }
 
-    fn check_ret(&mut self, cx: &mut Ctx, ret: &RetType, v: &Value, span: Span, what: &str) -> R<()> {
+    fn check_ret(
+        &mut self,
+        cx: &mut Ctx,
+        ret: &RetType,
+        v: &Value,
+        span: Span,
+        what: &str,
+    ) -> R<()> {
         match ret {
             RetType::Single(t) => self.check_ret_one(cx, t, v, span, what),
             RetType::Tuple(items) => {
                 let Value::Tuple(vs) = v else {
                     return Err(self
-                        .err(cx, span, format!("`{what}` must return a tuple of {}", items.len()))
-                        .label(format!("this is a {}", v.kind())));
+                        .err(
+                            cx,
+                            span,
+                            format!("`{what}` must return a tuple of {}", items.len()),
+                        )
+                        .label(format!("this is {}", v.kind())));
                 };
                 if vs.len() != items.len() {
                     return Err(self
                         .err(
                             cx,
                             span,
-                            format!("`{what}` must return {} values, got {}", items.len(), vs.len()),
+                            format!(
+                                "`{what}` must return {} values, got {}",
+                                items.len(),
+                                vs.len()
+                            ),
                         )
                         .label("wrong number of values"));
                 }
@@ -103,7 +124,14 @@ impl Elaborator<'_> {
         }
     }
 
-    fn check_ret_one(&mut self, cx: &mut Ctx, t: &TypeExpr, v: &Value, span: Span, what: &str) -> R<()> {
+    fn check_ret_one(
+        &mut self,
+        cx: &mut Ctx,
+        t: &TypeExpr,
+        v: &Value,
+        span: Span,
+        what: &str,
+    ) -> R<()> {
         match (&t.kind, v) {
             (_, Value::None) if t.optional => Ok(()),
             (TypeKind::Tensor(tt), Value::Tensor(id)) => {
@@ -115,8 +143,12 @@ impl Elaborator<'_> {
                 r
             }
             (TypeKind::Tensor(_), other) => Err(self
-                .err(cx, span, format!("`{what}` must return a tensor, got a {}", other.kind()))
-                .label(format!("this is a {}", other.kind()))),
+                .err(
+                    cx,
+                    span,
+                    format!("`{what}` must return a tensor, got {}", other.kind()),
+                )
+                .label(format!("this is {}", other.kind()))),
             _ => Ok(()),
         }
     }
@@ -140,13 +172,29 @@ impl Elaborator<'_> {
                                 Value::Tuple(items) | Value::List(items) => items,
                                 other => {
                                     return Err(self
-                                        .err(cx, value.span, format!("cannot unpack a {} into {} names", other.kind(), names.len()))
+                                        .err(
+                                            cx,
+                                            value.span,
+                                            format!(
+                                                "cannot unpack {} into {} names",
+                                                other.kind(),
+                                                names.len()
+                                            ),
+                                        )
                                         .label("not a tuple"))
                                 }
                             };
                             if items.len() != names.len() {
                                 return Err(self
-                                    .err(cx, value.span, format!("cannot unpack {} values into {} names", items.len(), names.len()))
+                                    .err(
+                                        cx,
+                                        value.span,
+                                        format!(
+                                            "cannot unpack {} values into {} names",
+                                            items.len(),
+                                            names.len()
+                                        ),
+                                    )
                                     .label("wrong number of values"));
                             }
                             for (n, v) in names.iter().zip(items) {
@@ -157,12 +205,20 @@ impl Elaborator<'_> {
                 }
                 Stmt::Assign { name, value, .. } => {
                     let v = self.eval(cx, value)?;
-                    let slot = cx.locals.iter_mut().rev().find_map(|s| s.get_mut(&name.name));
+                    let slot = cx
+                        .locals
+                        .iter_mut()
+                        .rev()
+                        .find_map(|s| s.get_mut(&name.name));
                     match slot {
                         Some(slot) => *slot = v,
                         None => {
                             return Err(self
-                                .err(cx, name.span, format!("cannot assign to `{}`: no such variable", name.name))
+                                .err(
+                                    cx,
+                                    name.span,
+                                    format!("cannot assign to `{}`: no such variable", name.name),
+                                )
                                 .label("declare it first with `let`"))
                         }
                     }
@@ -171,16 +227,21 @@ impl Elaborator<'_> {
                     let v = self.eval(cx, value)?;
                     return Ok(Flow::Return(v, *span));
                 }
-                Stmt::If { cond, then, els, .. } => {
+                Stmt::If {
+                    cond, then, els, ..
+                } => {
                     let c = self.eval_bool(cx, cond)?;
                     let flow = self.exec_block(cx, if c { then } else { els })?;
                     if let Flow::Return(..) = flow {
                         return Ok(flow);
                     }
                 }
-                Stmt::For { var, iter, body, .. } => {
+                Stmt::For {
+                    var, iter, body, ..
+                } => {
                     for v in self.iterate(cx, iter)? {
-                        cx.locals.push([(var.name.clone(), v)].into_iter().collect());
+                        cx.locals
+                            .push([(var.name.clone(), v)].into_iter().collect());
                         let flow = self.exec_block(cx, body);
                         cx.locals.pop();
                         let flow = flow?;
@@ -189,10 +250,17 @@ impl Elaborator<'_> {
                         }
                     }
                 }
-                Stmt::Assert { cond, message, span } => {
+                Stmt::Assert {
+                    cond,
+                    message,
+                    span,
+                } => {
                     if !self.eval_bool(cx, cond)? {
                         let msg = message.clone().unwrap_or_else(|| {
-                            format!("assertion failed: {}", self.source_text(cx.module, cond.span))
+                            format!(
+                                "assertion failed: {}",
+                                self.source_text(cx.module, cond.span)
+                            )
                         });
                         return Err(self.err(cx, *span, msg).label("assertion failed"));
                     }
@@ -215,7 +283,11 @@ impl Elaborator<'_> {
         let module = root.block.module;
         let Some(decl) = root.methods.get("forward").cloned() else {
             return Err(self
-                .err_in(module, loc.span, format!("model `{}` has no `fn forward`", root.kind))
+                .err_in(
+                    module,
+                    loc.span,
+                    format!("model `{}` has no `fn forward`", root.kind),
+                )
                 .label("every model needs an entry point"));
         };
         let mut cx = Ctx {
@@ -230,14 +302,27 @@ impl Elaborator<'_> {
                     let ty: TensorType = self.declare_tensor_type(&mut cx, tt)?;
                     let id = self
                         .graph
-                        .add_source(Op::Input { name: p.name.name.clone() }, ty, "")
+                        .add_source(
+                            Op::Input {
+                                name: p.name.name.clone(),
+                            },
+                            ty,
+                            "",
+                        )
                         .map_err(|e| self.err(&cx, p.span, e.to_string()))?;
                     Value::Tensor(id)
                 }
                 (_, Some(d)) => self.eval(&mut cx, d)?,
                 (_, None) => {
                     return Err(self
-                        .err(&cx, p.span, format!("model input `{}` must be a tensor or have a default", p.name.name))
+                        .err(
+                            &cx,
+                            p.span,
+                            format!(
+                                "model input `{}` must be a tensor or have a default",
+                                p.name.name
+                            ),
+                        )
                         .label("no value for this at build time"))
                 }
             };
@@ -245,12 +330,19 @@ impl Elaborator<'_> {
         }
         let what = format!("{}.forward", root.kind);
         // The entry point is on the stack for recursion checks but not shown in traces.
-        self.stack.push((format!("{}:{}.forward", root.block.module, root.block.item), String::new(), loc));
+        self.stack.push((
+            format!("{}:{}.forward", root.block.module, root.block.item),
+            String::new(),
+            loc,
+        ));
         let result = self.run_body(&mut cx, &decl, &what);
         self.stack.pop();
         let result = result?;
         let names: Vec<Option<String>> = match &decl.ret {
-            Some(RetType::Tuple(items)) => items.iter().map(|(n, _)| n.as_ref().map(|n| n.name.clone())).collect(),
+            Some(RetType::Tuple(items)) => items
+                .iter()
+                .map(|(n, _)| n.as_ref().map(|n| n.name.clone()))
+                .collect(),
             _ => Vec::new(),
         };
         let outs = match result {
@@ -259,11 +351,13 @@ impl Elaborator<'_> {
         };
         let single = outs.len() == 1;
         for (i, v) in outs.into_iter().enumerate() {
-            let name = names
-                .get(i)
-                .cloned()
-                .flatten()
-                .unwrap_or_else(|| if single { "output".to_string() } else { format!("output{i}") });
+            let name = names.get(i).cloned().flatten().unwrap_or_else(|| {
+                if single {
+                    "output".to_string()
+                } else {
+                    format!("output{i}")
+                }
+            });
             match v {
                 Value::Tensor(id) => self
                     .graph
@@ -271,7 +365,14 @@ impl Elaborator<'_> {
                     .map_err(|e| self.err_in(module, decl.name.span, e.to_string()))?,
                 other => {
                     return Err(self
-                        .err_in(module, decl.name.span, format!("`{what}` must return tensors; result `{name}` is a {}", other.kind()))
+                        .err_in(
+                            module,
+                            decl.name.span,
+                            format!(
+                                "`{what}` must return tensors; result `{name}` is {}",
+                                other.kind()
+                            ),
+                        )
                         .label("entry point"))
                 }
             }

@@ -36,7 +36,12 @@ impl Elaborator<'_> {
 
     /// A scalar constant (`f32[]`).
     pub fn scalar(&mut self, cx: &Ctx, value: f64, dtype: DType, span: Span) -> R<NodeId> {
-        self.source(cx, Op::Const { value }, TensorType::new(dtype, Vec::<Dim>::new()), span)
+        self.source(
+            cx,
+            Op::Const { value },
+            TensorType::new(dtype, Vec::<Dim>::new()),
+            span,
+        )
     }
 
     /// A unary primitive.
@@ -53,7 +58,11 @@ impl Elaborator<'_> {
             Value::Float(f) => {
                 if !dtype.is_float() {
                     return Err(self
-                        .err(cx, span, format!("a float cannot be combined with a {dtype} tensor"))
+                        .err(
+                            cx,
+                            span,
+                            format!("a float cannot be combined with a {dtype} tensor"),
+                        )
                         .note("cast the tensor first, e.g. `cast(x, f32)`"));
                 }
                 self.scalar(cx, *f, dtype, span)
@@ -61,13 +70,30 @@ impl Elaborator<'_> {
             Value::Bool(b) => self.scalar(cx, if *b { 1.0 } else { 0.0 }, DType::Bool, span),
             Value::Dim(d) => {
                 // A runtime value for a symbolic size: sum(ones[d]).
-                let ones = self.source(cx, Op::Const { value: 1.0 }, TensorType::new(dtype, vec![d.clone()]), span)?;
-                let s = self.op(cx, Op::Reduce { op: crate::ir::ReduceOp::Sum, axis: 0 }, &[ones], span)?;
+                let ones = self.source(
+                    cx,
+                    Op::Const { value: 1.0 },
+                    TensorType::new(dtype, vec![d.clone()]),
+                    span,
+                )?;
+                let s = self.op(
+                    cx,
+                    Op::Reduce {
+                        op: crate::ir::ReduceOp::Sum,
+                        axis: 0,
+                    },
+                    &[ones],
+                    span,
+                )?;
                 self.reshape(cx, s, Vec::new(), span)
             }
             other => Err(self
-                .err(cx, span, format!("expected a tensor or a number, got a {}", other.kind()))
-                .label(format!("this is a {}", other.kind()))),
+                .err(
+                    cx,
+                    span,
+                    format!("expected a tensor or a number, got {}", other.kind()),
+                )
+                .label(format!("this is {}", other.kind()))),
         }
     }
 
@@ -96,7 +122,10 @@ impl Elaborator<'_> {
             }
             _ => {
                 let _ = span;
-                Ok((self.as_tensor(cx, l, dtype, lspan)?, self.as_tensor(cx, r, dtype, rspan)?))
+                Ok((
+                    self.as_tensor(cx, l, dtype, lspan)?,
+                    self.as_tensor(cx, r, dtype, rspan)?,
+                ))
             }
         }
     }
@@ -107,7 +136,11 @@ impl Elaborator<'_> {
         let value = match v {
             Value::Float(f) if !ty.dtype.is_float() => {
                 return Err(self
-                    .err(cx, span, format!("a float cannot be combined with a {} tensor", ty.dtype))
+                    .err(
+                        cx,
+                        span,
+                        format!("a float cannot be combined with {} tensor", ty.dtype),
+                    )
                     .note("cast the tensor first, e.g. `cast(x, f32)`"))
             }
             Value::Bool(b) => f64::from(u8::from(*b)),
@@ -117,14 +150,28 @@ impl Elaborator<'_> {
     }
 
     /// The broadcast shape of two shapes (numpy rules), or an error naming both.
-    pub fn broadcast_shape(&self, cx: &Ctx, a: &TensorType, b: &TensorType, span: Span) -> R<Shape> {
+    pub fn broadcast_shape(
+        &self,
+        cx: &Ctx,
+        a: &TensorType,
+        b: &TensorType,
+        span: Span,
+    ) -> R<Shape> {
         let (ra, rb) = (a.shape.0.len(), b.shape.0.len());
         let r = ra.max(rb);
         let one = Dim::c(1);
         let mut out = Vec::with_capacity(r);
         for i in 0..r {
-            let da = if i + ra >= r { &a.shape.0[i + ra - r] } else { &one };
-            let db = if i + rb >= r { &b.shape.0[i + rb - r] } else { &one };
+            let da = if i + ra >= r {
+                &a.shape.0[i + ra - r]
+            } else {
+                &one
+            };
+            let db = if i + rb >= r {
+                &b.shape.0[i + rb - r]
+            } else {
+                &one
+            };
             if da == db || *db == one {
                 out.push(da.clone());
             } else if *da == one {
@@ -153,7 +200,14 @@ impl Elaborator<'_> {
             x = self.reshape(cx, x, dims, span)?;
         }
         if self.ty(x).shape != *shape {
-            x = self.op(cx, Op::Expand { shape: shape.clone() }, &[x], span)?;
+            x = self.op(
+                cx,
+                Op::Expand {
+                    shape: shape.clone(),
+                },
+                &[x],
+                span,
+            )?;
         }
         Ok(x)
     }
@@ -195,7 +249,14 @@ impl Elaborator<'_> {
         let (ta, tb) = (self.ty(a), self.ty(b));
         if ta.dtype != tb.dtype {
             return Err(self
-                .err(cx, span, format!("`{}` needs the same dtype on both sides: {ta} and {tb}", op.name()))
+                .err(
+                    cx,
+                    span,
+                    format!(
+                        "`{}` needs the same dtype on both sides: {ta} and {tb}",
+                        op.name()
+                    ),
+                )
                 .note("convert one side with `cast(x, f32)`"));
         }
         let shape = self.broadcast_shape(cx, &ta, &tb, span)?;
@@ -210,14 +271,22 @@ impl Elaborator<'_> {
         let (ta, tb) = (self.ty(a), self.ty(b));
         if ta.rank() < 2 || tb.rank() < 2 {
             return Err(self
-                .err(cx, span, format!("matmul needs rank >= 2 on both sides, got {ta} @ {tb}"))
+                .err(
+                    cx,
+                    span,
+                    format!("matmul needs rank >= 2 on both sides, got {ta} @ {tb}"),
+                )
                 .note("add an axis with `unsqueeze(x, 0)`"));
         }
         let k_a = &ta.shape.0[ta.rank() - 1];
         let k_b = &tb.shape.0[tb.rank() - 2];
         if k_a != k_b {
             return Err(self
-                .err(cx, span, format!("matmul: inner dimensions differ: {ta} @ {tb} ({k_a} vs {k_b})"))
+                .err(
+                    cx,
+                    span,
+                    format!("matmul: inner dimensions differ: {ta} @ {tb} ({k_a} vs {k_b})"),
+                )
                 .label(format!("{ta} @ {tb}")));
         }
         if tb.rank() == 2 && ta.rank() > 2 {
@@ -249,14 +318,24 @@ impl Elaborator<'_> {
         let a = if axis < 0 { axis + r } else { axis };
         if a < 0 || a >= r {
             return Err(self
-                .err(cx, span, format!("axis {axis} is out of range for rank {rank}"))
+                .err(
+                    cx,
+                    span,
+                    format!("axis {axis} is out of range for rank {rank}"),
+                )
                 .label("bad axis"));
         }
         Ok(a as usize)
     }
 
     /// `x[...]`: integer indices remove an axis, slices keep it, `...` fills the middle.
-    pub fn index(&mut self, cx: &mut Ctx, base: Value, items: &[IndexItem], span: Span) -> R<Value> {
+    pub fn index(
+        &mut self,
+        cx: &mut Ctx,
+        base: Value,
+        items: &[IndexItem],
+        span: Span,
+    ) -> R<Value> {
         match base {
             Value::Tensor(t) => self.index_tensor(cx, t, items, span).map(Value::Tensor),
             Value::List(v) | Value::Tuple(v) => {
@@ -270,35 +349,67 @@ impl Elaborator<'_> {
                         let j = if i < 0 { i + n } else { i };
                         if j < 0 || j >= n {
                             return Err(self
-                                .err(cx, e.span, format!("index {i} is out of range for a list of {n}"))
+                                .err(
+                                    cx,
+                                    e.span,
+                                    format!("index {i} is out of range for a list of {n}"),
+                                )
                                 .label("out of range"));
                         }
                         Ok(v[j as usize].clone())
                     }
-                    IndexItem::Slice { start, end, step, span: sp } => {
+                    IndexItem::Slice {
+                        start,
+                        end,
+                        step,
+                        span: sp,
+                    } => {
                         let n = v.len() as i64;
                         let norm = |i: i64| if i < 0 { (i + n).max(0) } else { i.min(n) };
-                        let s = match start { Some(e) => norm(self.eval_int(cx, e)?), None => 0 };
-                        let e_ = match end { Some(e) => norm(self.eval_int(cx, e)?), None => n };
-                        let st = match step { Some(e) => self.eval_int(cx, e)?, None => 1 };
+                        let s = match start {
+                            Some(e) => norm(self.eval_int(cx, e)?),
+                            None => 0,
+                        };
+                        let e_ = match end {
+                            Some(e) => norm(self.eval_int(cx, e)?),
+                            None => n,
+                        };
+                        let st = match step {
+                            Some(e) => self.eval_int(cx, e)?,
+                            None => 1,
+                        };
                         if st < 1 {
                             return Err(self.err(cx, *sp, "slice step must be >= 1"));
                         }
-                        Ok(Value::List((s..e_.max(s)).step_by(st as usize).map(|i| v[i as usize].clone()).collect()))
+                        Ok(Value::List(
+                            (s..e_.max(s))
+                                .step_by(st as usize)
+                                .map(|i| v[i as usize].clone())
+                                .collect(),
+                        ))
                     }
                     IndexItem::Ellipsis(s) => Err(self.err(cx, *s, "`...` only indexes tensors")),
                 }
             }
             other => Err(self
-                .err(cx, span, format!("a {} cannot be indexed", other.kind()))
+                .err(cx, span, format!("{} cannot be indexed", other.kind()))
                 .label("not a tensor or list")),
         }
     }
 
-    fn index_tensor(&mut self, cx: &mut Ctx, t: NodeId, items: &[IndexItem], span: Span) -> R<NodeId> {
+    fn index_tensor(
+        &mut self,
+        cx: &mut Ctx,
+        t: NodeId,
+        items: &[IndexItem],
+        span: Span,
+    ) -> R<NodeId> {
         let ty = self.ty(t);
         let rank = ty.rank();
-        let ellipses = items.iter().filter(|i| matches!(i, IndexItem::Ellipsis(_))).count();
+        let ellipses = items
+            .iter()
+            .filter(|i| matches!(i, IndexItem::Ellipsis(_)))
+            .count();
         if ellipses > 1 {
             return Err(self.err(cx, span, "at most one `...` in an index"));
         }
@@ -319,21 +430,47 @@ impl Elaborator<'_> {
                     let v = self.eval(cx, e)?;
                     let Some(i) = v.as_dim() else {
                         return Err(self
-                            .err(cx, e.span, format!("tensor index must be a compile-time size, got a {}", v.kind()))
+                            .err(
+                                cx,
+                                e.span,
+                                format!(
+                                    "tensor index must be a compile-time size, got {}",
+                                    v.kind()
+                                ),
+                            )
                             .note("to index with a tensor use `gather(table, idx, axis: 0)`"));
                     };
                     let start = self.norm_index(cx, i, &dim, e.span)?;
-                    let end = start.checked_add(&Dim::c(1)).ok_or_else(|| self.err(cx, e.span, "integer overflow"))?;
-                    x = self.op(cx, Op::Slice { axis, start, end, step: 1 }, &[x], e.span)?;
+                    let end = start
+                        .checked_add(&Dim::c(1))
+                        .ok_or_else(|| self.err(cx, e.span, "integer overflow"))?;
+                    x = self.op(
+                        cx,
+                        Op::Slice {
+                            axis,
+                            start,
+                            end,
+                            step: 1,
+                        },
+                        &[x],
+                        e.span,
+                    )?;
                     drop.push(axis);
                     axis += 1;
                 }
-                IndexItem::Slice { start, end, step, span: sp } => {
+                IndexItem::Slice {
+                    start,
+                    end,
+                    step,
+                    span: sp,
+                } => {
                     let dim = self.ty(x).shape.0[axis].clone();
                     let s = match start {
                         Some(e) => {
                             let v = self.eval(cx, e)?;
-                            let d = v.as_dim().ok_or_else(|| self.err(cx, e.span, "slice bounds must be sizes"))?;
+                            let d = v.as_dim().ok_or_else(|| {
+                                self.err(cx, e.span, "slice bounds must be sizes")
+                            })?;
                             self.norm_bound(cx, d, &dim, e.span)?
                         }
                         None => Dim::c(0),
@@ -341,7 +478,9 @@ impl Elaborator<'_> {
                     let en = match end {
                         Some(e) => {
                             let v = self.eval(cx, e)?;
-                            let d = v.as_dim().ok_or_else(|| self.err(cx, e.span, "slice bounds must be sizes"))?;
+                            let d = v.as_dim().ok_or_else(|| {
+                                self.err(cx, e.span, "slice bounds must be sizes")
+                            })?;
                             self.norm_bound(cx, d, &dim, e.span)?
                         }
                         None => dim.clone(),
@@ -351,10 +490,22 @@ impl Elaborator<'_> {
                         None => 1,
                     };
                     if st < 1 {
-                        return Err(self.err(cx, *sp, "slice step must be >= 1").label("negative or zero step"));
+                        return Err(self
+                            .err(cx, *sp, "slice step must be >= 1")
+                            .label("negative or zero step"));
                     }
                     if !(s == Dim::c(0) && en == dim && st == 1) {
-                        x = self.op(cx, Op::Slice { axis, start: s, end: en, step: st }, &[x], *sp)?;
+                        x = self.op(
+                            cx,
+                            Op::Slice {
+                                axis,
+                                start: s,
+                                end: en,
+                                step: st,
+                            },
+                            &[x],
+                            *sp,
+                        )?;
                     }
                     axis += 1;
                 }
@@ -378,13 +529,19 @@ impl Elaborator<'_> {
     /// An index in `[0, dim)`: negative counts from the end; checked when both are constant.
     fn norm_index(&self, cx: &Ctx, i: Dim, dim: &Dim, span: Span) -> R<Dim> {
         let i = match i.as_const() {
-            Some(c) if c < 0 => dim.checked_add(&i).ok_or_else(|| self.err(cx, span, "integer overflow"))?,
+            Some(c) if c < 0 => dim
+                .checked_add(&i)
+                .ok_or_else(|| self.err(cx, span, "integer overflow"))?,
             _ => i,
         };
         if let (Some(c), Some(n)) = (i.as_const(), dim.as_const()) {
             if c < 0 || c >= n {
                 return Err(self
-                    .err(cx, span, format!("index is out of range for an axis of size {n}"))
+                    .err(
+                        cx,
+                        span,
+                        format!("index is out of range for an axis of size {n}"),
+                    )
                     .label("out of range"));
             }
         }
@@ -394,7 +551,9 @@ impl Elaborator<'_> {
     /// A slice bound: negative counts from the end; constant bounds are clamped as in Python.
     fn norm_bound(&self, cx: &Ctx, b: Dim, dim: &Dim, span: Span) -> R<Dim> {
         let b = match b.as_const() {
-            Some(c) if c < 0 => dim.checked_add(&b).ok_or_else(|| self.err(cx, span, "integer overflow"))?,
+            Some(c) if c < 0 => dim
+                .checked_add(&b)
+                .ok_or_else(|| self.err(cx, span, "integer overflow"))?,
             _ => b,
         };
         match (b.as_const(), dim.as_const()) {

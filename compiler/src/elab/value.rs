@@ -55,23 +55,24 @@ pub struct Instance {
 }
 
 impl Value {
-    /// A short description of the value's kind, for error messages.
+    /// The value's kind with an article, for error messages: "an int", "a tensor".
     pub fn kind(&self) -> &'static str {
         match self {
-            Value::Int(_) => "int",
-            Value::Float(_) => "float",
-            Value::Bool(_) => "bool",
-            Value::Str(_) => "string",
+            Value::Int(_) => "an int",
+            Value::Float(_) => "a float",
+            Value::Bool(_) => "a bool",
+            Value::Str(_) => "a string",
             Value::None => "none",
-            Value::Dim(_) => "dim",
-            Value::List(_) => "list",
-            Value::Tuple(_) => "tuple",
-            Value::Range(_, _) => "range",
-            Value::Enum(_) => "enum value",
-            Value::DType(_) => "dtype",
-            Value::Tensor(_) => "tensor",
-            Value::Module(_) => "module",
-            Value::Func(_) => "function",
+            Value::Dim(_) => "a symbolic size",
+            Value::List(_) => "a list",
+            Value::Tuple(_) => "a tuple",
+            Value::Range(_, _) => "a range",
+            Value::Enum(_) => "a name",
+            Value::DType(_) => "a dtype",
+            Value::Tensor(_) => "a tensor",
+            Value::Module(_) => "a module",
+            Value::Func(Func::Item(_)) => "a block or function",
+            Value::Func(_) => "a function",
         }
     }
 
