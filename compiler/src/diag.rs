@@ -72,6 +72,13 @@ fn clamp_to_char(text: &str, mut offset: usize) -> usize {
 pub struct Diagnostic {
     pub message: String,
     pub loc: Loc,
+    /// Labels, other locations, notes (boxed: errors travel through every `Result`).
+    pub detail: Box<Detail>,
+}
+
+/// The optional parts of a [`Diagnostic`].
+#[derive(Clone, PartialEq, Debug, Default)]
+pub struct Detail {
     /// Text under the primary caret.
     pub label: Option<String>,
     /// Other places worth showing (a declaration, the call site).
@@ -87,39 +94,37 @@ impl Diagnostic {
         Diagnostic {
             message: message.into(),
             loc,
-            label: None,
-            secondary: Vec::new(),
-            notes: Vec::new(),
-            trace: Vec::new(),
+            detail: Box::default(),
         }
     }
     /// Sets the text under the caret.
     pub fn label(mut self, label: impl Into<String>) -> Self {
-        self.label = Some(label.into());
+        self.detail.label = Some(label.into());
         self
     }
     /// Adds a secondary location.
     pub fn also(mut self, loc: Loc, label: impl Into<String>) -> Self {
-        self.secondary.push((loc, label.into()));
+        self.detail.secondary.push((loc, label.into()));
         self
     }
     /// Adds a note line.
     pub fn note(mut self, note: impl Into<String>) -> Self {
-        self.notes.push(note.into());
+        self.detail.notes.push(note.into());
         self
     }
     /// Adds a line of the call stack (shown after the notes).
     pub fn trace(mut self, line: impl Into<String>) -> Self {
-        self.trace.push(line.into());
+        self.detail.trace.push(line.into());
         self
     }
     /// Renders the diagnostic as plain text, rustc-style: the message, `--> file:line:col`, the
     /// source line with carets under the span, secondary locations, notes and the call stack.
     pub fn render(&self, sources: &SourceMap) -> String {
         let mut lines: Vec<(Loc, char, Option<&str>)> =
-            vec![(self.loc, '^', self.label.as_deref())];
+            vec![(self.loc, '^', self.detail.label.as_deref())];
         lines.extend(
-            self.secondary
+            self.detail
+                .secondary
                 .iter()
                 .map(|(l, t)| (*l, '-', Some(t.as_str()))),
         );
@@ -158,13 +163,13 @@ impl Diagnostic {
             out.push_str(under.trim_end());
             out.push('\n');
         }
-        if !self.notes.is_empty() || !self.trace.is_empty() {
+        if !self.detail.notes.is_empty() || !self.detail.trace.is_empty() {
             out.push_str(&format!("{pad} |\n"));
         }
-        for n in &self.notes {
+        for n in &self.detail.notes {
             out.push_str(&format!("{pad} = note: {n}\n"));
         }
-        for t in &self.trace {
+        for t in &self.detail.trace {
             out.push_str(&format!("{pad} = {t}\n"));
         }
         out

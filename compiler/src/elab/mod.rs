@@ -50,7 +50,18 @@ const MAX_DEPTH: usize = 200;
 /// Parses, resolves and elaborates every `model` in `path`, and checks its adapters and trainers.
 /// A file without models (a library) is checked for syntax and imports.
 pub fn check_file(path: &Path) -> Checked {
-    let (program, root) = match modules::load(path) {
+    check_loaded(modules::load(path))
+}
+
+/// Like [`check_file`], with the file's text given (imports are read relative to `path`).
+pub fn check_text(path: &Path, text: String) -> Checked {
+    check_loaded(modules::load_text(path, text))
+}
+
+type Loaded = Result<(Program, usize), (Program, Vec<Diagnostic>)>;
+
+fn check_loaded(loaded: Loaded) -> Checked {
+    let (program, root) = match loaded {
         Ok(x) => x,
         Err((program, diags)) => {
             return Checked {

@@ -83,16 +83,11 @@ struct Loader {
 
 /// Loads `root` and everything it imports. Returns the program and the root module index.
 pub fn load(root: &Path) -> Result<(Program, usize), (Program, Vec<Diagnostic>)> {
-    let mut l = Loader {
-        prog: Program::default(),
-        by_path: HashMap::new(),
-        loading: Vec::new(),
-        diags: Vec::new(),
-    };
-    let text = match std::fs::read_to_string(root) {
-        Ok(t) => t,
+    match std::fs::read_to_string(root) {
+        Ok(text) => load_text(root, text),
         Err(e) => {
-            let file = l.prog.sources.add(root.to_path_buf(), String::new());
+            let mut prog = Program::default();
+            let file = prog.sources.add(root.to_path_buf(), String::new());
             let d = Diagnostic::new(
                 Loc {
                     file,
@@ -100,8 +95,22 @@ pub fn load(root: &Path) -> Result<(Program, usize), (Program, Vec<Diagnostic>)>
                 },
                 format!("cannot read {}: {}", root.display(), e),
             );
-            return Err((l.prog, vec![d]));
+            Err((prog, vec![d]))
         }
+    }
+}
+
+/// Like [`load`], with the root file's text given (imports are still read from disk,
+/// relative to `root`'s directory).
+pub fn load_text(
+    root: &Path,
+    text: String,
+) -> Result<(Program, usize), (Program, Vec<Diagnostic>)> {
+    let mut l = Loader {
+        prog: Program::default(),
+        by_path: HashMap::new(),
+        loading: Vec::new(),
+        diags: Vec::new(),
     };
     let name = root
         .file_stem()
