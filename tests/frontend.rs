@@ -174,3 +174,10 @@ fn build_writes_ir_and_dot() {
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn ast_of_a_small_spec() {
+    let text = std::fs::read_to_string("tests/blocks/linear.vlm").expect("readable");
+    let ast = vlmc_grammar::parse(&text).expect("parses");
+    insta::assert_snapshot!(format!("{ast:#?}"));
+}
