@@ -12,9 +12,6 @@
 //! rendered diagnostics with an insta snapshot (`tests/snapshots/diagnostics__<name>.snap`).
 //!
 //! Helper files (modules imported by a case) live in subfolders and are not cases themselves.
-//! `tests/errors/pending/` holds cases the compiler gets wrong today (accepts them, or points
-//! elsewhere); they run with `cargo test --test diagnostics -- --ignored` and move up to
-//! `tests/errors/` with a snapshot once the compiler is fixed.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -192,13 +189,4 @@ fn models_and_std_check_cleanly() {
         );
     }
     assert_eq!(vlmc::cli::check(&files), Ok(()));
-}
-
-/// Cases the compiler does not diagnose correctly yet; each file says what is wrong.
-#[test]
-#[ignore = "known compiler issues: see the comments in tests/errors/pending/*.vlm"]
-fn pending_error_cases() {
-    run_all("tests/errors/pending", |path| {
-        check_case(path);
-    });
 }

@@ -16,12 +16,19 @@ fn check_accepts_the_zoo_and_the_standard_library() {
     let files: Vec<String> = ["models", "models/std"]
         .iter()
         .flat_map(|d| {
-            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(d);
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(d);
             let mut v: Vec<String> = std::fs::read_dir(&dir)
                 .expect("dir")
                 .map(|e| e.expect("entry").path())
                 .filter(|p| p.extension().is_some_and(|x| x == "vlm"))
-                .map(|p| format!("{d}/{}", p.file_name().unwrap_or_default().to_string_lossy()))
+                .map(|p| {
+                    format!(
+                        "{d}/{}",
+                        p.file_name().unwrap_or_default().to_string_lossy()
+                    )
+                })
                 .collect();
             v.sort();
             v
@@ -32,7 +39,10 @@ fn check_accepts_the_zoo_and_the_standard_library() {
     let out = vlmc(&args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("ok: models/llava_tiny.vlm: LlavaTiny ("), "{stderr}");
+    assert!(
+        stderr.contains("ok: models/llava_tiny.vlm: LlavaTiny ("),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -63,9 +73,23 @@ fn build_writes_the_ir_and_reports_unknown_models() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no model `Nope`"));
     let dir = std::env::temp_dir().join(format!("vlmc-cli-build-{}", std::process::id()));
-    let out = vlmc(&["build", "models/clip_tiny.vlm", "--emit", "ir", "-o", dir.to_str().expect("utf-8")]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = vlmc(&[
+        "build",
+        "models/clip_tiny.vlm",
+        "--emit",
+        "ir",
+        "-o",
+        dir.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ir = std::fs::read_to_string(dir.join("ClipTiny.ir")).expect("ir");
-    assert!(ir.contains("output logits_per_image = ") || ir.contains("output \"logits_per_image\" = "), "{ir}");
+    assert!(
+        ir.contains("output logits_per_image = ") || ir.contains("output \"logits_per_image\" = "),
+        "{ir}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

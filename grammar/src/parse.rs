@@ -19,7 +19,9 @@ pub struct ParseError {
 
 /// Parses one `.vlm` source text.
 pub fn parse(src: &str) -> Result<File, ParseError> {
-    let mut pairs = VlmParser::parse(Rule::file, src).map_err(convert_error)?;
+    // Track the literal tokens tried at the failure point too, so errors can say "expected `}`".
+    pest::set_error_detail(true);
+    let mut pairs = VlmParser::parse(Rule::file, src).map_err(|e| convert_error(src, e))?;
     let file = pairs.next().ok_or_else(|| ParseError {
         span: Span::default(),
         message: "empty parse".into(),
@@ -40,7 +42,10 @@ pub fn parse(src: &str) -> Result<File, ParseError> {
     Ok(File { items })
 }
 
-fn convert_error(e: pest::error::Error<Rule>) -> ParseError {
+fn convert_error(src: &str, e: pest::error::Error<Rule>) -> ParseError {
+    if let Some(err) = unterminated(src) {
+        return err;
+    }
     let span = match e.location {
         pest::error::InputLocation::Pos(p) => Span::new(p, p),
         pest::error::InputLocation::Span((a, b)) => Span::new(a, b),
@@ -50,9 +55,24 @@ fn convert_error(e: pest::error::Error<Rule>) -> ParseError {
             positives,
             negatives,
         } => {
-            let mut names: Vec<&str> = positives.iter().filter_map(|r| rule_name(*r)).collect();
+            let mut names: Vec<String> = positives
+                .iter()
+                .filter_map(|r| rule_name(*r))
+                .map(str::to_string)
+                .collect();
+            if let Some(attempts) = e.parse_attempts() {
+                if attempts.max_position == span.start {
+                    names.extend(
+                        attempts
+                            .expected_tokens()
+                            .iter()
+                            .filter_map(|t| literal_name(&t.to_string())),
+                    );
+                }
+            }
             names.sort();
             names.dedup();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
             if names.is_empty() && !negatives.is_empty() {
                 "unexpected keyword here".to_string()
             } else if names.is_empty() {
@@ -74,6 +94,59 @@ fn join_or(names: &[&str]) -> String {
     }
 }
 
+/// A literal token worth listing in "expected ..." (punctuation and keywords; not comments).
+fn literal_name(token: &str) -> Option<String> {
+    match token {
+        "}" | ")" | "]" | "," | "{" | "(" | "[" | ":" | "=" | "->" | "?" | "in" | "for"
+        | "else" | "on" | "|" => Some(format!("`{token}`")),
+        _ => None,
+    }
+}
+
+/// An unterminated block comment or string makes every later error meaningless: find it first.
+fn unterminated(src: &str) -> Option<ParseError> {
+    let b = src.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => match src[i + 2..].find("*/") {
+                Some(end) => i += end + 4,
+                None => {
+                    return Some(ParseError {
+                        span: Span::new(i, i + 2),
+                        message: "unterminated comment: `/*` has no closing `*/`".into(),
+                    })
+                }
+            },
+            b'"' => {
+                let start = i;
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None | Some(b'\n') => {
+                            return Some(ParseError {
+                                span: Span::new(start, start + 1),
+                                message: "unterminated string: no closing `\"` on this line".into(),
+                            })
+                        }
+                        Some(b'\\') => i += 2,
+                        Some(b'"') => break,
+                        _ => i += 1,
+                    }
+                }
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
 /// User-facing names of grammar rules (None: not worth mentioning).
 fn rule_name(r: Rule) -> Option<&'static str> {
     Some(match r {
@@ -81,7 +154,7 @@ fn rule_name(r: Rule) -> Option<&'static str> {
         Rule::use_decl => "`use`",
         Rule::fn_decl => "`fn`",
         Rule::block_decl => "`block`",
-        Rule::model_decl => "`model`",
+        Rule::model_decl | Rule::kw_model => "`model`",
         Rule::adapter_decl => "`adapter`",
         Rule::trainer_decl => "`trainer`",
         Rule::ident | Rule::word | Rule::pat_name => "a name",
@@ -681,8 +754,10 @@ fn primary(p: Pair<Rule>) -> Result<Expr, ParseError> {
         Rule::kw_none => ExprKind::None,
         Rule::ident => ExprKind::Name(p.as_str().to_string()),
         Rule::paren => {
+            // `(a,)` is a one-element tuple; `(a)` is just `a`.
+            let trailing_comma = p.as_str()[..p.as_str().len() - 1].trim_end().ends_with(',');
             let mut es: Vec<Expr> = p.into_inner().map(expr).collect::<Result<_, _>>()?;
-            if es.len() == 1 {
+            if es.len() == 1 && !trailing_comma {
                 let mut e = es.remove(0);
                 e.span = sp;
                 return Ok(e);

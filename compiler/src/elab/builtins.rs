@@ -171,9 +171,13 @@ impl Elaborator<'_> {
                 }
             };
             if let Value::Enum(n) = &a.value {
-                return Err(self
+                let mut d = self
                     .err(cx, a.span, format!("unknown name `{n}`"))
-                    .label("not defined here"));
+                    .label("not defined here");
+                if key == "dtype" {
+                    d = d.note(super::DTYPES_NOTE);
+                }
+                return Err(d);
             }
             if vals.insert(key, (a.value, a.span)).is_some() {
                 return Err(self.err(cx, a.span, format!("argument `{key}` is given twice")));
@@ -496,7 +500,21 @@ impl Elaborator<'_> {
                         }
                     }
                 }
-                let r = self.ty(ids[0]).rank();
+                let first = self.ty(ids[0]);
+                for (i, id) in ids.iter().enumerate().skip(1) {
+                    let ty = self.ty(*id);
+                    if ty.dtype != first.dtype || ty.rank() != first.rank() {
+                        let what = if ty.dtype != first.dtype {
+                            "dtype"
+                        } else {
+                            "rank"
+                        };
+                        return Err(self
+                            .err(cx, a.span("xs"), format!("`{name}`: tensors differ in {what}: tensor {i} is {ty} but tensor 0 is {first}"))
+                            .label(format!("the {what}s differ")));
+                    }
+                }
+                let r = first.rank();
                 let ax = int(self, "axis")?;
                 if name == "stack" {
                     let i = self.axis(cx, ax, r + 1, a.span("axis"))?;
@@ -648,6 +666,7 @@ impl Elaborator<'_> {
             }
             "len" => match a.get("x") {
                 Value::List(v) | Value::Tuple(v) => Ok(Value::Int(v.len() as i64)),
+                Value::Range(lo, hi) => Ok(Value::Int((hi - lo).max(0))),
                 Value::Str(s) => Ok(Value::Int(s.chars().count() as i64)),
                 v => Err(self.err(cx, a.span("x"), format!("`len` of {}", v.kind()))),
             },

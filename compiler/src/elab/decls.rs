@@ -62,7 +62,7 @@ const ADAPTERS: &[(&str, &[(&str, char)])] = &[
             ("alpha", 'f'),
             ("dropout", 'f'),
             ("rslora", 'b'),
-            ("block", 'i'),
+            ("block_size", 'i'),
             ("double_quant", 'b'),
         ],
     ),
@@ -331,9 +331,10 @@ fn check_adapter(
                 return Err(err(
                     prog,
                     m,
-                    a.method.span,
+                    arg_span(&a.method, k, true),
                     format!("`{name}` has no argument `{k}`"),
                 )
+                .label("unknown argument")
                 .note(format!(
                     "arguments: {}",
                     if ks.is_empty() {
@@ -347,9 +348,10 @@ fn check_adapter(
                 return Err(err(
                     prog,
                     m,
-                    a.method.span,
+                    arg_span(&a.method, k, false),
                     format!("`{name}`'s `{k}` must be {}", kind_name(*kind)),
-                ));
+                )
+                .label("wrong kind of value"));
             }
             _ => {}
         }
@@ -360,9 +362,10 @@ fn check_adapter(
                 return Err(err(
                     prog,
                     m,
-                    a.method.span,
+                    arg_span(&a.method, "rank", false),
                     format!("LoRA rank must be positive, got {r}"),
-                ));
+                )
+                .label("not a valid rank"));
             }
         }
     }
@@ -533,6 +536,7 @@ fn check_trainer(
                     *kind,
                     &v,
                     e.span,
+                    e,
                     adapters,
                     trainers,
                     &t.name.name,
@@ -577,6 +581,7 @@ fn check_setting(
     kind: char,
     v: &Setting,
     span: Span,
+    expr: &Expr,
     adapters: &[AdapterInfo],
     trainers: &[String],
     this: &str,
@@ -587,7 +592,7 @@ fn check_setting(
     };
     match kind {
         'i' => match v {
-            Setting::Int(i) if *i > 0 => Ok(()),
+            Setting::Int(i) if *i > 0 || (*i == 0 && key == "seed") => Ok(()),
             Setting::Int(i) => Err(err(
                 prog,
                 m,
@@ -663,18 +668,23 @@ fn check_setting(
             if let Some(allowed) = allowed {
                 for (k, val) in args {
                     if !allowed.contains(&k.as_str()) {
-                        return Err(
-                            err(prog, m, span, format!("`{name}` has no argument `{k}`"))
-                                .note(format!("arguments: {}", allowed.join(", "))),
-                        );
+                        return Err(err(
+                            prog,
+                            m,
+                            arg_span(expr, k, true),
+                            format!("`{name}` has no argument `{k}`"),
+                        )
+                        .label("unknown argument")
+                        .note(format!("arguments: {}", allowed.join(", "))));
                     }
                     if !matches!(val, Setting::Int(_) | Setting::Float(_) | Setting::Bool(_)) {
                         return Err(err(
                             prog,
                             m,
-                            span,
+                            arg_span(expr, k, false),
                             format!("`{name}`'s `{k}` must be a number"),
-                        ));
+                        )
+                        .label("not a number"));
                     }
                 }
             }
@@ -750,4 +760,18 @@ pub fn check_orphans(prog: &Program, root: usize, _models: &[Elaborated]) -> Vec
         }
     }
     out
+}
+
+/// The span of argument `key` in a call expression (its name or its value), else the whole call.
+fn arg_span(call: &Expr, key: &str, name: bool) -> Span {
+    if let ExprKind::Call { args, .. } = &call.kind {
+        for a in args {
+            if let Some(n) = &a.name {
+                if n.name == key {
+                    return if name { n.span } else { a.value.span };
+                }
+            }
+        }
+    }
+    call.span
 }

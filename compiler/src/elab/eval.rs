@@ -15,6 +15,8 @@ pub(crate) struct ArgVal {
     pub name: Option<Ident>,
     pub value: Value,
     pub span: Span,
+    /// The argument as written, when it is a bare name (an enum variant, maybe).
+    pub raw: Option<String>,
 }
 
 impl Elaborator<'_> {
@@ -163,6 +165,12 @@ impl Elaborator<'_> {
     pub fn eval_bool(&mut self, cx: &mut Ctx, e: &Expr) -> R<bool> {
         match self.eval(cx, e)? {
             Value::Bool(b) => Ok(b),
+            Value::Tensor(_) => Err(self
+                .err(cx, e.span, "expected a compile-time bool")
+                .label("this is a tensor")
+                .note(
+                    "`if` decides at compile time; to choose per element use `where(cond, a, b)`",
+                )),
             v => Err(self
                 .err(cx, e.span, "expected a compile-time bool")
                 .label(format!("this is {}", v.kind()))),
@@ -368,6 +376,9 @@ impl Elaborator<'_> {
                 }))
             }
             BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem => match (&l, &r) {
+                (V::List(a), V::List(b)) if op == BinOp::Add => {
+                    Ok(V::List(a.iter().chain(b).cloned().collect()))
+                }
                 (V::Float(_), _) | (_, V::Float(_)) => {
                     let (Some(a), Some(b)) = (l.as_f64(), r.as_f64()) else {
                         return Err(bad(self, &l, &r));
@@ -379,9 +390,6 @@ impl Elaborator<'_> {
                         BinOp::Div => a / b,
                         _ => a % b,
                     }))
-                }
-                (V::Int(a), V::Int(b)) if op == BinOp::Div && *b != 0 && a % b != 0 => {
-                    Ok(V::Float(*a as f64 / *b as f64))
                 }
                 _ => {
                     let (Some(a), Some(b)) = (l.as_dim(), r.as_dim()) else {
@@ -398,11 +406,10 @@ impl Elaborator<'_> {
                             match a.div_exact(&b) {
                                 Some(d) => Some(d),
                                 None => {
-                                    return Err(self.err(
-                                        cx,
-                                        span,
-                                        format!("`{a}` is not divisible by `{b}`"),
-                                    ))
+                                    return Err(self
+                                        .err(cx, span, format!("`{a}` is not divisible by `{b}`"))
+                                        .label("integer division must be exact")
+                                        .note("sizes divide exactly; for a fraction write a float, e.g. `1.0 / 8`"))
                                 }
                             }
                         }
@@ -448,6 +455,7 @@ impl Elaborator<'_> {
                     name: None,
                     value: b,
                     span: base.span,
+                    raw: None,
                 }];
                 vals.extend(self.eval_args(cx, args)?);
                 return self.call_builtin(cx, f, vals, span);
@@ -469,6 +477,7 @@ impl Elaborator<'_> {
                 name: a.name.clone(),
                 value: self.eval_sym(cx, &a.value)?,
                 span: a.value.span,
+                raw: super::signature::bare_name(&a.value),
             });
         }
         Ok(out)

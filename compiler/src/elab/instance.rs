@@ -73,16 +73,33 @@ impl Elaborator<'_> {
             locals: Vec::new(),
             path: String::new(),
         };
-        self.bind_args(&call_cx, &mut cx, &name, &decl.params, args, site.span)?;
         self.instantiating.push(block);
         self.stack.push((
             format!("new {}:{}", block.module, block.item),
-            format!("in `{name}` (`{}`), instantiated at", display_path(&path)),
+            instance_label(&name, &path),
             site,
         ));
+        let bound = self.bind_args(&call_cx, &mut cx, &name, &decl.params, args, site.span);
+        if let Err(d) = bound {
+            self.stack.pop();
+            self.instantiating.pop();
+            return Err(d);
+        }
         let mut methods = HashMap::new();
         let mut order = Vec::new();
-        let r = self.members(&mut cx, &decl.members, &path, &mut methods, &mut order);
+        let mut defined: HashMap<String, Span> = decl
+            .params
+            .iter()
+            .map(|p| (p.name.name.clone(), p.name.span))
+            .collect();
+        let r = self.members(
+            &mut cx,
+            &decl.members,
+            &path,
+            &mut methods,
+            &mut order,
+            &mut defined,
+        );
         self.stack.pop();
         self.instantiating.pop();
         r?;
@@ -104,43 +121,43 @@ impl Elaborator<'_> {
         path: &str,
         methods: &mut HashMap<String, Rc<vlmc_grammar::ast::FnDecl>>,
         order: &mut Vec<String>,
+        defined: &mut HashMap<String, Span>,
     ) -> R<()> {
         for m in members {
             match m {
                 Member::Param(p) => {
-                    self.check_fresh(cx, &p.name.name, p.name.span, methods)?;
+                    self.check_fresh(cx, &p.name.name, p.name.span, defined)?;
                     let id = self.declare_param(cx, p, path)?;
                     self.define(cx, &p.name.name, Value::Tensor(id));
                     order.push(p.name.name.clone());
                 }
                 Member::Sub { name, value, .. } => {
-                    self.check_fresh(cx, &name.name, name.span, methods)?;
+                    self.check_fresh(cx, &name.name, name.span, defined)?;
                     let v = self.member_value(cx, value, &join(path, &name.name))?;
                     self.define(cx, &name.name, v);
                     order.push(name.name.clone());
                 }
                 Member::Let { name, value, .. } => {
-                    self.check_fresh(cx, &name.name, name.span, methods)?;
+                    self.check_fresh(cx, &name.name, name.span, defined)?;
                     let v = self.eval(cx, value)?;
                     self.define(cx, &name.name, v);
                 }
                 Member::Fn(f) => {
-                    if methods.contains_key(&f.name.name) || self.local(cx, &f.name.name) {
-                        return Err(self
-                            .err(
-                                cx,
-                                f.name.span,
-                                format!("`{}` is defined twice in this block", f.name.name),
-                            )
-                            .label("second definition"));
-                    }
+                    self.check_fresh(cx, &f.name.name, f.name.span, defined)?;
                     methods.insert(f.name.name.clone(), Rc::new(f.clone()));
                 }
                 Member::If {
                     cond, then, els, ..
                 } => {
                     let c = self.eval_bool(cx, cond)?;
-                    self.members(cx, if c { then } else { els }, path, methods, order)?;
+                    self.members(
+                        cx,
+                        if c { then } else { els },
+                        path,
+                        methods,
+                        order,
+                        defined,
+                    )?;
                 }
                 Member::Assert {
                     cond,
@@ -162,18 +179,15 @@ impl Elaborator<'_> {
         Ok(())
     }
 
-    fn local(&self, cx: &Ctx, name: &str) -> bool {
-        cx.locals.last().is_some_and(|s| s.contains_key(name))
-    }
-
+    /// A name may be defined once per block; the error shows both definitions.
     fn check_fresh(
         &self,
         cx: &Ctx,
         name: &str,
         span: Span,
-        methods: &HashMap<String, Rc<vlmc_grammar::ast::FnDecl>>,
+        defined: &mut HashMap<String, Span>,
     ) -> R<()> {
-        if self.local(cx, name) || methods.contains_key(name) {
+        if let Some(first) = defined.get(name) {
             return Err(self
                 .err(
                     cx,
@@ -181,8 +195,10 @@ impl Elaborator<'_> {
                     format!("`{name}` is already defined in this block"),
                 )
                 .label("defined again here")
+                .also(self.prog.loc(cx.module, *first), "first defined here")
                 .note("parameters, members, `let`s and methods of a block share one namespace"));
         }
+        defined.insert(name.to_string(), span);
         Ok(())
     }
 
@@ -255,8 +271,10 @@ impl Elaborator<'_> {
 
     fn declare_param(&mut self, cx: &mut Ctx, p: &ParamMember, path: &str) -> R<crate::ir::NodeId> {
         let dtype = match &p.ty.dtype {
-            Some(d) => DType::parse(&d.name)
-                .ok_or_else(|| self.err(cx, d.span, format!("unknown dtype `{}`", d.name)))?,
+            Some(d) => DType::parse(&d.name).ok_or_else(|| {
+                self.err(cx, d.span, format!("unknown dtype `{}`", d.name))
+                    .note(super::DTYPES_NOTE)
+            })?,
             None => DType::F32,
         };
         let mut dims = Vec::new();
@@ -296,6 +314,23 @@ impl Elaborator<'_> {
                     }
                 }
             }
+        }
+        if dims
+            .iter()
+            .try_fold(crate::ir::Dim::c(1), |acc, d| acc.checked_mul(d))
+            .and_then(|n| {
+                n.as_const()
+                    .map_or(Some(()), |c| (c <= 1 << 40).then_some(()))
+            })
+            .is_none()
+        {
+            return Err(self
+                .err(
+                    cx,
+                    p.ty.span,
+                    "parameter is too large (more than 2^40 elements)",
+                )
+                .label("this shape"));
         }
         let init = match &p.init {
             Some(e) => self.init_rule(cx, e)?,
@@ -398,11 +433,12 @@ fn join(path: &str, name: &str) -> String {
     }
 }
 
-fn display_path(p: &str) -> &str {
-    if p.is_empty() {
-        "<root>"
+/// The trace line of an instantiation (empty for the model itself: traces leave it out).
+fn instance_label(block: &str, path: &str) -> String {
+    if path.is_empty() {
+        String::new()
     } else {
-        p
+        format!("in `{block}` (`{path}`), instantiated at")
     }
 }
 

@@ -42,6 +42,9 @@ pub struct Checked {
     pub result: Result<Vec<Elaborated>, Vec<Diagnostic>>,
 }
 
+/// The note listing valid dtypes.
+const DTYPES_NOTE: &str = "dtypes: f32, f16, bf16, i32, bool, nf4";
+
 /// Most ops a single elaboration may create (guards against runaway compile-time loops).
 const OP_BUDGET: usize = 2_000_000;
 /// Deepest call nesting allowed.
@@ -118,6 +121,14 @@ pub fn elaborate_model(program: &Program, model: ItemRef) -> Result<Elaborated, 
         instantiating: Vec::new(),
     };
     let loc = program.loc(model.module, decl.name.span);
+    if let Some(p) = decl.params.iter().find(|p| p.default.is_none()) {
+        return Err(Diagnostic::new(
+            program.loc(model.module, p.name.span),
+            format!("model parameter `{}` needs a default value", p.name.name),
+        )
+        .label("no default")
+        .note("a model is built without arguments; give every parameter a default, e.g. `dim: int = 64`"));
+    }
     let root = el.instantiate(model, Vec::new(), String::new(), loc)?;
     el.run_entry(&root, loc)?;
     let adapters = decls::check_adapters(program, model, &root, &el.graph)?;
@@ -177,7 +188,32 @@ impl Elaborator<'_> {
     /// A diagnostic at `span` in `module`, with the call stack as notes.
     pub fn err_in(&self, module: usize, span: Span, msg: impl Into<String>) -> Diagnostic {
         let mut d = Diagnostic::new(self.prog.loc(module, span), msg);
-        for (_, what, site) in self.stack.iter().rev().filter(|f| !f.1.is_empty()).take(8) {
+        // An error inside an imported file (the standard library) also points at the innermost
+        // call in the file being checked.
+        let user_file = self.prog.modules[0].file;
+        if d.loc.file != user_file {
+            if let Some((_, what, site)) = self
+                .stack
+                .iter()
+                .rev()
+                .find(|f| f.2.file == user_file && !f.1.is_empty())
+            {
+                let label = if what.ends_with("instantiated at") {
+                    "instantiated here"
+                } else {
+                    "called here"
+                };
+                d = d.also(*site, label);
+            }
+        }
+        let primary = d.loc;
+        for (_, what, site) in self
+            .stack
+            .iter()
+            .rev()
+            .filter(|f| !f.1.is_empty() && f.2 != primary)
+            .take(8)
+        {
             d = d.trace(format!("{what} {}", self.prog.sources.describe(*site)));
         }
         d

@@ -210,6 +210,14 @@ impl Loader {
             .unwrap_or_else(|| PathBuf::from("."));
         for u in uses {
             let loc = Loc { file, span: u.span };
+            // Errors about the module point at its dotted path, not at the whole `use`.
+            let path_loc = match (u.module.first(), u.module.last()) {
+                (Some(a), Some(b)) => Loc {
+                    file,
+                    span: a.span.to(b.span),
+                },
+                _ => loc,
+            };
             let modname: Vec<&str> = u.module.iter().map(|i| i.name.as_str()).collect();
             let dotted = modname.join(".");
             if modname.is_empty() {
@@ -219,7 +227,7 @@ impl Loader {
                 );
                 continue;
             }
-            let Some(target) = self.import_module(&dir, &modname, &dotted, loc) else {
+            let Some(target) = self.import_module(&dir, &modname, &dotted, path_loc) else {
                 continue;
             };
             let names: Vec<(String, Span)> = match &u.names {
@@ -246,17 +254,33 @@ impl Loader {
                             .label("not found"),
                     ),
                     Some(r) => {
-                        let scope = &mut self.prog.modules[idx].scope;
-                        match scope.get(&n) {
-                            Some(prev) if *prev != r => self.diags.push(
+                        let prev = self.prog.modules[idx].scope.get(&n).copied();
+                        match prev {
+                            // A local definition clashes with the import: point at the
+                            // definition, and show the import.
+                            Some(prev) if prev.module == idx => {
+                                let def = Loc {
+                                    file,
+                                    span: name_span(&self.prog.modules[idx].ast.items[prev.item]),
+                                };
+                                self.diags.push(
+                                    Diagnostic::new(
+                                        def,
+                                        format!("`{n}` is both imported and defined in this file"),
+                                    )
+                                    .label("defined here")
+                                    .also(nloc, "imported here"),
+                                );
+                            }
+                            Some(prev) if prev != r => self.diags.push(
                                 Diagnostic::new(
                                     nloc,
-                                    format!("`{n}` is already defined or imported in this file"),
+                                    format!("`{n}` is imported twice from different modules"),
                                 )
                                 .label("imported again here"),
                             ),
                             _ => {
-                                scope.insert(n, r);
+                                self.prog.modules[idx].scope.insert(n, r);
                             }
                         }
                     }
@@ -277,7 +301,15 @@ impl Loader {
         let mut candidates = vec![dir.join(&rel)];
         candidates.extend(search_roots().into_iter().map(|r| r.join(&rel)));
         let Some(found) = candidates.iter().find(|c| c.is_file()).cloned() else {
-            let tried: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
+            let tried: Vec<String> = candidates
+                .iter()
+                .map(|c| {
+                    let shown = std::fs::canonicalize(c.parent().unwrap_or(c))
+                        .map(|d| display_path(&d.join(c.file_name().unwrap_or_default())))
+                        .unwrap_or_else(|_| c.clone());
+                    shown.display().to_string()
+                })
+                .collect();
             self.diags.push(
                 Diagnostic::new(loc, format!("cannot find module `{dotted}`"))
                     .label("imported here")

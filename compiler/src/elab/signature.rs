@@ -25,7 +25,11 @@ impl Elaborator<'_> {
     ) -> R<()> {
         let mut slots: Vec<Option<ArgVal>> = vec![None; params.len()];
         let mut pos = 0;
+        let mut named_seen = false;
         for a in args {
+            if a.name.is_some() {
+                named_seen = true;
+            }
             match &a.name {
                 None => {
                     if pos >= params.len() {
@@ -40,6 +44,11 @@ impl Elaborator<'_> {
                                 ),
                             )
                             .label("extra argument"));
+                    }
+                    if named_seen {
+                        return Err(self
+                            .err(call_cx, a.span, "positional argument after a named one")
+                            .label("give this one a name too"));
                     }
                     slots[pos] = Some(a);
                     pos += 1;
@@ -71,8 +80,8 @@ impl Elaborator<'_> {
             }
         }
         for (p, slot) in params.iter().zip(slots) {
-            let (value, span, from_caller) = match slot {
-                Some(a) => (a.value, a.span, true),
+            let (value, span, from_caller, raw) = match slot {
+                Some(a) => (a.value, a.span, true, a.raw),
                 None => match &p.default {
                     Some(d) => {
                         let v = if matches!(p.ty.kind, TypeKind::Enum(_)) {
@@ -80,7 +89,7 @@ impl Elaborator<'_> {
                         } else {
                             self.eval(callee, d)?
                         };
-                        (v, d.span, false)
+                        (v, d.span, false, bare_name(d))
                     }
                     None => {
                         return Err(self
@@ -98,7 +107,7 @@ impl Elaborator<'_> {
             } else {
                 callee.module
             };
-            let v = self.check_param(err_mod, callee, what, p, value, span)?;
+            let v = self.check_param(err_mod, callee, what, p, value, raw.as_deref(), span)?;
             if let Some(scope) = callee.locals.last_mut() {
                 scope.insert(p.name.name.clone(), v);
             }
@@ -115,9 +124,18 @@ impl Elaborator<'_> {
         what: &str,
         p: &ParamDecl,
         value: Value,
+        raw_name: Option<&str>,
         span: Span,
     ) -> R<Value> {
         let pname = &p.name.name;
+        // For an enum parameter a bare name is a variant, even where it also names something
+        // else (a builtin, a member).
+        let value = match (&p.ty.kind, raw_name) {
+            (TypeKind::Enum(vs), Some(n)) if vs.iter().any(|v| v.name == n) => {
+                Value::Enum(n.to_string())
+            }
+            _ => value,
+        };
         if matches!(value, Value::None) {
             if p.ty.optional {
                 return Ok(Value::None);
@@ -288,7 +306,9 @@ impl Elaborator<'_> {
                         if n == "_" {
                             continue;
                         }
-                        if self.lookup(callee, n).is_none() {
+                        // A name that is not a size yet (unbound, or naming a member or a
+                        // builtin) binds to the actual size.
+                        if self.lookup(callee, n).and_then(|v| v.as_dim()).is_none() {
                             bind(callee, n, Value::from_dim(actual_d));
                             continue;
                         }
@@ -324,7 +344,7 @@ impl Elaborator<'_> {
                 DimPat::Star(n) => format!("*{}", n.name),
                 DimPat::Expr(e) => {
                     let known = match &e.kind {
-                        ExprKind::Name(n) => self.lookup(cx, n).is_some(),
+                        ExprKind::Name(n) => self.lookup(cx, n).and_then(|v| v.as_dim()).is_some(),
                         _ => true,
                     };
                     let saved = self.stack.len();
@@ -358,8 +378,10 @@ impl Elaborator<'_> {
     /// The type of a model input: names not yet known become new symbolic dims (`B`, `T`).
     pub fn declare_tensor_type(&mut self, cx: &mut Ctx, pat: &TensorTypeExpr) -> R<TensorType> {
         let dtype = match &pat.dtype {
-            Some(d) => crate::ir::DType::parse(&d.name)
-                .ok_or_else(|| self.err(cx, d.span, format!("unknown dtype `{}`", d.name)))?,
+            Some(d) => crate::ir::DType::parse(&d.name).ok_or_else(|| {
+                self.err(cx, d.span, format!("unknown dtype `{}`", d.name))
+                    .note(super::DTYPES_NOTE)
+            })?,
             None => crate::ir::DType::F32,
         };
         let mut dims = Vec::new();
@@ -380,14 +402,20 @@ impl Elaborator<'_> {
                             return Err(self
                                 .err(cx, e.span, "a model's inputs need named or fixed dims: `_` is not allowed here"));
                         }
-                        if self.lookup(cx, n).is_none() {
+                        if self.lookup(cx, n).and_then(|v| v.as_dim()).is_none() {
                             if !self.graph.dims.contains(n) {
                                 self.graph.dims.push(n.clone());
                             }
                             bind(cx, n, Value::Dim(Dim::sym(n)));
                         }
                     }
-                    let v = self.eval(cx, e)?;
+                    let v = self.eval(cx, e).map_err(|d| {
+                        if d.message.starts_with("unknown name") {
+                            d.note("a new dimension name must first appear on its own, e.g. `f32[B, T]`; then `T + 1` can be used")
+                        } else {
+                            d
+                        }
+                    })?;
                     match v.as_dim() {
                         Some(d) if d.as_const().is_none_or(|c| c >= 0) => dims.push(d),
                         Some(d) => {
@@ -419,5 +447,13 @@ fn article(name: &str) -> &'static str {
         "str" => "a string",
         "fn" => "a function",
         _ => "a size",
+    }
+}
+
+/// The name, if the expression is just a name.
+pub(crate) fn bare_name(e: &vlmc_grammar::ast::Expr) -> Option<String> {
+    match &e.kind {
+        ExprKind::Name(n) => Some(n.clone()),
+        _ => None,
     }
 }

@@ -8,7 +8,7 @@ use crate::diag::{Diagnostic, Loc};
 use crate::ir::{Op, TensorType};
 use std::collections::HashMap;
 use std::rc::Rc;
-use vlmc_grammar::ast::{FnDecl, RetType, Span, Stmt, Target, TypeExpr, TypeKind};
+use vlmc_grammar::ast::{FnDecl, RetType, ScalarType, Span, Stmt, Target, TypeExpr, TypeKind};
 
 type R<T> = Result<T, Diagnostic>;
 
@@ -41,7 +41,7 @@ impl Elaborator<'_> {
         if self.stack.iter().any(|(i, _, _)| *i == id) {
             return Err(self
                 .err(cx, span, format!("recursive call of `{what}`"))
-                .label("calls itself")
+                .label(format!("`{what}` is already being called"))
                 .note("recursion is not allowed: the graph is unrolled at compile time; use a `for` loop"));
         }
         if self.stack.len() >= MAX_DEPTH {
@@ -149,7 +149,38 @@ impl Elaborator<'_> {
                     format!("`{what}` must return a tensor, got {}", other.kind()),
                 )
                 .label(format!("this is {}", other.kind()))),
-            _ => Ok(()),
+            (TypeKind::Scalar(st), v) => {
+                let ok = matches!(
+                    (st, v),
+                    (ScalarType::Int, Value::Int(_))
+                        | (ScalarType::Float, Value::Int(_) | Value::Float(_))
+                        | (ScalarType::Bool, Value::Bool(_))
+                        | (ScalarType::Str, Value::Str(_))
+                        | (ScalarType::Fn, Value::Func(_))
+                        | (ScalarType::Dim, Value::Int(_) | Value::Dim(_))
+                );
+                if ok {
+                    Ok(())
+                } else {
+                    Err(self
+                        .err(
+                            cx,
+                            span,
+                            format!("`{what}` must return {}, got {}", st.name(), v.kind()),
+                        )
+                        .label(format!("this is {}", v.kind())))
+                }
+            }
+            (TypeKind::Enum(vs), v) => match v {
+                Value::Enum(n) if vs.iter().any(|x| x.name == *n) => Ok(()),
+                _ => Err(self
+                    .err(
+                        cx,
+                        span,
+                        format!("`{what}` must return one of its enum's variants"),
+                    )
+                    .label(format!("this is {}", v.kind()))),
+            },
         }
     }
 
@@ -223,9 +254,9 @@ impl Elaborator<'_> {
                         }
                     }
                 }
-                Stmt::Return { value, span } => {
+                Stmt::Return { value, .. } => {
                     let v = self.eval(cx, value)?;
-                    return Ok(Flow::Return(v, *span));
+                    return Ok(Flow::Return(v, value.span));
                 }
                 Stmt::If {
                     cond, then, els, ..

@@ -494,6 +494,15 @@ impl Elaborator<'_> {
                             .err(cx, *sp, "slice step must be >= 1")
                             .label("negative or zero step"));
                     }
+                    if en.const_diff(&s).is_some_and(|d| d <= 0) {
+                        return Err(self
+                            .err(
+                                cx,
+                                *sp,
+                                format!("empty slice: the end ({en}) is not after the start ({s})"),
+                            )
+                            .label("selects nothing"));
+                    }
                     if !(s == Dim::c(0) && en == dim && st == 1) {
                         x = self.op(
                             cx,
@@ -540,7 +549,10 @@ impl Elaborator<'_> {
                     .err(
                         cx,
                         span,
-                        format!("index is out of range for an axis of size {n}"),
+                        format!(
+                            "index {} is out of range for an axis of size {n}",
+                            if c < 0 { c - n } else { c }
+                        ),
                     )
                     .label("out of range"));
             }
@@ -548,18 +560,31 @@ impl Elaborator<'_> {
         Ok(i)
     }
 
-    /// A slice bound: negative counts from the end; constant bounds are clamped as in Python.
+    /// A slice bound: negative counts from the end.
     fn norm_bound(&self, cx: &Ctx, b: Dim, dim: &Dim, span: Span) -> R<Dim> {
+        let given = b.clone();
         let b = match b.as_const() {
             Some(c) if c < 0 => dim
                 .checked_add(&b)
                 .ok_or_else(|| self.err(cx, span, "integer overflow"))?,
             _ => b,
         };
-        match (b.as_const(), dim.as_const()) {
-            (Some(c), Some(n)) => Ok(Dim::c(c.clamp(0, n))),
-            (Some(c), None) if c < 0 => Ok(Dim::c(0)),
-            _ => Ok(b),
+        // Unlike Python, a bound outside the axis is an error: with static shapes it is almost
+        // surely a mistake.
+        let outside = match (b.as_const(), dim.as_const()) {
+            (Some(c), Some(n)) => c < 0 || c > n,
+            (Some(c), None) => c < 0,
+            _ => b.const_diff(dim).is_some_and(|d| d > 0),
+        };
+        if outside {
+            return Err(self
+                .err(
+                    cx,
+                    span,
+                    format!("slice bound {given} is out of range for an axis of size {dim}"),
+                )
+                .label("out of range"));
         }
+        Ok(b)
     }
 }
