@@ -100,7 +100,7 @@ fn check_case(path: &Path) -> Checked {
         .file
         .as_deref()
         .map_or_else(|| path.to_path_buf(), PathBuf::from);
-    let rendered = normalize(&vlmc::cli::render_diagnostics(&checked));
+    let rendered = normalize(&checked.render());
     assert!(
         file == want_file && (line, col) == (expect.line, expect.col),
         "{}: the error points at {}:{line}:{col}, expected {}:{}:{}\n{rendered}",
@@ -152,7 +152,7 @@ fn error_cases_point_at_the_mistake() {
     run_all("tests/errors", |path| {
         let checked = check_case(path);
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-        let rendered = normalize(&vlmc::cli::render_diagnostics(&checked));
+        let rendered = normalize(&checked.render());
         insta::with_settings!({
             description => format!("vlmc check {}", path.display()),
             omit_expression => true,
@@ -166,7 +166,7 @@ fn error_cases_point_at_the_mistake() {
 fn check_command_exits_1_on_errors() {
     run_all("tests/errors", |path| {
         assert_eq!(
-            vlmc::cli::check(&[path.to_path_buf()]),
+            vlmc_cli::check(&[path.to_path_buf()]),
             Err(1),
             "{}",
             path.display()
@@ -185,8 +185,8 @@ fn models_and_std_check_cleanly() {
             checked.result.is_ok(),
             "{} should check:\n{}",
             path.display(),
-            normalize(&vlmc::cli::render_diagnostics(&checked))
+            normalize(&checked.render())
         );
     }
-    assert_eq!(vlmc::cli::check(&files), Ok(()));
+    assert_eq!(vlmc_cli::check(&files), Ok(()));
 }

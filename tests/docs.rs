@@ -72,7 +72,7 @@ fn check_document(doc: &str) -> usize {
     let mut failures = Vec::new();
     for ex in &examples {
         let checked = vlmc::elab::check_file(&ex.file);
-        let rendered = vlmc::cli::render_diagnostics(&checked).replace(&prefix, "");
+        let rendered = checked.render().replace(&prefix, "");
         let shown = ex
             .file
             .strip_prefix(&dir)

@@ -9,7 +9,7 @@ use vlmc::ir;
 /// Elaborates the only model of `path`, failing the test with the rendered diagnostics.
 fn elaborate(path: &Path) -> Elaborated {
     let checked = check_file(path);
-    let text = vlmc::cli::render_diagnostics(&checked);
+    let text = checked.render();
     let mut models = checked
         .result
         .unwrap_or_else(|_| panic!("{} does not check:\n{text}", path.display()));
@@ -144,12 +144,8 @@ fn llava_tiny_parameter_tree_follows_hugging_face_names() {
 #[test]
 fn build_writes_ir_and_dot() {
     let dir = std::env::temp_dir().join(format!("vlmc-build-{}", std::process::id()));
-    let emit = [
-        vlmc::cli::Emit::Ast,
-        vlmc::cli::Emit::Ir,
-        vlmc::cli::Emit::Dot,
-    ];
-    vlmc::cli::build(Path::new("models/llava_tiny.vlm"), None, &emit, Some(&dir)).expect("build");
+    let emit = [vlmc_cli::Emit::Ast, vlmc_cli::Emit::Ir, vlmc_cli::Emit::Dot];
+    vlmc_cli::build(Path::new("models/llava_tiny.vlm"), None, &emit, Some(&dir)).expect("build");
     let ir_text = std::fs::read_to_string(dir.join("LlavaTiny.ir")).expect("ir written");
     assert!(ir_text.starts_with("graph LlavaTiny\ndims B, T\n"));
     let dot = std::fs::read_to_string(dir.join("LlavaTiny.dot")).expect("dot written");

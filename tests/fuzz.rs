@@ -216,7 +216,7 @@ proptest! {
         }
         let checked = vlmc::elab::check_text(path, s);
         if checked.result.is_err() {
-            let rendered = vlmc::cli::render_diagnostics(&checked);
+            let rendered = checked.render();
             prop_assert!(rendered.starts_with("error: "), "{rendered}");
         }
     }
@@ -230,7 +230,7 @@ fn checker_accepts_the_unmutated_corpus() {
             checked.result.is_ok(),
             "{}:\n{}",
             path.display(),
-            vlmc::cli::render_diagnostics(&checked)
+            checked.render()
         );
     }
 }

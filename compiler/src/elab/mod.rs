@@ -45,6 +45,20 @@ pub struct Checked {
 /// The note listing valid dtypes.
 const DTYPES_NOTE: &str = "dtypes: f32, f16, bf16, i32, bool, nf4";
 
+impl Checked {
+    /// Every diagnostic, rendered against the sources (empty when the check passed).
+    pub fn render(&self) -> String {
+        match &self.result {
+            Ok(_) => String::new(),
+            Err(diags) => diags
+                .iter()
+                .map(|d| d.render(&self.program.sources))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+}
+
 /// Most ops a single elaboration may create (guards against runaway compile-time loops).
 const OP_BUDGET: usize = 2_000_000;
 /// Deepest call nesting allowed.

@@ -134,6 +134,28 @@ impl Dim {
         Some(Dim::c(constant.rem_euclid(d)))
     }
 
+    /// The value with every symbol given by `value_of`; `None` if one is unknown or on overflow.
+    pub fn eval(&self, value_of: &dyn Fn(&str) -> Option<i64>) -> Option<i64> {
+        let mut total: i64 = 0;
+        for (mono, &coef) in &self.terms {
+            let mut term = coef;
+            for sym in mono {
+                term = term.checked_mul(value_of(sym)?)?;
+            }
+            total = total.checked_add(term)?;
+        }
+        Some(total)
+    }
+
+    /// The symbol, when this dimension is exactly one symbol (`T`, not `2*T` or `T + 1`).
+    pub fn as_symbol(&self) -> Option<&str> {
+        let mut it = self.terms.iter();
+        match (it.next(), it.next()) {
+            (Some((mono, 1)), None) if mono.len() == 1 => Some(&mono[0]),
+            _ => None,
+        }
+    }
+
     /// The constant `self - other`, when the two differ by a constant.
     pub fn const_diff(&self, other: &Dim) -> Option<i64> {
         self.checked_sub(other)?.as_const()

@@ -1,9 +1,9 @@
 //! The commands behind the `vlmc` binary: `check` and `build`. Diagnostics go to stderr,
 //! artefacts are written to a temporary name and renamed into place.
 
-use crate::elab::{check_file, Checked, Elaborated};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use vlmc::elab::{check_file, Checked, Elaborated};
 
 /// Artefacts `vlmc build --emit` can write.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -14,18 +14,6 @@ pub enum Emit {
     Ir,
     /// A Graphviz picture of the graph (`<model>.dot`, and `.svg` when `dot` is installed).
     Dot,
-}
-
-/// Renders every diagnostic of a failed check to a string.
-pub fn render_diagnostics(checked: &Checked) -> String {
-    match &checked.result {
-        Ok(_) => String::new(),
-        Err(diags) => diags
-            .iter()
-            .map(|d| d.render(&checked.program.sources))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    }
 }
 
 /// `vlmc check FILE...`: exit status 0 when every file is valid, 1 otherwise.
@@ -54,7 +42,7 @@ pub fn check(files: &[PathBuf]) -> Result<(), u8> {
             }
             Err(_) => {
                 failed += 1;
-                eprint!("{}", render_diagnostics(&checked));
+                eprint!("{}", checked.render());
             }
         }
     }
@@ -68,7 +56,7 @@ pub fn check(files: &[PathBuf]) -> Result<(), u8> {
 
 /// The number of scalar parameters of a model, as text (symbolic sizes print as expressions).
 pub fn param_count(m: &Elaborated) -> String {
-    let mut total = crate::ir::Dim::c(0);
+    let mut total = vlmc::ir::Dim::c(0);
     for (_, _, ty, _) in m.graph.params() {
         if let Some(n) = ty.shape.numel() {
             if let Some(t) = total.checked_add(&n) {
@@ -90,7 +78,7 @@ pub fn build(
     let models = match &checked.result {
         Ok(m) => m,
         Err(_) => {
-            eprint!("{}", render_diagnostics(&checked));
+            eprint!("{}", checked.render());
             return Err(1);
         }
     };
@@ -115,8 +103,8 @@ pub fn build(
     for e in emit {
         let (ext, text) = match e {
             Emit::Ast => ("ast", ast_text(&checked)),
-            Emit::Ir => ("ir", crate::ir::text::print(&m.graph)),
-            Emit::Dot => ("dot", crate::ir::to_dot(&m.graph)),
+            Emit::Ir => ("ir", vlmc::ir::text::print(&m.graph)),
+            Emit::Dot => ("dot", vlmc::ir::to_dot(&m.graph)),
         };
         let path = dir.join(format!("{}.{ext}", m.model));
         if let Err(err) = write_atomic(&path, text.as_bytes()) {

@@ -32,7 +32,7 @@ enum Command {
         model: Option<String>,
         /// Artefacts to write: ast, ir, dot (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "ir")]
-        emit: Vec<vlmc::cli::Emit>,
+        emit: Vec<vlmc_cli::Emit>,
         /// Output directory (default: build/<model>/).
         #[arg(short, long)]
         out: Option<PathBuf>,
@@ -42,13 +42,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Check { files } => vlmc::cli::check(&files),
+        Command::Check { files } => vlmc_cli::check(&files),
         Command::Build {
             file,
             model,
             emit,
             out,
-        } => vlmc::cli::build(&file, model.as_deref(), &emit, out.as_deref()),
+        } => vlmc_cli::build(&file, model.as_deref(), &emit, out.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,9 @@
+//! The vlmc runtime: host tensors, the reference interpreter of the graph IR (the oracle every
+//! compiled program is compared with), safetensors weights, parameter initialisation and model
+//! inputs.
+
+pub mod interp;
+pub mod tensor;
+
+pub use interp::{run, RunError};
+pub use tensor::{Data, Tensor};

@@ -1,0 +1,124 @@
+//! Host tensors: a shape and a flat, row-major buffer. Floating dtypes (f32, f16, bf16) are held
+//! as `f32` values (f16/bf16 values are exactly representable); i32 and bool have their own.
+
+use std::fmt;
+use vlmc::ir::DType;
+
+/// The elements of a tensor, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Data {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+    Bool(Vec<bool>),
+}
+
+/// A tensor on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Data,
+}
+
+impl Tensor {
+    /// An f32 tensor; `values.len()` must be the product of `shape`.
+    pub fn f32(shape: Vec<usize>, values: Vec<f32>) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), values.len());
+        Tensor {
+            shape,
+            data: Data::F32(values),
+        }
+    }
+    /// An i32 tensor.
+    pub fn i32(shape: Vec<usize>, values: Vec<i32>) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), values.len());
+        Tensor {
+            shape,
+            data: Data::I32(values),
+        }
+    }
+    /// A bool tensor.
+    pub fn bool(shape: Vec<usize>, values: Vec<bool>) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), values.len());
+        Tensor {
+            shape,
+            data: Data::Bool(values),
+        }
+    }
+    /// The number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// The storage kind as an IR dtype (floats report f32).
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            Data::F32(_) => DType::F32,
+            Data::I32(_) => DType::I32,
+            Data::Bool(_) => DType::Bool,
+        }
+    }
+    /// Whether an IR dtype is stored by this tensor's kind.
+    pub fn holds(&self, dtype: DType) -> bool {
+        match self.data {
+            Data::F32(_) => dtype.is_float(),
+            Data::I32(_) => dtype == DType::I32,
+            Data::Bool(_) => dtype == DType::Bool,
+        }
+    }
+    /// The values as f32, if this is a float tensor.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            Data::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    /// The values as i32, if this is an integer tensor.
+    pub fn as_i32(&self) -> Option<&[i32]> {
+        match &self.data {
+            Data::I32(v) => Some(v),
+            _ => None,
+        }
+    }
+    /// The values as bool, if this is a bool tensor.
+    pub fn as_bool(&self) -> Option<&[bool]> {
+        match &self.data {
+            Data::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
+    /// Every element converted to f64 (bool as 0/1).
+    pub fn to_f64(&self) -> Vec<f64> {
+        match &self.data {
+            Data::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            Data::I32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            Data::Bool(v) => v.iter().map(|&x| f64::from(u8::from(x))).collect(),
+        }
+    }
+    /// The shape as text: `[2, 7, 384]`.
+    pub fn shape_text(&self) -> String {
+        format!("{:?}", self.shape)
+    }
+}
+
+/// Row-major strides of a shape.
+pub fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+impl fmt::Display for Tensor {
+    /// `f32[2, 3] [0.1, 0.2, ...]`: the dtype, shape and up to six leading values.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dims: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        write!(f, "{}[{}]", self.dtype(), dims.join(", "))?;
+        let vals: Vec<String> = match &self.data {
+            Data::F32(v) => v.iter().take(6).map(|x| format!("{x:.6}")).collect(),
+            Data::I32(v) => v.iter().take(6).map(|x| x.to_string()).collect(),
+            Data::Bool(v) => v.iter().take(6).map(|x| x.to_string()).collect(),
+        };
+        let more = if self.numel() > 6 { ", ..." } else { "" };
+        write!(f, " [{}{more}]", vals.join(", "))
+    }
+}
