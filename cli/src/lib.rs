@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 use vlmc::elab::{check_file, Checked, Elaborated};
 
 /// Artefacts `vlmc build --emit` can write.
@@ -67,6 +68,43 @@ pub fn param_count(m: &Elaborated) -> String {
     total.to_string()
 }
 
+/// The model named `model` (or the last one), or an error message on stderr.
+fn pick<'a>(
+    models: &'a [Elaborated],
+    model: Option<&str>,
+    file: &Path,
+) -> Result<&'a Elaborated, u8> {
+    let chosen = match model {
+        Some(name) => models.iter().find(|m| m.model == name),
+        None => models.last(),
+    };
+    chosen.ok_or_else(|| {
+        match model {
+            Some(name) => eprintln!("error: {} has no model `{name}`", file.display()),
+            None => eprintln!("error: {} declares no model", file.display()),
+        }
+        1
+    })
+}
+
+/// Checks `file`, printing diagnostics on failure.
+fn checked_ok(file: &Path) -> Result<Checked, u8> {
+    let checked = check_file(file);
+    if checked.result.is_err() {
+        eprint!("{}", checked.render());
+        return Err(1);
+    }
+    Ok(checked)
+}
+
+/// Elaborates `file` and picks a model (by name, or the last one).
+fn load_model(file: &Path, model: Option<&str>) -> Result<Elaborated, u8> {
+    let checked = checked_ok(file)?;
+    let models = checked.result.unwrap_or_default();
+    let name = pick(&models, model, file)?.model.clone();
+    models.into_iter().find(|m| m.model == name).ok_or(1)
+}
+
 /// `vlmc build FILE --emit ...`: writes the artefacts of one model into `out`.
 pub fn build(
     file: &Path,
@@ -74,25 +112,9 @@ pub fn build(
     emit: &[Emit],
     out: Option<&Path>,
 ) -> Result<(), u8> {
-    let checked = check_file(file);
-    let models = match &checked.result {
-        Ok(m) => m,
-        Err(_) => {
-            eprint!("{}", checked.render());
-            return Err(1);
-        }
-    };
-    let chosen = match model {
-        Some(name) => models.iter().find(|m| m.model == name),
-        None => models.last(),
-    };
-    let Some(m) = chosen else {
-        match model {
-            Some(name) => eprintln!("error: {} has no model `{name}`", file.display()),
-            None => eprintln!("error: {} declares no model to build", file.display()),
-        }
-        return Err(1);
-    };
+    let checked = checked_ok(file)?;
+    let models = checked.result.as_deref().unwrap_or_default();
+    let m = pick(models, model, file)?;
     let dir = out
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("build").join(&m.model));
@@ -165,4 +187,98 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)
+}
+
+/// `vlmc init FILE --seed N -o W`: every parameter from its init rule, saved as safetensors.
+pub fn init(file: &Path, model: Option<&str>, seed: u64, out: Option<&Path>) -> Result<(), u8> {
+    let m = load_model(file, model)?;
+    let t0 = Instant::now();
+    let params = vlmc_runtime::init::init_params(&m.graph, seed).map_err(|e| {
+        eprintln!("error: {e}");
+        1
+    })?;
+    let path = out.map(Path::to_path_buf).unwrap_or_else(|| {
+        PathBuf::from("build")
+            .join(&m.model)
+            .join("init.safetensors")
+    });
+    vlmc_runtime::weights::save(&path, &params).map_err(|e| {
+        eprintln!("error: {e}");
+        1
+    })?;
+    let n: usize = params.values().map(|t| t.numel()).sum();
+    eprintln!(
+        "wrote {} ({} tensors, {n} parameters, seed {seed}) in {:.0} ms",
+        path.display(),
+        params.len(),
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// What `vlmc run` needs besides the model file.
+pub struct RunArgs<'a> {
+    pub model: Option<&'a str>,
+    pub weights: &'a Path,
+    /// `--input NAME=VALUE` pairs, in order.
+    pub inputs: &'a [(String, String)],
+    pub tokenizer: Option<&'a Path>,
+    pub out: Option<&'a Path>,
+}
+
+/// `vlmc run FILE --weights W --input ...`: runs the model's forward with the reference
+/// interpreter; prints a summary of each output on stdout and saves them as safetensors.
+pub fn run(file: &Path, args: &RunArgs<'_>) -> Result<(), u8> {
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("error: {e}");
+        1u8
+    };
+    let t0 = Instant::now();
+    let m = load_model(file, args.model)?;
+    eprintln!(
+        "elaborated {} ({} ops) in {:.0} ms",
+        m.model,
+        m.graph.len(),
+        ms(t0)
+    );
+    let t1 = Instant::now();
+    let wf = vlmc_runtime::weights::WeightFile::open(args.weights).map_err(|e| fail(&e))?;
+    let bound = vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint).map_err(|e| fail(&e))?;
+    if !bound.unused.is_empty() {
+        let shown: Vec<&str> = bound.unused.iter().take(8).map(String::as_str).collect();
+        eprintln!(
+            "warning: {} tensor(s) in {} are not used: {}{}",
+            bound.unused.len(),
+            args.weights.display(),
+            shown.join(", "),
+            if bound.unused.len() > 8 { ", ..." } else { "" }
+        );
+    }
+    eprintln!(
+        "bound {} parameters in {:.0} ms",
+        bound.params.len(),
+        ms(t1)
+    );
+    let dir = args.weights.parent().unwrap_or(Path::new("."));
+    let inputs =
+        vlmc_runtime::inputs::gather_inputs(args.inputs, &m.preprocess, dir, args.tokenizer)
+            .map_err(|e| fail(&e))?;
+    let t2 = Instant::now();
+    let outputs = vlmc_runtime::run(&m.graph, &inputs, &bound.params).map_err(|e| fail(&e))?;
+    eprintln!("ran the interpreter in {:.0} ms", ms(t2));
+    for (name, t) in &outputs {
+        println!("{name}: {t}");
+    }
+    let path = args.out.map(Path::to_path_buf).unwrap_or_else(|| {
+        PathBuf::from("build")
+            .join(&m.model)
+            .join("outputs.safetensors")
+    });
+    vlmc_runtime::weights::save(&path, &outputs).map_err(|e| fail(&e))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }

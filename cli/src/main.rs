@@ -37,6 +37,48 @@ enum Command {
         #[arg(short, long)]
         out: Option<PathBuf>,
     },
+    /// Initialise every parameter from its declared init rule and save them as safetensors.
+    Init {
+        /// The .vlm file.
+        file: PathBuf,
+        /// Which model of the file (default: the last one).
+        #[arg(long)]
+        model: Option<String>,
+        /// Random seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output file (default: build/<model>/init.safetensors).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
+    /// Run a model's forward with the reference interpreter.
+    Run {
+        /// The .vlm file.
+        file: PathBuf,
+        /// Which model of the file (default: the last one).
+        #[arg(long)]
+        model: Option<String>,
+        /// Weights (safetensors), bound to parameters by name.
+        #[arg(long)]
+        weights: PathBuf,
+        /// An input: NAME=FILE.npy|FILE.safetensors, text="..." or image=FILE.png (repeatable;
+        /// several texts or images make a batch).
+        #[arg(long = "input", value_parser = parse_pair)]
+        inputs: Vec<(String, String)>,
+        /// The tokenizer.json for text inputs (default: next to the weights).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Where to save the outputs (default: build/<model>/outputs.safetensors).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got `{s}`")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -49,6 +91,29 @@ fn main() -> ExitCode {
             emit,
             out,
         } => vlmc_cli::build(&file, model.as_deref(), &emit, out.as_deref()),
+        Command::Init {
+            file,
+            model,
+            seed,
+            out,
+        } => vlmc_cli::init(&file, model.as_deref(), seed, out.as_deref()),
+        Command::Run {
+            file,
+            model,
+            weights,
+            inputs,
+            tokenizer,
+            out,
+        } => vlmc_cli::run(
+            &file,
+            &vlmc_cli::RunArgs {
+                model: model.as_deref(),
+                weights: &weights,
+                inputs: &inputs,
+                tokenizer: tokenizer.as_deref(),
+                out: out.as_deref(),
+            },
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

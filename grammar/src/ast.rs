@@ -199,6 +199,30 @@ pub enum Member {
         message: Option<String>,
         span: Span,
     },
+    /// `checkpoint { "bert." => "", ignore "pooler." }`: checkpoint names to parameter paths.
+    Checkpoint {
+        rules: Vec<CheckpointRule>,
+        span: Span,
+    },
+    /// `preprocess (ids, mask) = text(max_len: 128)`: raw inputs to input tensors.
+    Preprocess {
+        targets: Vec<Ident>,
+        source: Expr,
+        span: Span,
+    },
+}
+
+/// One rule of a `checkpoint` block.
+#[derive(Clone, PartialEq, Debug)]
+pub enum CheckpointRule {
+    /// Checkpoint names starting with `from` start with `to` in the model.
+    Rename {
+        from: String,
+        to: String,
+        span: Span,
+    },
+    /// Checkpoint names starting with this prefix are not used (and not reported as unused).
+    Ignore { prefix: String, span: Span },
 }
 
 /// A trainable (or frozen) tensor declared in a block.

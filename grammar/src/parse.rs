@@ -168,6 +168,9 @@ fn rule_name(r: Rule) -> Option<&'static str> {
         Rule::members => "`{`",
         Rule::body => "`{`",
         Rule::param_member => "`param`",
+        Rule::checkpoint_member | Rule::kw_checkpoint => "`checkpoint`",
+        Rule::preprocess_member | Rule::kw_preprocess => "`preprocess`",
+        Rule::ckpt_map | Rule::ckpt_ignore | Rule::kw_ignore => "a checkpoint rule",
         Rule::let_member | Rule::let_stmt => "`let`",
         Rule::sub_member | Rule::assign_stmt => "an assignment",
         Rule::if_member | Rule::if_stmt => "`if`",
@@ -483,6 +486,51 @@ fn member(p: Pair<Rule>) -> Result<Member, ParseError> {
             Member::Assert {
                 cond,
                 message,
+                span: sp,
+            }
+        }
+        Rule::checkpoint_member => {
+            let mut rules = Vec::new();
+            for r in p.into_inner() {
+                let rsp = span(&r);
+                match r.as_rule() {
+                    Rule::ckpt_map => {
+                        let mut it = r.into_inner();
+                        let from = string_value(next(&mut it, rsp)?);
+                        let to = string_value(next(&mut it, rsp)?);
+                        rules.push(CheckpointRule::Rename {
+                            from,
+                            to,
+                            span: rsp,
+                        });
+                    }
+                    Rule::ckpt_ignore => {
+                        let prefix = r
+                            .into_inner()
+                            .find(|c| c.as_rule() == Rule::string)
+                            .map(string_value)
+                            .unwrap_or_default();
+                        rules.push(CheckpointRule::Ignore { prefix, span: rsp });
+                    }
+                    _ => {}
+                }
+            }
+            Member::Checkpoint { rules, span: sp }
+        }
+        Rule::preprocess_member => {
+            let mut targets = Vec::new();
+            let mut source = None;
+            for c in p.into_inner() {
+                match c.as_rule() {
+                    Rule::tuple_target => targets = c.into_inner().map(ident).collect(),
+                    Rule::ident => targets = vec![ident(c)],
+                    Rule::expr => source = Some(expr(c)?),
+                    _ => {}
+                }
+            }
+            Member::Preprocess {
+                targets,
+                source: source.ok_or_else(|| missing(sp))?,
                 span: sp,
             }
         }

@@ -2,8 +2,12 @@
 //! compiled program is compared with), safetensors weights, parameter initialisation and model
 //! inputs.
 
+pub mod init;
+pub mod inputs;
 pub mod interp;
+pub mod rng;
 pub mod tensor;
+pub mod weights;
 
 pub use interp::{run, RunError};
 pub use tensor::{Data, Tensor};

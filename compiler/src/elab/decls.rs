@@ -9,7 +9,8 @@ use super::Elaborated;
 use crate::diag::{Diagnostic, Loc};
 use std::rc::Rc;
 use vlmc_grammar::ast::{
-    AdapterDecl, Expr, ExprKind, Item, PatSeg, Pattern, SettingValue, Span, TrainerDecl, UnaryOp,
+    AdapterDecl, CheckpointRule, Expr, ExprKind, Item, PatSeg, Pattern, SettingValue, Span,
+    TrainerDecl, UnaryOp,
 };
 
 type R<T> = Result<T, Diagnostic>;
@@ -774,4 +775,261 @@ fn arg_span(call: &Expr, key: &str, name: bool) -> Span {
         }
     }
     call.span
+}
+
+/// A checkpoint naming rule: names starting with `from` start with `to` in the model
+/// (`to: None`: the tensor is not used).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NameRule {
+    pub from: String,
+    pub to: Option<String>,
+}
+
+/// How raw inputs become input tensors: `text` (tokenizer) or `image` (resize, crop, normalise).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Preprocess {
+    pub kind: String,
+    /// The model inputs it fills, in the kind's order (text: ids, mask, types; image: pixels).
+    pub inputs: Vec<String>,
+    /// Every argument, defaults filled in.
+    pub args: Vec<(String, Setting)>,
+}
+
+impl Preprocess {
+    /// An argument's value.
+    pub fn arg(&self, key: &str) -> Option<&Setting> {
+        self.args.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+}
+
+/// (kind, [(argument, kind letter, default)]): i int, f number, s string, l list of numbers,
+/// n name.
+type PreprocessSig = (&'static str, &'static [(&'static str, char, &'static str)]);
+
+const PREPROCESS: &[PreprocessSig] = &[
+    (
+        "text",
+        &[
+            ("tokenizer", 's', "tokenizer.json"),
+            ("max_len", 'i', "512"),
+        ],
+    ),
+    (
+        "image",
+        &[
+            ("size", 'i', "224"),
+            ("crop", 'i', "0"),
+            ("rescale", 'f', "0.00392156862745098"),
+            ("mean", 'l', "0.5 0.5 0.5"),
+            ("std", 'l', "0.5 0.5 0.5"),
+            ("resample", 'n', "bicubic"),
+        ],
+    ),
+];
+
+fn default_setting(kind: char, text: &str) -> Setting {
+    match kind {
+        'i' => Setting::Int(text.parse().unwrap_or(0)),
+        'f' => Setting::Float(text.parse().unwrap_or(0.0)),
+        'l' => Setting::List(
+            text.split(' ')
+                .map(|x| Setting::Float(x.parse().unwrap_or(0.0)))
+                .collect(),
+        ),
+        'n' => Setting::Symbol(text.to_string()),
+        _ => Setting::Str(text.to_string()),
+    }
+}
+
+fn setting_kind_ok(s: &Setting, kind: char) -> bool {
+    match kind {
+        'l' => {
+            matches!(s, Setting::List(v) if v.iter().all(|x| matches!(x, Setting::Int(_) | Setting::Float(_))))
+        }
+        's' => matches!(s, Setting::Str(_)),
+        'n' => matches!(s, Setting::Symbol(_)),
+        k => kind_ok(s, k),
+    }
+}
+
+/// A model's `checkpoint` or `preprocess` member, its arguments evaluated.
+#[derive(Clone, Debug)]
+pub(crate) enum ModelDecl {
+    Checkpoint(Vec<CheckpointRule>),
+    Preprocess {
+        targets: Vec<vlmc_grammar::ast::Ident>,
+        kind: String,
+        args: Vec<(String, Setting)>,
+        source: Expr,
+    },
+}
+
+/// Checks the model's `checkpoint` and `preprocess` members against its graph.
+pub(crate) fn check_model_decls(
+    prog: &Program,
+    m: usize,
+    members: &[ModelDecl],
+    graph: &crate::ir::Graph,
+) -> R<(Vec<NameRule>, Vec<Preprocess>)> {
+    let mut rules = Vec::new();
+    let mut pre: Vec<Preprocess> = Vec::new();
+    for member in members {
+        match member {
+            ModelDecl::Checkpoint(rs) => {
+                for r in rs {
+                    rules.push(match r {
+                        CheckpointRule::Rename { from, to, .. } => NameRule {
+                            from: from.clone(),
+                            to: Some(to.clone()),
+                        },
+                        CheckpointRule::Ignore { prefix, .. } => NameRule {
+                            from: prefix.clone(),
+                            to: None,
+                        },
+                    });
+                }
+            }
+            ModelDecl::Preprocess {
+                targets,
+                kind,
+                args,
+                source,
+            } => {
+                pre.push(check_preprocess(
+                    prog, m, targets, kind, args, source, graph, &pre,
+                )?);
+            }
+        }
+    }
+    Ok((rules, pre))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_preprocess(
+    prog: &Program,
+    m: usize,
+    targets: &[vlmc_grammar::ast::Ident],
+    kind: &str,
+    given: &[(String, Setting)],
+    source: &Expr,
+    graph: &crate::ir::Graph,
+    earlier: &[Preprocess],
+) -> R<Preprocess> {
+    let kind = kind.to_string();
+    let Some((_, sig)) = PREPROCESS.iter().find(|(k, _)| *k == kind) else {
+        return Err(err(prog, m, source.span, format!("unknown preprocessing `{kind}`"))
+            .label("not a preprocessing")
+            .note("preprocessing: text(tokenizer, max_len), image(size, crop, rescale, mean, std, resample)"));
+    };
+    let mut args = Vec::new();
+    for (k, v) in given {
+        let Some((_, kc, _)) = sig.iter().find(|(n, _, _)| n == k) else {
+            let ks: Vec<&str> = sig.iter().map(|(n, _, _)| *n).collect();
+            return Err(err(
+                prog,
+                m,
+                arg_span(source, k, true),
+                format!("`{kind}` has no argument `{k}`"),
+            )
+            .label("unknown argument")
+            .note(format!("arguments: {}", ks.join(", "))));
+        };
+        if !setting_kind_ok(v, *kc) {
+            return Err(err(
+                prog,
+                m,
+                arg_span(source, k, false),
+                format!("`{kind}`'s `{k}` has the wrong kind of value"),
+            )
+            .label("wrong kind of value"));
+        }
+    }
+    for (k, kc, d) in sig.iter() {
+        let v = given
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| default_setting(*kc, d));
+        args.push((k.to_string(), v));
+    }
+    let expect_rank_dtype =
+        |name: &vlmc_grammar::ast::Ident, dtype: crate::ir::DType, rank: usize| -> R<()> {
+            let Some(id) = graph.input(&name.name) else {
+                let names: Vec<&str> = graph.inputs().iter().map(|(_, n, _)| *n).collect();
+                return Err(err(
+                    prog,
+                    m,
+                    name.span,
+                    format!("`{}` is not an input of the model", name.name),
+                )
+                .label("not an input")
+                .note(format!("inputs: {}", names.join(", "))));
+            };
+            let ty = &graph.node(id).ty;
+            if ty.dtype != dtype || ty.rank() != rank {
+                return Err(err(
+                    prog,
+                    m,
+                    name.span,
+                    format!(
+                        "`{kind}` fills `{}` with {dtype} of rank {rank}, but the input is {ty}",
+                        name.name
+                    ),
+                )
+                .label("wrong input type"));
+            }
+            if earlier.iter().any(|p| p.inputs.contains(&name.name)) {
+                return Err(err(
+                    prog,
+                    m,
+                    name.span,
+                    format!("`{}` is already filled by another `preprocess`", name.name),
+                ));
+            }
+            Ok(())
+        };
+    match kind.as_str() {
+        "text" => {
+            if targets.is_empty() || targets.len() > 3 {
+                return Err(err(
+                    prog,
+                    m,
+                    source.span,
+                    "`text` fills 1 to 3 inputs: (ids, mask, types)",
+                ));
+            }
+            for t in targets {
+                expect_rank_dtype(t, crate::ir::DType::I32, 2)?;
+            }
+        }
+        _ => {
+            if targets.len() != 1 {
+                return Err(err(
+                    prog,
+                    m,
+                    source.span,
+                    "`image` fills one input: the pixels",
+                ));
+            }
+            expect_rank_dtype(&targets[0], crate::ir::DType::F32, 4)?;
+            if let Some(Setting::Symbol(r)) =
+                args.iter().find(|(k, _)| k == "resample").map(|(_, v)| v)
+            {
+                if r != "bicubic" && r != "bilinear" && r != "nearest" {
+                    return Err(err(
+                        prog,
+                        m,
+                        arg_span(source, "resample", false),
+                        format!("unknown resampling `{r}`"),
+                    )
+                    .note("resample: bicubic, bilinear, nearest"));
+                }
+            }
+        }
+    }
+    Ok(Preprocess {
+        kind,
+        inputs: targets.iter().map(|t| t.name.clone()).collect(),
+        args,
+    })
 }

@@ -159,6 +159,25 @@ impl Elaborator<'_> {
                         defined,
                     )?;
                 }
+                Member::Checkpoint { rules, span } => {
+                    self.model_only(cx, path, *span, "checkpoint")?;
+                    self.model_decls
+                        .push(super::decls::ModelDecl::Checkpoint(rules.clone()));
+                }
+                Member::Preprocess {
+                    targets,
+                    source,
+                    span,
+                } => {
+                    self.model_only(cx, path, *span, "preprocess")?;
+                    let (kind, args) = self.preprocess_call(cx, source)?;
+                    self.model_decls.push(super::decls::ModelDecl::Preprocess {
+                        targets: targets.clone(),
+                        kind,
+                        args,
+                        source: source.clone(),
+                    });
+                }
                 Member::Assert {
                     cond,
                     message,
@@ -177,6 +196,63 @@ impl Elaborator<'_> {
             }
         }
         Ok(())
+    }
+
+    /// `checkpoint` and `preprocess` describe a whole model: not allowed inside blocks.
+    fn model_only(&self, cx: &Ctx, path: &str, span: Span, what: &str) -> R<()> {
+        if path.is_empty() {
+            return Ok(());
+        }
+        Err(self
+            .err(
+                cx,
+                span,
+                format!("`{what}` belongs in a model, not in a block"),
+            )
+            .label("inside a block")
+            .note("checkpoint names and input preprocessing describe a whole model"))
+    }
+
+    /// `text(max_len: n)`: the kind and its arguments, evaluated in the model's scope.
+    fn preprocess_call(
+        &mut self,
+        cx: &mut Ctx,
+        e: &Expr,
+    ) -> R<(String, Vec<(String, super::decls::Setting)>)> {
+        let (kind, args) = match &e.kind {
+            ExprKind::Call { callee, args } => match &callee.kind {
+                ExprKind::Name(n) => (n.clone(), args.as_slice()),
+                _ => return Err(self.err(cx, e.span, "expected `text(...)` or `image(...)`")),
+            },
+            ExprKind::Name(n) => (n.clone(), &[][..]),
+            _ => return Err(self.err(cx, e.span, "expected `text(...)` or `image(...)`")),
+        };
+        let mut out = Vec::new();
+        for a in args {
+            let Some(name) = &a.name else {
+                return Err(self
+                    .err(
+                        cx,
+                        a.value.span,
+                        "preprocessing arguments must be named, e.g. `max_len: 128`",
+                    )
+                    .label("unnamed argument"));
+            };
+            let v = self.eval_sym(cx, &a.value)?;
+            let s = to_setting(&v).ok_or_else(|| {
+                self.err(
+                    cx,
+                    a.value.span,
+                    format!(
+                        "a preprocessing argument must be a constant, got {}",
+                        v.kind()
+                    ),
+                )
+                .label("not a constant")
+            })?;
+            out.push((name.name.clone(), s));
+        }
+        Ok((kind, out))
     }
 
     /// A name may be defined once per block; the error shows both definitions.
@@ -450,4 +526,20 @@ impl Loc {
             .position(|m| m.file == self.file)
             .unwrap_or(0)
     }
+}
+
+/// A compile-time value as a declaration setting.
+fn to_setting(v: &Value) -> Option<super::decls::Setting> {
+    use super::decls::Setting as S;
+    Some(match v {
+        Value::Int(i) => S::Int(*i),
+        Value::Float(f) => S::Float(*f),
+        Value::Bool(b) => S::Bool(*b),
+        Value::Str(s) => S::Str(s.clone()),
+        Value::Enum(n) => S::Symbol(n.clone()),
+        Value::List(items) | Value::Tuple(items) => {
+            S::List(items.iter().map(to_setting).collect::<Option<_>>()?)
+        }
+        _ => return None,
+    })
 }

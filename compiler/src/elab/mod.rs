@@ -24,7 +24,7 @@ use std::rc::Rc;
 use value::{Instance, Value};
 use vlmc_grammar::ast::{BlockKind, Item, Span};
 
-pub use decls::{AdapterInfo, TrainerInfo};
+pub use decls::{AdapterInfo, NameRule, Preprocess, Setting, TrainerInfo};
 
 /// A model elaborated into a graph, with its adapters and trainers checked.
 #[derive(Debug)]
@@ -33,6 +33,10 @@ pub struct Elaborated {
     pub graph: Graph,
     pub adapters: Vec<AdapterInfo>,
     pub trainers: Vec<TrainerInfo>,
+    /// How checkpoint tensor names map to parameter paths, in order.
+    pub checkpoint: Vec<NameRule>,
+    /// How raw inputs (text, images) become input tensors.
+    pub preprocess: Vec<Preprocess>,
 }
 
 /// The result of checking one file: the sources read (for rendering diagnostics) and either
@@ -133,6 +137,7 @@ pub fn elaborate_model(program: &Program, model: ItemRef) -> Result<Elaborated, 
         stack: Vec::new(),
         budget: OP_BUDGET,
         instantiating: Vec::new(),
+        model_decls: Vec::new(),
     };
     let loc = program.loc(model.module, decl.name.span);
     if let Some(p) = decl.params.iter().find(|p| p.default.is_none()) {
@@ -147,6 +152,8 @@ pub fn elaborate_model(program: &Program, model: ItemRef) -> Result<Elaborated, 
     el.run_entry(&root, loc)?;
     let adapters = decls::check_adapters(program, model, &root, &el.graph)?;
     let trainers = decls::check_trainers(program, model, &root, &el.graph, &adapters)?;
+    let (checkpoint, preprocess) =
+        decls::check_model_decls(program, model.module, &el.model_decls, &el.graph)?;
     crate::ir::verify(&el.graph).map_err(|errs| {
         let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
         Diagnostic::new(
@@ -162,6 +169,8 @@ pub fn elaborate_model(program: &Program, model: ItemRef) -> Result<Elaborated, 
         graph: el.graph,
         adapters,
         trainers,
+        checkpoint,
+        preprocess,
     })
 }
 
@@ -174,6 +183,8 @@ pub(crate) struct Elaborator<'p> {
     pub budget: usize,
     /// Blocks being instantiated, to detect a block that contains itself.
     pub instantiating: Vec<ItemRef>,
+    /// The model's `checkpoint` and `preprocess` members.
+    pub model_decls: Vec<decls::ModelDecl>,
 }
 
 /// One activation: where names resolve and where new ops are attributed.
