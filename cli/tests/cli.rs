@@ -93,3 +93,62 @@ fn build_writes_the_ir_and_reports_unknown_models() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn run_minilm_on_a_sentence_prints_the_reference_embedding() {
+    let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    assert!(
+        root.join(".cache/minilm/model.safetensors").is_file(),
+        "the MiniLM weights are missing: run tests/setup.sh first"
+    );
+    let out_file = std::env::temp_dir().join(format!(
+        "vlmc-cli-minilm-{}.safetensors",
+        std::process::id()
+    ));
+    let out = vlmc(&[
+        "run",
+        "models/minilm.vlm",
+        "--weights",
+        ".cache/minilm/model.safetensors",
+        "--input",
+        "text=A man is eating food.",
+        "-o",
+        out_file.to_str().expect("utf-8"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `embedding: f32[1, 384] [v0, v1, ...]`, six decimals.
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("embedding: f32[1, 384] ["))
+        .expect(&stdout);
+    let values: Vec<f32> = line
+        .split('[')
+        .nth(2)
+        .expect("values")
+        .split(", ")
+        .filter_map(|v| v.trim_end_matches(']').parse().ok())
+        .collect();
+    assert_eq!(values.len(), 6, "{line}");
+    // Row 0 of the sentence-transformers reference (tests/fixtures/minilm).
+    let reference = vlmc_runtime::weights::WeightFile::open(
+        &root.join("tests/fixtures/minilm/reference.safetensors"),
+    )
+    .expect("reference")
+    .get("embeddings")
+    .expect("embeddings");
+    let want = &reference.as_f32().expect("f32")[..6];
+    for (g, w) in values.iter().zip(want) {
+        assert!((g - w).abs() <= 1.5e-6, "printed {g}, reference {w}");
+    }
+    let saved = vlmc_runtime::weights::WeightFile::open(&out_file)
+        .expect("outputs saved")
+        .get("embedding")
+        .expect("embedding");
+    assert_eq!(saved.shape, vec![1, 384]);
+    std::fs::remove_file(&out_file).ok();
+}
