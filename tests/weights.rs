@@ -306,7 +306,7 @@ fn save_is_atomic_and_round_trips() {
 fn init_follows_the_declared_rules_deterministically() {
     let path = Path::new("models/llava_tiny.vlm");
     let checked = vlmc::elab::check_file(path);
-    let m = checked.result.ok().expect("llava_tiny checks").remove(0);
+    let m = checked.result.expect("llava_tiny checks").remove(0);
     let a = vlmc_runtime::init::init_params(&m.graph, 7).expect("init");
     let b = vlmc_runtime::init::init_params(&m.graph, 7).expect("init");
     let c = vlmc_runtime::init::init_params(&m.graph, 8).expect("init");
@@ -367,7 +367,7 @@ fn init_then_run_works_for_the_example_models() {
         ),
     ] {
         let checked = vlmc::elab::check_file(Path::new(file));
-        let m = checked.result.ok().expect("checks").remove(0);
+        let m = checked.result.expect("checks").remove(0);
         let params = vlmc_runtime::init::init_params(&m.graph, 1).expect("init");
         let path = tmp(&format!("{}.safetensors", m.model));
         save(&path, &params).expect("save");
