@@ -145,7 +145,13 @@ fn llava_tiny_parameter_tree_follows_hugging_face_names() {
 fn build_writes_ir_and_dot() {
     let dir = std::env::temp_dir().join(format!("vlmc-build-{}", std::process::id()));
     let emit = [vlmc_cli::Emit::Ast, vlmc_cli::Emit::Ir, vlmc_cli::Emit::Dot];
-    vlmc_cli::build(Path::new("models/llava_tiny.vlm"), None, &emit, Some(&dir)).expect("build");
+    vlmc_cli::build(
+        Path::new("models/llava_tiny.vlm"),
+        &vlmc_cli::Pick::default(),
+        &emit,
+        Some(&dir),
+    )
+    .expect("build");
     let ir_text = std::fs::read_to_string(dir.join("LlavaTiny.ir")).expect("ir written");
     assert!(ir_text.starts_with("graph LlavaTiny\ndims B, T\n"));
     let dot = std::fs::read_to_string(dir.join("LlavaTiny.dot")).expect("dot written");

@@ -68,6 +68,15 @@ pub fn param_count(m: &Elaborated) -> String {
     total.to_string()
 }
 
+/// Which model of a file to use, and compile-time parameters set from the command line.
+#[derive(Clone, Copy, Default)]
+pub struct Pick<'a> {
+    /// The model's name (default: the last model of the file).
+    pub model: Option<&'a str>,
+    /// `--set NAME=VALUE` pairs.
+    pub sets: &'a [(String, String)],
+}
+
 /// The model named `model` (or the last one), or an error message on stderr.
 fn pick<'a>(
     models: &'a [Elaborated],
@@ -87,9 +96,9 @@ fn pick<'a>(
     })
 }
 
-/// Checks `file`, printing diagnostics on failure.
-fn checked_ok(file: &Path) -> Result<Checked, u8> {
-    let checked = check_file(file);
+/// Checks `file` with the overrides, printing diagnostics on failure.
+fn checked_ok(file: &Path, sets: &[(String, String)]) -> Result<Checked, u8> {
+    let checked = vlmc::elab::check_file_with(file, sets);
     if checked.result.is_err() {
         eprint!("{}", checked.render());
         return Err(1);
@@ -98,23 +107,18 @@ fn checked_ok(file: &Path) -> Result<Checked, u8> {
 }
 
 /// Elaborates `file` and picks a model (by name, or the last one).
-fn load_model(file: &Path, model: Option<&str>) -> Result<Elaborated, u8> {
-    let checked = checked_ok(file)?;
+fn load_model(file: &Path, p: &Pick<'_>) -> Result<Elaborated, u8> {
+    let checked = checked_ok(file, p.sets)?;
     let models = checked.result.unwrap_or_default();
-    let name = pick(&models, model, file)?.model.clone();
+    let name = pick(&models, p.model, file)?.model.clone();
     models.into_iter().find(|m| m.model == name).ok_or(1)
 }
 
 /// `vlmc build FILE --emit ...`: writes the artefacts of one model into `out`.
-pub fn build(
-    file: &Path,
-    model: Option<&str>,
-    emit: &[Emit],
-    out: Option<&Path>,
-) -> Result<(), u8> {
-    let checked = checked_ok(file)?;
+pub fn build(file: &Path, p: &Pick<'_>, emit: &[Emit], out: Option<&Path>) -> Result<(), u8> {
+    let checked = checked_ok(file, p.sets)?;
     let models = checked.result.as_deref().unwrap_or_default();
-    let m = pick(models, model, file)?;
+    let m = pick(models, p.model, file)?;
     let dir = out
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("build").join(&m.model));
@@ -190,8 +194,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// `vlmc init FILE --seed N -o W`: every parameter from its init rule, saved as safetensors.
-pub fn init(file: &Path, model: Option<&str>, seed: u64, out: Option<&Path>) -> Result<(), u8> {
-    let m = load_model(file, model)?;
+pub fn init(file: &Path, p: &Pick<'_>, seed: u64, out: Option<&Path>) -> Result<(), u8> {
+    let m = load_model(file, p)?;
     let t0 = Instant::now();
     let params = vlmc_runtime::init::init_params(&m.graph, seed).map_err(|e| {
         eprintln!("error: {e}");
@@ -218,7 +222,7 @@ pub fn init(file: &Path, model: Option<&str>, seed: u64, out: Option<&Path>) -> 
 
 /// What `vlmc run` needs besides the model file.
 pub struct RunArgs<'a> {
-    pub model: Option<&'a str>,
+    pub pick: Pick<'a>,
     pub weights: &'a Path,
     /// `--input NAME=VALUE` pairs, in order.
     pub inputs: &'a [(String, String)],
@@ -234,7 +238,7 @@ pub fn run(file: &Path, args: &RunArgs<'_>) -> Result<(), u8> {
         1u8
     };
     let t0 = Instant::now();
-    let m = load_model(file, args.model)?;
+    let m = load_model(file, &args.pick)?;
     eprintln!(
         "elaborated {} ({} ops) in {:.0} ms",
         m.model,

@@ -30,6 +30,9 @@ enum Command {
         /// Which model of the file (default: the only one, or the last one).
         #[arg(long)]
         model: Option<String>,
+        /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
+        #[arg(long = "set", value_parser = parse_pair)]
+        sets: Vec<(String, String)>,
         /// Artefacts to write: ast, ir, dot (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "ir")]
         emit: Vec<vlmc_cli::Emit>,
@@ -44,6 +47,9 @@ enum Command {
         /// Which model of the file (default: the last one).
         #[arg(long)]
         model: Option<String>,
+        /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
+        #[arg(long = "set", value_parser = parse_pair)]
+        sets: Vec<(String, String)>,
         /// Random seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -58,6 +64,9 @@ enum Command {
         /// Which model of the file (default: the last one).
         #[arg(long)]
         model: Option<String>,
+        /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
+        #[arg(long = "set", value_parser = parse_pair)]
+        sets: Vec<(String, String)>,
         /// Weights (safetensors), bound to parameters by name.
         #[arg(long)]
         weights: PathBuf,
@@ -88,18 +97,37 @@ fn main() -> ExitCode {
         Command::Build {
             file,
             model,
+            sets,
             emit,
             out,
-        } => vlmc_cli::build(&file, model.as_deref(), &emit, out.as_deref()),
+        } => vlmc_cli::build(
+            &file,
+            &vlmc_cli::Pick {
+                model: model.as_deref(),
+                sets: &sets,
+            },
+            &emit,
+            out.as_deref(),
+        ),
         Command::Init {
             file,
             model,
+            sets,
             seed,
             out,
-        } => vlmc_cli::init(&file, model.as_deref(), seed, out.as_deref()),
+        } => vlmc_cli::init(
+            &file,
+            &vlmc_cli::Pick {
+                model: model.as_deref(),
+                sets: &sets,
+            },
+            seed,
+            out.as_deref(),
+        ),
         Command::Run {
             file,
             model,
+            sets,
             weights,
             inputs,
             tokenizer,
@@ -107,7 +135,10 @@ fn main() -> ExitCode {
         } => vlmc_cli::run(
             &file,
             &vlmc_cli::RunArgs {
-                model: model.as_deref(),
+                pick: vlmc_cli::Pick {
+                    model: model.as_deref(),
+                    sets: &sets,
+                },
                 weights: &weights,
                 inputs: &inputs,
                 tokenizer: tokenizer.as_deref(),

@@ -152,3 +152,39 @@ fn run_minilm_on_a_sentence_prints_the_reference_embedding() {
     assert_eq!(saved.shape, vec![1, 384]);
     std::fs::remove_file(&out_file).ok();
 }
+
+#[test]
+fn set_overrides_compile_time_parameters() {
+    let dir = std::env::temp_dir().join(format!("vlmc-cli-set-{}", std::process::id()));
+    let d = dir.to_str().expect("utf-8");
+    let out = vlmc(&[
+        "build",
+        "models/clip_tiny.vlm",
+        "--set",
+        "embed=24",
+        "--set",
+        "image=16",
+        "-o",
+        d,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ir = std::fs::read_to_string(dir.join("ClipTiny.ir")).expect("ir");
+    assert!(ir.contains("input \"pixels\" : f32[B, 3, 16, 16]"), "{ir}");
+    assert!(ir.contains("param \"visual_projection.weight\" init=kaiming_uniform(a=2.23606797749979) : f32[24, 64]"), "{ir}");
+    let out = vlmc(&[
+        "build",
+        "models/clip_tiny.vlm",
+        "--set",
+        "embedd=24",
+        "-o",
+        d,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("model `ClipTiny` has no parameter `embedd` to set"));
+    std::fs::remove_dir_all(&dir).ok();
+}

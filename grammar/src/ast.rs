@@ -45,6 +45,8 @@ pub enum Item {
     Use(UseDecl),
     Fn(FnDecl),
     Block(BlockDecl),
+    /// `model Small = Clip(dim: 40)`.
+    Alias(AliasDecl),
     Adapter(AdapterDecl),
     Trainer(TrainerDecl),
 }
@@ -79,6 +81,14 @@ pub struct BlockDecl {
     pub name: Ident,
     pub params: Vec<ParamDecl>,
     pub members: Vec<Member>,
+    pub span: Span,
+}
+
+/// `model Name = Target(args)`: a model that is another model with other compile-time arguments.
+#[derive(Clone, PartialEq, Debug)]
+pub struct AliasDecl {
+    pub name: Ident,
+    pub target: Expr,
     pub span: Span,
 }
 

@@ -33,6 +33,18 @@ pub fn parse(src: &str) -> Result<File, ParseError> {
             Rule::fn_decl => Item::Fn(fn_decl(p)?),
             Rule::block_decl => Item::Block(block_decl(p, BlockKind::Block)?),
             Rule::model_decl => Item::Block(block_decl(p, BlockKind::Model)?),
+            Rule::model_alias => {
+                let sp = span(&p);
+                let mut it = p.into_inner();
+                let _kw = next(&mut it, sp)?;
+                let name = ident(next(&mut it, sp)?);
+                let target = expr(next(&mut it, sp)?)?;
+                Item::Alias(AliasDecl {
+                    name,
+                    target,
+                    span: sp,
+                })
+            }
             Rule::adapter_decl => Item::Adapter(adapter_decl(p)?),
             Rule::trainer_decl => Item::Trainer(trainer_decl(p)?),
             _ => continue, // EOI
@@ -154,7 +166,7 @@ fn rule_name(r: Rule) -> Option<&'static str> {
         Rule::use_decl => "`use`",
         Rule::fn_decl => "`fn`",
         Rule::block_decl => "`block`",
-        Rule::model_decl | Rule::kw_model => "`model`",
+        Rule::model_decl | Rule::kw_model | Rule::model_alias => "`model`",
         Rule::adapter_decl => "`adapter`",
         Rule::trainer_decl => "`trainer`",
         Rule::ident | Rule::word | Rule::pat_name => "a name",

@@ -68,20 +68,29 @@ const OP_BUDGET: usize = 2_000_000;
 /// Deepest call nesting allowed.
 const MAX_DEPTH: usize = 200;
 
+/// Compile-time arguments given from outside the file (`vlmc build --set depth=4`): each
+/// `name=value` overrides the parameter of that name of every model in the file.
+pub type Overrides = [(String, String)];
+
 /// Parses, resolves and elaborates every `model` in `path`, and checks its adapters and trainers.
 /// A file without models (a library) is checked for syntax and imports.
 pub fn check_file(path: &Path) -> Checked {
-    check_loaded(modules::load(path))
+    check_loaded(modules::load(path), &[])
+}
+
+/// Like [`check_file`], with compile-time overrides for the models.
+pub fn check_file_with(path: &Path, overrides: &Overrides) -> Checked {
+    check_loaded(modules::load(path), overrides)
 }
 
 /// Like [`check_file`], with the file's text given (imports are read relative to `path`).
 pub fn check_text(path: &Path, text: String) -> Checked {
-    check_loaded(modules::load_text(path, text))
+    check_loaded(modules::load_text(path, text), &[])
 }
 
 type Loaded = Result<(Program, usize), (Program, Vec<Diagnostic>)>;
 
-fn check_loaded(loaded: Loaded) -> Checked {
+fn check_loaded(loaded: Loaded, overrides: &Overrides) -> Checked {
     let (program, root) = match loaded {
         Ok(x) => x,
         Err((program, diags)) => {
@@ -96,7 +105,10 @@ fn check_loaded(loaded: Loaded) -> Checked {
         .items
         .iter()
         .enumerate()
-        .filter(|(_, it)| matches!(it, Item::Block(b) if b.kind == BlockKind::Model))
+        .filter(|(_, it)| {
+            matches!(it, Item::Block(b) if b.kind == BlockKind::Model)
+                || matches!(it, Item::Alias(_))
+        })
         .map(|(i, _)| ItemRef {
             module: root,
             item: i,
@@ -105,7 +117,7 @@ fn check_loaded(loaded: Loaded) -> Checked {
     let mut out = Vec::new();
     let mut diags = Vec::new();
     for m in models {
-        match elaborate_model(&program, m) {
+        match elaborate_model(&program, m, overrides) {
             Ok(e) => out.push(e),
             Err(d) => diags.push(d),
         }
@@ -123,37 +135,84 @@ fn check_loaded(loaded: Loaded) -> Checked {
     }
 }
 
-/// Elaborates one model declaration.
-pub fn elaborate_model(program: &Program, model: ItemRef) -> Result<Elaborated, Diagnostic> {
-    let Item::Block(decl) = program.item(model) else {
+/// Elaborates one model declaration (or alias) with compile-time overrides.
+pub fn elaborate_model(
+    program: &Program,
+    model: ItemRef,
+    overrides: &Overrides,
+) -> Result<Elaborated, Diagnostic> {
+    let name = program.item_name(model).unwrap_or("").to_string();
+    let (target, mut args) = match program.item(model) {
+        Item::Alias(alias) => resolve_alias(program, model.module, alias)?,
+        _ => (model, Vec::new()),
+    };
+    let Item::Block(decl) = program.item(target) else {
         return Err(Diagnostic::new(
             program.loc(model.module, Span::default()),
             "not a model",
         ));
     };
+    for (key, text) in overrides {
+        let Some(p) = decl.params.iter().find(|p| p.name.name == *key) else {
+            let names: Vec<&str> = decl.params.iter().map(|p| p.name.name.as_str()).collect();
+            return Err(Diagnostic::new(
+                program.loc(target.module, decl.name.span),
+                format!("model `{}` has no parameter `{key}` to set", decl.name.name),
+            )
+            .note(format!(
+                "its parameters: {}",
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            )));
+        };
+        args.retain(|a| a.name.as_ref().is_none_or(|n| n.name != *key));
+        args.push(eval::ArgVal {
+            name: Some(p.name.clone()),
+            value: override_value(program, target.module, text),
+            span: p.name.span,
+            raw: Some(text.clone()),
+        });
+    }
+    let given: Vec<String> = args
+        .iter()
+        .filter_map(|a| a.name.as_ref().map(|n| n.name.clone()))
+        .collect();
+    let decl_name_span = decl.name.span;
     let mut el = Elaborator {
         prog: program,
-        graph: Graph::new(&decl.name.name),
+        graph: Graph::new(&name),
         stack: Vec::new(),
         budget: OP_BUDGET,
         instantiating: Vec::new(),
         model_decls: Vec::new(),
     };
-    let loc = program.loc(model.module, decl.name.span);
-    if let Some(p) = decl.params.iter().find(|p| p.default.is_none()) {
+    let loc = program.loc(target.module, decl_name_span);
+    if let Some(p) = decl
+        .params
+        .iter()
+        .find(|p| p.default.is_none() && !given.contains(&p.name.name))
+    {
         return Err(Diagnostic::new(
-            program.loc(model.module, p.name.span),
+            program.loc(target.module, p.name.span),
             format!("model parameter `{}` needs a default value", p.name.name),
         )
         .label("no default")
         .note("a model is built without arguments; give every parameter a default, e.g. `dim: int = 64`"));
     }
-    let root = el.instantiate(model, Vec::new(), String::new(), loc)?;
+    // Errors in the arguments point at the alias's call when there is one.
+    let site = match program.item(model) {
+        Item::Alias(a) => program.loc(model.module, a.target.span),
+        _ => loc,
+    };
+    let root = el.instantiate(target, args, String::new(), site)?;
     el.run_entry(&root, loc)?;
-    let adapters = decls::check_adapters(program, model, &root, &el.graph)?;
-    let trainers = decls::check_trainers(program, model, &root, &el.graph, &adapters)?;
+    let adapters = decls::check_adapters(program, target, &root, &el.graph)?;
+    let trainers = decls::check_trainers(program, target, &root, &el.graph, &adapters)?;
     let (checkpoint, preprocess) =
-        decls::check_model_decls(program, model.module, &el.model_decls, &el.graph)?;
+        decls::check_model_decls(program, target.module, &el.model_decls, &el.graph)?;
     crate::ir::verify(&el.graph).map_err(|errs| {
         let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
         Diagnostic::new(
@@ -165,7 +224,7 @@ pub fn elaborate_model(program: &Program, model: ItemRef) -> Result<Elaborated, 
         )
     })?;
     Ok(Elaborated {
-        model: decl.name.name.clone(),
+        model: name,
         graph: el.graph,
         adapters,
         trainers,
@@ -243,4 +302,87 @@ impl Elaborator<'_> {
         }
         d
     }
+}
+
+/// `model Small = Clip(dim: 40)`: the target model and the arguments, evaluated in the alias's
+/// module.
+fn resolve_alias(
+    program: &Program,
+    module: usize,
+    alias: &vlmc_grammar::ast::AliasDecl,
+) -> Result<(ItemRef, Vec<eval::ArgVal>), Diagnostic> {
+    use vlmc_grammar::ast::ExprKind;
+    let (callee, call_args) = match &alias.target.kind {
+        ExprKind::Call { callee, args } => (callee.as_ref(), args.as_slice()),
+        _ => (&alias.target, &[][..]),
+    };
+    let bad = || {
+        Diagnostic::new(
+            program.loc(module, callee.span),
+            "a model alias names another model: `model Small = Clip(dim: 40)`",
+        )
+        .label("not a model")
+    };
+    let ExprKind::Name(n) = &callee.kind else {
+        return Err(bad());
+    };
+    let Some(target) = program.modules[module].scope.get(n).copied() else {
+        return Err(Diagnostic::new(
+            program.loc(module, callee.span),
+            format!("unknown model `{n}`"),
+        )
+        .label("not defined here"));
+    };
+    if !matches!(program.item(target), Item::Block(b) if b.kind == BlockKind::Model) {
+        return Err(bad());
+    }
+    let mut el = Elaborator {
+        prog: program,
+        graph: Graph::new(n),
+        stack: Vec::new(),
+        budget: OP_BUDGET,
+        instantiating: Vec::new(),
+        model_decls: Vec::new(),
+    };
+    let mut cx = Ctx {
+        module,
+        inst: None,
+        locals: vec![HashMap::new()],
+        path: String::new(),
+    };
+    let args = el.eval_args(&mut cx, call_args)?;
+    if let Some(a) = args.iter().find(|a| matches!(a.value, Value::Tensor(_))) {
+        return Err(Diagnostic::new(
+            program.loc(module, a.span),
+            "model arguments are compile-time values",
+        ));
+    }
+    Ok((target, args))
+}
+
+/// The value of `--set name=text`: a number, `true`/`false`, a quoted string, a function or
+/// block visible in the model's file, or else a name (an enum variant).
+fn override_value(program: &Program, module: usize, text: &str) -> Value {
+    let t = text.trim();
+    if let Ok(i) = t.parse::<i64>() {
+        return Value::Int(i);
+    }
+    if let Ok(f) = t.parse::<f64>() {
+        return Value::Float(f);
+    }
+    match t {
+        "true" => return Value::Bool(true),
+        "false" => return Value::Bool(false),
+        _ => {}
+    }
+    if let Some(s) = t.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+        return Value::Str(s.to_string());
+    }
+    if let Some(r) = program.modules[module].scope.get(t) {
+        return Value::Func(value::Func::Item(*r));
+    }
+    if let Some(b) = builtins::lookup(t) {
+        return Value::Func(value::Func::Builtin(b));
+    }
+    Value::Enum(t.to_string())
 }

@@ -54,6 +54,7 @@ fn item_name(item: &Item) -> Option<&str> {
         Item::Use(_) => None,
         Item::Fn(f) => Some(&f.name.name),
         Item::Block(b) => Some(&b.name.name),
+        Item::Alias(a) => Some(&a.name.name),
         Item::Adapter(a) => Some(&a.name.name),
         Item::Trainer(t) => Some(&t.name.name),
     }
@@ -350,6 +351,7 @@ fn name_span(item: &Item) -> Span {
         Item::Use(u) => u.span,
         Item::Fn(f) => f.name.span,
         Item::Block(b) => b.name.span,
+        Item::Alias(a) => a.name.span,
         Item::Adapter(a) => a.name.span,
         Item::Trainer(t) => t.name.span,
     }
