@@ -1,12 +1,29 @@
 //! The reference interpreter: the definition of what the graph IR means.
 //!
-//! Every op is evaluated in the simplest way that is obviously right: elementwise float ops are
-//! computed in f64 and rounded to f32, sums and matmuls accumulate in f64, every index is
-//! checked. It is slow on purpose; compiled kernels are compared against it.
+//! Every op is evaluated in the simplest way that is obviously right: float ops are computed in
+//! f64 and rounded once to the node's dtype (f32, or f16/bf16, whose values are then exactly
+//! those of the narrow type), sums and matmuls accumulate in f64, i32 arithmetic wraps around
+//! like two's-complement hardware, and every index is checked. It is slow on purpose; compiled
+//! kernels are compared against it.
 //!
-//! Random numbers are counter-based so that any backend can reproduce them: element `i` of a
-//! `random` op with seed `s` draws `u = (splitmix64(s * 2^32 + i) >> 11) / 2^53` in `[0, 1)`.
+//! Random numbers are counter-based so that any backend can reproduce them. Element `i` (in
+//! row-major order) of a `random` op with seed `s` draws `u(c) = (splitmix64(s * 2^32 + c) >> 11)
+//! / 2^53` in `[0, 1)` at counter `c = 2i` (and `c = 2i + 1` for the second number that `normal`
+//! needs), where `splitmix64(x)` is the first output of SplitMix64 started at state `x`:
+//!
+//! ```text
+//! z = x + 0x9E3779B97F4A7C15
+//! z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+//! z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+//! splitmix64(x) = z ^ (z >> 31)                  (all arithmetic mod 2^64)
+//! ```
+//!
+//! `uniform(lo, hi)` is `lo + (hi - lo) * u(2i)`, `bernoulli(p)` is `u(2i) < p`, and
+//! `normal(mean, std)` is Box-Muller: `mean + std * sqrt(-2 ln u(2i)) * cos(2 pi u(2i + 1))`.
+//! For example `splitmix64(0) = 0xE220A8397B1DCDAF`, so element 0 of `rand(seed: 0)` is
+//! `0xE220A8397B1DC / 2^53 = 0.8833108...`.
 
+use crate::rng::uniform01;
 use crate::tensor::{strides, Data, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use vlmc::ir::{BinaryOp, DType, Dim, Dist, Graph, NodeId, Op, ReduceOp, UnaryOp};
@@ -50,7 +67,16 @@ pub fn run(
     let mut values: HashMap<NodeId, Tensor> = HashMap::new();
     for &id in &order {
         let node = graph.node(id);
-        let shape = concrete(&node.ty.shape.0, &dims)?;
+        // Errors say which op failed: `gather (f32[B, T, 64] in `embed`): index ...`.
+        let scope = if node.scope.is_empty() {
+            String::new()
+        } else {
+            format!(" in `{}`", node.scope)
+        };
+        let context = |e: RunError| RunError {
+            message: format!("{} ({}{scope}): {}", node.op.name(), node.ty, e.message),
+        };
+        let shape = concrete(&node.ty.shape.0, &dims).map_err(context)?;
         let operands = graph.operands(id);
         let args: Vec<&Tensor> = operands
             .iter()
@@ -69,19 +95,7 @@ pub fn run(
             inputs,
             params,
         )
-        .map_err(|e| RunError {
-            message: format!(
-                "{} ({}{}): {}",
-                node.op.name(),
-                node.ty,
-                if node.scope.is_empty() {
-                    String::new()
-                } else {
-                    format!(" in `{}`", node.scope)
-                },
-                e.message
-            ),
-        })?;
+        .map_err(context)?;
         debug_assert_eq!(out.shape, shape);
         for o in operands {
             if let Some(n) = uses.get_mut(&o) {
@@ -160,6 +174,11 @@ pub fn concrete(dims: &[Dim], b: &Bindings) -> R<Vec<usize>> {
         .collect()
 }
 
+/// One symbolic dim's size.
+fn size(d: &Dim, b: &Bindings) -> R<usize> {
+    Ok(concrete(std::slice::from_ref(d), b)?[0])
+}
+
 fn eval(
     op: &Op,
     dtype: DType,
@@ -171,9 +190,10 @@ fn eval(
 ) -> R<Tensor> {
     let n: usize = shape.iter().product();
     match op {
-        Op::Input { name } => inputs.get(name).cloned().ok_or_else(|| RunError {
-            message: format!("missing input `{name}`"),
-        }),
+        Op::Input { name } => match inputs.get(name) {
+            Some(t) => Ok(narrow(dtype, t)),
+            None => fail(format!("missing input `{name}`")),
+        },
         Op::Param { path, .. } => {
             let t = params.get(path).ok_or_else(|| RunError {
                 message: format!("missing parameter `{path}`"),
@@ -185,7 +205,7 @@ fn eval(
                     t.shape_text()
                 ));
             }
-            Ok(t.clone())
+            Ok(narrow(dtype, t))
         }
         Op::Const { value } => Ok(fill(dtype, shape, *value)),
         Op::Iota { axis } => {
@@ -209,8 +229,8 @@ fn eval(
                 .collect();
             Ok(from_f64(dtype, shape, &vals))
         }
-        Op::Unary(u) => unary(*u, args[0]),
-        Op::Binary(b) => binary(*b, args[0], args[1]),
+        Op::Unary(u) => unary(*u, dtype, args[0]),
+        Op::Binary(b) => binary(*b, dtype, args[0], args[1]),
         Op::Select => {
             let c = args[0].as_bool().ok_or_else(|| RunError {
                 message: "condition is not bool".into(),
@@ -238,8 +258,8 @@ fn eval(
                 _ => return fail("operands differ in dtype"),
             })
         }
-        Op::Reduce { op, axis } => Ok(reduce(*op, *axis, args[0])),
-        Op::MatMul => matmul(args[0], args[1], shape),
+        Op::Reduce { op, axis } => Ok(reduce(*op, *axis, dtype, args[0])),
+        Op::MatMul => matmul(args[0], args[1], dtype, shape),
         Op::Gather { axis } => gather(args[0], args[1], *axis, shape),
         Op::Reshape { .. } => Ok(Tensor {
             shape: shape.to_vec(),
@@ -248,11 +268,21 @@ fn eval(
         Op::Permute { perm } => Ok(permute(args[0], perm, shape)),
         Op::Expand { .. } => Ok(expand(args[0], shape)),
         Op::Slice {
-            axis, start, step, ..
+            axis,
+            start,
+            end,
+            step,
         } => {
-            let start = concrete(std::slice::from_ref(start), dims)?[0];
-            let st = *step as usize;
+            // With symbolic sizes (`x[:, 3]` of `f32[B, T]`) the bounds are only known now.
+            let (start, end) = (size(start, dims)?, size(end, dims)?);
             let x = args[0];
+            let n = x.shape[*axis];
+            if start > end || end > n {
+                return fail(format!(
+                    "{start}..{end} is out of range for axis {axis} of size {n}"
+                ));
+            }
+            let st = *step as usize;
             Ok(gather_view(x, shape, |idx, out| {
                 out.copy_from_slice(idx);
                 out[*axis] = start + idx[*axis] * st;
@@ -265,7 +295,7 @@ fn eval(
             value,
             ..
         } => {
-            let b = concrete(std::slice::from_ref(before), dims)?[0];
+            let b = size(before, dims)?;
             let x = args[0];
             let mut out = fill(dtype, shape, *value);
             let xs = strides(&x.shape);
@@ -284,16 +314,13 @@ fn eval(
     }
 }
 
-/// splitmix64 of (seed, counter), as a uniform number in [0, 1).
-fn uniform01(seed: u64, counter: u64) -> f64 {
-    let mut z = seed
-        .wrapping_mul(1 << 32)
-        .wrapping_add(counter)
-        .wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
+/// A tensor as a value of `dtype`: f16/bf16 values are rounded to that precision (inputs and
+/// parameters of those dtypes arrive as f32 values), anything else is passed through.
+fn narrow(dtype: DType, t: &Tensor) -> Tensor {
+    match (&t.data, dtype) {
+        (Data::F32(_), DType::F16 | DType::BF16) => from_f64(dtype, &t.shape, &t.to_f64()),
+        _ => t.clone(),
+    }
 }
 
 /// A tensor of `dtype` with every element `value`.
@@ -395,7 +422,7 @@ fn concat(args: &[&Tensor], axis: usize, shape: &[usize]) -> Tensor {
     out
 }
 
-fn unary(op: UnaryOp, x: &Tensor) -> R<Tensor> {
+fn unary(op: UnaryOp, dtype: DType, x: &Tensor) -> R<Tensor> {
     let shape = x.shape.clone();
     match &x.data {
         Data::F32(v) => {
@@ -414,10 +441,8 @@ fn unary(op: UnaryOp, x: &Tensor) -> R<Tensor> {
                 UnaryOp::Floor => f64::floor,
                 UnaryOp::Not => return fail("`not` of a float tensor"),
             };
-            Ok(Tensor::f32(
-                shape,
-                v.iter().map(|&a| f(f64::from(a)) as f32).collect(),
-            ))
+            let out: Vec<f64> = v.iter().map(|&a| f(f64::from(a))).collect();
+            Ok(from_f64(dtype, &shape, &out))
         }
         Data::I32(v) => match op {
             UnaryOp::Neg => Ok(Tensor::i32(
@@ -449,7 +474,7 @@ fn compare(op: BinaryOp, a: f64, b: f64) -> Option<bool> {
     })
 }
 
-fn binary(op: BinaryOp, x: &Tensor, y: &Tensor) -> R<Tensor> {
+fn binary(op: BinaryOp, dtype: DType, x: &Tensor, y: &Tensor) -> R<Tensor> {
     let shape = x.shape.clone();
     if op.is_comparison() {
         let (a, b) = (x.to_f64(), y.to_f64());
@@ -487,13 +512,12 @@ fn binary(op: BinaryOp, x: &Tensor, y: &Tensor) -> R<Tensor> {
                 BinaryOp::Mod => |p, q| p - q * (p / q).floor(),
                 _ => return fail(format!("`{}` of float tensors", op.name())),
             };
-            Ok(Tensor::f32(
-                shape,
-                a.iter()
-                    .zip(b)
-                    .map(|(&p, &q)| f(f64::from(p), f64::from(q)) as f32)
-                    .collect(),
-            ))
+            let out: Vec<f64> = a
+                .iter()
+                .zip(b)
+                .map(|(&p, &q)| f(f64::from(p), f64::from(q)))
+                .collect();
+            Ok(from_f64(dtype, &shape, &out))
         }
         (Data::I32(a), Data::I32(b)) => {
             let mut out = Vec::with_capacity(a.len());
@@ -509,7 +533,9 @@ fn binary(op: BinaryOp, x: &Tensor, y: &Tensor) -> R<Tensor> {
                         if q == 0 {
                             return fail("integer division by zero");
                         }
-                        let d = p.wrapping_div(q) - i32::from((p % q != 0) && ((p < 0) != (q < 0)));
+                        // Wrapping: `i32::MIN / -1` overflows (to `i32::MIN`), as `add` does.
+                        let r = p.wrapping_rem(q);
+                        let d = p.wrapping_div(q) - i32::from(r != 0 && ((r < 0) != (q < 0)));
                         if op == BinaryOp::Div {
                             d
                         } else {
@@ -536,43 +562,50 @@ fn binary(op: BinaryOp, x: &Tensor, y: &Tensor) -> R<Tensor> {
     }
 }
 
-fn reduce(op: ReduceOp, axis: usize, x: &Tensor) -> Tensor {
+/// Sum or max along `axis`: floats in f64 (NaN propagates through `max`, as in torch); i32
+/// exactly, the sum wrapping around like `add`.
+fn reduce(op: ReduceOp, axis: usize, dtype: DType, x: &Tensor) -> Tensor {
     let mut shape = x.shape.clone();
     let len = shape[axis];
     shape[axis] = 1;
     let inner: usize = x.shape[axis + 1..].iter().product();
     let outer: usize = x.shape[..axis].iter().product();
+    // The positions of the elements combined into output element (o, i).
+    let lane = |o: usize, i: usize| (0..len).map(move |k| (o * len + k) * inner + i);
+    let outs = (0..outer).flat_map(|o| (0..inner).map(move |i| (o, i)));
+    if let Data::I32(v) = &x.data {
+        let out = outs
+            .map(|(o, i)| match op {
+                ReduceOp::Sum => lane(o, i).map(|at| i64::from(v[at])).sum::<i64>() as i32,
+                ReduceOp::Max => lane(o, i).map(|at| v[at]).max().unwrap_or(i32::MIN),
+            })
+            .collect();
+        return Tensor::i32(shape, out);
+    }
     let vals = x.to_f64();
-    let mut out = Vec::with_capacity(outer * inner);
-    for o in 0..outer {
-        for i in 0..inner {
-            let at = |k: usize| vals[(o * len + k) * inner + i];
-            out.push(match op {
-                ReduceOp::Sum => (0..len).map(at).sum::<f64>(),
-                ReduceOp::Max => (0..len).map(at).fold(f64::NEG_INFINITY, |m, v| {
-                    if m.is_nan() || v.is_nan() {
-                        f64::NAN
-                    } else {
-                        m.max(v)
-                    }
-                }),
-            });
-        }
-    }
-    match x.data {
-        Data::I32(_) => Tensor::i32(shape, out.iter().map(|&v| v as i32).collect()),
-        _ => Tensor::f32(shape, out.iter().map(|&v| v as f32).collect()),
-    }
+    let out: Vec<f64> = outs
+        .map(|(o, i)| match op {
+            ReduceOp::Sum => lane(o, i).map(|at| vals[at]).sum::<f64>(),
+            ReduceOp::Max => lane(o, i).fold(f64::NEG_INFINITY, |m, at| {
+                if m.is_nan() || vals[at].is_nan() {
+                    f64::NAN
+                } else {
+                    m.max(vals[at])
+                }
+            }),
+        })
+        .collect();
+    from_f64(dtype, &shape, &out)
 }
 
-fn matmul(a: &Tensor, b: &Tensor, shape: &[usize]) -> R<Tensor> {
+fn matmul(a: &Tensor, b: &Tensor, dtype: DType, shape: &[usize]) -> R<Tensor> {
     let (Some(av), Some(bv)) = (a.as_f32(), b.as_f32()) else {
         return fail("matmul of non-float tensors");
     };
     let r = a.shape.len();
     let (m, k, n) = (a.shape[r - 2], a.shape[r - 1], b.shape[r - 1]);
     let batch: usize = a.shape[..r - 2].iter().product();
-    let mut out = vec![0f32; batch * m * n];
+    let mut out = vec![0f64; batch * m * n];
     let mut row = vec![0f64; n];
     for bi in 0..batch {
         let (ao, bo, oo) = (bi * m * k, bi * k * n, bi * m * n);
@@ -585,12 +618,10 @@ fn matmul(a: &Tensor, b: &Tensor, shape: &[usize]) -> R<Tensor> {
                     *acc += aip * f64::from(bj);
                 }
             }
-            for (o, &v) in out[oo + i * n..oo + (i + 1) * n].iter_mut().zip(&row) {
-                *o = v as f32;
-            }
+            out[oo + i * n..oo + (i + 1) * n].copy_from_slice(&row);
         }
     }
-    Ok(Tensor::f32(shape.to_vec(), out))
+    Ok(from_f64(dtype, shape, &out))
 }
 
 fn gather(table: &Tensor, idx: &Tensor, axis: usize, shape: &[usize]) -> R<Tensor> {
@@ -625,5 +656,320 @@ fn cast(x: &Tensor, to: DType) -> Tensor {
         },
         DType::Bool => Tensor::bool(shape, x.to_f64().iter().map(|&a| a != 0.0).collect()),
         _ => from_f64(to, &shape, &x.to_f64()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! What `.vlm` cannot express; the per-op cases are `tests/interp/*.vlm` at the root.
+
+    use super::*;
+    use vlmc::ir::TensorType;
+
+    fn ty(text: &str) -> TensorType {
+        TensorType::parse(text).expect("a tensor type")
+    }
+
+    /// A graph of inputs (name, type), then one op applied to the first input, as `out`.
+    fn graph(inputs: &[(&str, &str)], op: Op) -> Graph {
+        let mut g = Graph::new("test");
+        let ids: Vec<NodeId> = inputs
+            .iter()
+            .map(|(name, t)| {
+                let op = Op::Input {
+                    name: name.to_string(),
+                };
+                g.add_source(op, ty(t), "").expect("input")
+            })
+            .collect();
+        let out = g.add(op, &ids[..1], "").expect("op");
+        g.set_output("out", out).expect("output");
+        g
+    }
+
+    fn feed(items: &[(&str, Tensor)]) -> BTreeMap<String, Tensor> {
+        items
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect()
+    }
+
+    fn run1(g: &Graph, inputs: &[(&str, Tensor)]) -> R<Tensor> {
+        Ok(run(g, &feed(inputs), &BTreeMap::new())?["out"].clone())
+    }
+
+    /// Bit patterns, so that NaN compares equal to NaN and -0 differs from 0.
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.as_f32()
+            .expect("f32")
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    }
+
+    fn f32s(values: &[f32]) -> Vec<u32> {
+        values.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn dims_bind_from_the_first_input_and_are_checked_on_the_others() {
+        let g = graph(
+            &[("x", "f32[B, T]"), ("y", "f32[T, B]"), ("z", "f32[B + 1]")],
+            Op::Unary(UnaryOp::Neg),
+        );
+        let x = Tensor::f32(vec![2, 3], vec![0.0; 6]);
+        let ok = feed(&[
+            ("x", x.clone()),
+            ("y", Tensor::f32(vec![3, 2], vec![0.0; 6])),
+            ("z", Tensor::f32(vec![3], vec![0.0; 3])),
+        ]);
+        let dims = bind_dims(&g, &ok).expect("consistent");
+        assert_eq!((dims["B"], dims["T"]), (2, 3));
+
+        let swapped = feed(&[
+            ("x", x.clone()),
+            ("y", Tensor::f32(vec![2, 3], vec![0.0; 6])),
+            ("z", Tensor::f32(vec![3], vec![0.0; 3])),
+        ]);
+        assert_eq!(
+            bind_dims(&g, &swapped).unwrap_err().message,
+            "input `y` has shape [2, 3], but the model expects f32[T, B] = [3, 2] (with B=2, T=3)"
+        );
+        let short = feed(&[
+            ("x", x),
+            ("y", Tensor::f32(vec![3, 2], vec![0.0; 6])),
+            ("z", Tensor::f32(vec![2], vec![0.0; 2])),
+        ]);
+        let err = bind_dims(&g, &short).unwrap_err().message;
+        assert!(err.starts_with("input `z` has shape [2], but the model expects f32[B + 1] = [3]"));
+    }
+
+    #[test]
+    fn a_size_that_no_input_gives_is_an_error() {
+        let mut g = Graph::new("test");
+        let c = g
+            .add_source(Op::Const { value: 1.0 }, ty("f32[S]"), "")
+            .unwrap();
+        g.set_output("out", c).unwrap();
+        let err = run(&g, &BTreeMap::new(), &BTreeMap::new()).unwrap_err();
+        assert_eq!(
+            err.message,
+            "const (f32[S]): dimension S has an unknown size"
+        );
+    }
+
+    #[test]
+    fn reductions_propagate_nan_wherever_it_is() {
+        let (nan, inf) = (f32::NAN, f32::INFINITY);
+        let rows = [
+            [nan, 1.0, 2.0],  // NaN first
+            [1.0, 2.0, nan],  // NaN last
+            [-inf, nan, inf], // NaN between infinities
+            [-1.0, -3.0, -2.0],
+        ];
+        let x = Tensor::f32(vec![4, 3], rows.concat());
+        let max = Op::Reduce {
+            op: ReduceOp::Max,
+            axis: 1,
+        };
+        let sum = Op::Reduce {
+            op: ReduceOp::Sum,
+            axis: 1,
+        };
+        let m = run1(&graph(&[("x", "f32[4, 3]")], max), &[("x", x.clone())]).unwrap();
+        let s = run1(&graph(&[("x", "f32[4, 3]")], sum), &[("x", x)]).unwrap();
+        assert_eq!(bits(&m), f32s(&[f32::NAN, f32::NAN, f32::NAN, -1.0]));
+        assert_eq!(bits(&s), f32s(&[f32::NAN, f32::NAN, f32::NAN, -6.0]));
+        assert_eq!(m.shape, vec![4, 1]);
+    }
+
+    #[test]
+    fn reductions_over_an_empty_axis() {
+        let empty = Tensor::f32(vec![2, 0], vec![]);
+        for (op, want) in [(ReduceOp::Sum, 0.0), (ReduceOp::Max, f32::NEG_INFINITY)] {
+            let g = graph(&[("x", "f32[2, 0]")], Op::Reduce { op, axis: 1 });
+            let out = run1(&g, &[("x", empty.clone())]).unwrap();
+            assert_eq!(out, Tensor::f32(vec![2, 1], vec![want; 2]));
+        }
+        let g = graph(
+            &[("x", "i32[0]")],
+            Op::Reduce {
+                op: ReduceOp::Max,
+                axis: 0,
+            },
+        );
+        let out = run1(&g, &[("x", Tensor::i32(vec![0], vec![]))]).unwrap();
+        assert_eq!(out, Tensor::i32(vec![1], vec![i32::MIN]));
+    }
+
+    #[test]
+    fn f16_casts_round_to_nearest_even_and_overflow_to_inf() {
+        let tiny = 2f32.powi(-24); // the smallest f16 subnormal
+        let x = Tensor::f32(
+            vec![9],
+            vec![
+                1.0 + 2f32.powi(-11),       // halfway between 1 and 1 + 2^-10: to even, 1
+                1.0 + 3.0 * 2f32.powi(-11), // halfway between 1 + 2^-10 and 1 + 2^-9: 1 + 2^-9
+                1.5 * tiny,                 // halfway between 1 and 2 subnormal steps: 2 steps
+                0.5 * tiny,                 // halfway between 0 and 1 step: 0
+                0.75 * tiny,                // above halfway: 1 step
+                65519.0,                    // below the midpoint to 65536: the largest f16
+                -65520.0,                   // the midpoint: overflows to -inf
+                f32::NAN,
+                -0.0,
+            ],
+        );
+        let g = graph(&[("x", "f32[9]")], Op::Cast { dtype: DType::F16 });
+        let out = run1(&g, &[("x", x)]).unwrap();
+        let want = [
+            1.0,
+            1.0 + 2f32.powi(-9),
+            2.0 * tiny,
+            0.0,
+            tiny,
+            65504.0,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -0.0,
+        ];
+        assert_eq!(bits(&out), f32s(&want));
+    }
+
+    #[test]
+    fn bf16_casts_round_to_nearest_even_and_overflow_to_inf() {
+        let x = Tensor::f32(
+            vec![5],
+            vec![
+                1.0 + 2f32.powi(-8),                  // halfway between 1 and 1 + 2^-7: 1
+                1.0 + 3.0 * 2f32.powi(-8), // halfway between 1 + 2^-7 and 1 + 2^-6: 1 + 2^-6
+                1.0 + 2f32.powi(-8) + 2f32.powi(-20), // above halfway: 1 + 2^-7
+                f32::MAX,                  // above the largest bf16 and the midpoint: inf
+                1e-40,                     // an f32 subnormal; bf16 has f32's exponent range
+            ],
+        );
+        let g = graph(&[("x", "f32[5]")], Op::Cast { dtype: DType::BF16 });
+        let out = run1(&g, &[("x", x)]).unwrap();
+        // 1e-40 rounds down: the 16 bits that bf16 drops are below half (0x8000).
+        let sub = f32::from_bits(1e-40f32.to_bits() & 0xFFFF_0000);
+        let want = [
+            1.0,
+            1.0 + 2f32.powi(-6),
+            1.0 + 2f32.powi(-7),
+            f32::INFINITY,
+            sub,
+        ];
+        assert_eq!(bits(&out), f32s(&want));
+    }
+
+    #[test]
+    fn narrow_ops_round_their_results() {
+        // iota into f16: indices above 2048 are not all representable (2049 -> 2048).
+        let mut g = Graph::new("test");
+        let i = g
+            .add_source(Op::Iota { axis: 0 }, ty("f16[2051]"), "")
+            .unwrap();
+        g.set_output("out", i).unwrap();
+        let out = run(&g, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+        assert_eq!(
+            out["out"].as_f32().unwrap()[2047..],
+            [2047.0, 2048.0, 2048.0, 2050.0]
+        );
+        // bf16 exp(1) = 2.71875 (2.718281... with 7 fraction bits: 2 * (1 + 46/128)).
+        let g = graph(&[("x", "bf16[1]")], Op::Unary(UnaryOp::Exp));
+        let out = run1(&g, &[("x", Tensor::f32(vec![1], vec![1.0]))]).unwrap();
+        assert_eq!(out.as_f32().unwrap(), [2.71875]);
+    }
+
+    #[test]
+    fn random_follows_the_documented_formula() {
+        // The module doc: element 0 of seed 0 is splitmix64(0) >> 11 over 2^53.
+        assert_eq!(
+            uniform01(0, 0),
+            (0xE220_A839_7B1D_CDAF_u64 >> 11) as f64 / 2f64.powi(53)
+        );
+        let mut g = Graph::new("test");
+        let dist = Dist::Normal {
+            mean: 1.0,
+            std: 2.0,
+        };
+        let r = g
+            .add_source(Op::Random { dist, seed: 7 }, ty("f32[20000]"), "")
+            .unwrap();
+        g.set_output("out", r).unwrap();
+        let v = run(&g, &BTreeMap::new(), &BTreeMap::new()).unwrap()["out"].to_f64();
+        // Element 3 uses counters 6 and 7 (Box-Muller).
+        let (a, b) = (uniform01(7, 6), uniform01(7, 7));
+        let want = 1.0 + 2.0 * (-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos();
+        assert_eq!(v[3], f64::from(want as f32));
+        let n = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+        assert!((mean - 1.0).abs() < 0.05, "mean {mean}");
+        assert!((var.sqrt() - 2.0).abs() < 0.05, "std {}", var.sqrt());
+    }
+
+    #[test]
+    fn uniform_draws_stay_in_range() {
+        let mut g = Graph::new("test");
+        let dist = Dist::Uniform { lo: -3.0, hi: -1.0 };
+        let r = g
+            .add_source(Op::Random { dist, seed: 1 }, ty("f32[1000]"), "")
+            .unwrap();
+        g.set_output("out", r).unwrap();
+        let v = run(&g, &BTreeMap::new(), &BTreeMap::new()).unwrap()["out"].to_f64();
+        assert!(v.iter().all(|x| (-3.0..=-1.0).contains(x)));
+        assert_eq!(v[0], f64::from((-3.0 + 2.0 * uniform01(1, 0)) as f32));
+    }
+
+    #[test]
+    fn a_value_used_twice_and_as_an_output_is_kept() {
+        let mut g = Graph::new("test");
+        let x = g
+            .add_source(
+                Op::Input {
+                    name: "x".to_string(),
+                },
+                ty("i32[2]"),
+                "",
+            )
+            .unwrap();
+        let sq = g.add(Op::Binary(BinaryOp::Mul), &[x, x], "").unwrap();
+        g.set_output("x", x).unwrap();
+        g.set_output("sq", sq).unwrap();
+        let out = run(
+            &g,
+            &feed(&[("x", Tensor::i32(vec![2], vec![3, -4]))]),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(out["x"], Tensor::i32(vec![2], vec![3, -4]));
+        assert_eq!(out["sq"], Tensor::i32(vec![2], vec![9, 16]));
+    }
+
+    #[test]
+    fn errors_name_the_op_and_its_scope() {
+        let mut g = Graph::new("test");
+        let table = g
+            .add_source(Op::Const { value: 0.0 }, ty("f32[3]"), "")
+            .unwrap();
+        let idx = g
+            .add_source(
+                Op::Input {
+                    name: "idx".to_string(),
+                },
+                ty("i32[1]"),
+                "",
+            )
+            .unwrap();
+        let out = g
+            .add(Op::Gather { axis: 0 }, &[table, idx], "embed")
+            .unwrap();
+        g.set_output("out", out).unwrap();
+        let idx = feed(&[("idx", Tensor::i32(vec![1], vec![3]))]);
+        let err = run(&g, &idx, &BTreeMap::new()).unwrap_err();
+        assert_eq!(
+            err.message,
+            "gather (f32[1] in `embed`): index 3 is out of range for an axis of size 3"
+        );
     }
 }

@@ -638,6 +638,15 @@ impl Elaborator<'_> {
             "rand" | "bernoulli" => {
                 let dims = self.shape_arg(cx, a.get("shape"), a.span("shape"), None)?;
                 let seed = int(self, "seed")?;
+                if seed < 0 {
+                    return Err(self
+                        .err(
+                            cx,
+                            a.span("seed"),
+                            format!("a seed must be >= 0, got {seed}"),
+                        )
+                        .label("negative seed"));
+                }
                 let (dist, dt) = if name == "rand" {
                     (Dist::Uniform { lo: 0.0, hi: 1.0 }, DType::F32)
                 } else {

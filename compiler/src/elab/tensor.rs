@@ -61,7 +61,7 @@ impl Elaborator<'_> {
                         .err(
                             cx,
                             span,
-                            format!("a float cannot be combined with a {dtype} tensor"),
+                            format!("a float cannot be combined with a tensor of dtype {dtype}"),
                         )
                         .note("cast the tensor first, e.g. `cast(x, f32)`"));
                 }
@@ -139,7 +139,10 @@ impl Elaborator<'_> {
                     .err(
                         cx,
                         span,
-                        format!("a float cannot be combined with {} tensor", ty.dtype),
+                        format!(
+                            "a float cannot be combined with a tensor of dtype {}",
+                            ty.dtype
+                        ),
                     )
                     .note("cast the tensor first, e.g. `cast(x, f32)`"))
             }
