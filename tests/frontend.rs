@@ -32,6 +32,17 @@ fn vlm_files(dir: &str) -> Vec<PathBuf> {
     files
 }
 
+/// The `fixture.vlm` of every zoo fixture.
+fn fixture_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir("tests/fixtures/zoo")
+        .expect("tests/fixtures/zoo")
+        .map(|e| e.expect("dir entry").path().join("fixture.vlm"))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files
+}
+
 #[test]
 fn ir_of_every_std_block() {
     insta::glob!("blocks/*.vlm", |path| {
@@ -42,10 +53,27 @@ fn ir_of_every_std_block() {
 
 #[test]
 fn ir_of_every_model() {
-    insta::glob!("../models", "*.vlm", |path| {
+    // The example models at their own sizes; the zoo's full-size specs are pinned at their
+    // fixture sizes below (the same structure, a tenth of the text).
+    insta::glob!("../models", "{llava_tiny,clip_tiny,minilm}.vlm", |path| {
         let m = elaborate(path);
         insta::assert_snapshot!(ir::text::print(&m.graph));
     });
+}
+
+#[test]
+fn ir_of_every_zoo_spec_at_fixture_size() {
+    for path in fixture_files() {
+        let arch = path
+            .parent()
+            .and_then(|d| d.file_name())
+            .expect("fixture dir");
+        let m = elaborate(&path);
+        insta::assert_snapshot!(
+            format!("zoo_{}", arch.to_string_lossy()),
+            ir::text::print(&m.graph)
+        );
+    }
 }
 
 #[test]
