@@ -15,6 +15,8 @@ pub enum Emit {
     Ir,
     /// A Graphviz picture of the graph (`<model>.dot`, and `.svg` when `dot` is installed).
     Dot,
+    /// A block-level picture: one box per block (`<model>.blocks.dot`, and `.svg`).
+    Blocks,
 }
 
 /// `vlmc check FILE...`: exit status 0 when every file is valid, 1 otherwise.
@@ -131,6 +133,7 @@ pub fn build(file: &Path, p: &Pick<'_>, emit: &[Emit], out: Option<&Path>) -> Re
             Emit::Ast => ("ast", ast_text(&checked)),
             Emit::Ir => ("ir", vlmc::ir::text::print(&m.graph)),
             Emit::Dot => ("dot", vlmc::ir::to_dot(&m.graph)),
+            Emit::Blocks => ("blocks.dot", vlmc::ir::to_block_dot(&m.graph, 2)),
         };
         let path = dir.join(format!("{}.{ext}", m.model));
         if let Err(err) = write_atomic(&path, text.as_bytes()) {
@@ -138,7 +141,7 @@ pub fn build(file: &Path, p: &Pick<'_>, emit: &[Emit], out: Option<&Path>) -> Re
             return Err(1);
         }
         eprintln!("wrote {}", path.display());
-        if *e == Emit::Dot {
+        if matches!(e, Emit::Dot | Emit::Blocks) {
             render_svg(&path);
         }
     }

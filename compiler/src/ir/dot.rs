@@ -57,6 +57,111 @@ pub fn to_dot(graph: &Graph) -> String {
     out
 }
 
+/// A block-level picture: every op is folded into its scope cut to `depth` segments (a
+/// numbered layer counts as one segment with its list: `layers.3`), one box per block with its
+/// op and parameter counts, one arrow per distinct tensor type flowing between blocks.
+pub fn to_block_dot(graph: &Graph, depth: usize) -> String {
+    let order = numbering(graph);
+    let block_of = |id: NodeId| -> String {
+        let node = graph.node(id);
+        match &node.op {
+            Op::Input { name } => format!("input {name}"),
+            _ => {
+                let segs = scope_segments(&node.scope);
+                let cut: Vec<&str> = segs.iter().take(depth.max(1)).map(String::as_str).collect();
+                if cut.is_empty() {
+                    "(model)".to_string()
+                } else {
+                    cut.join(".")
+                }
+            }
+        }
+    };
+    let mut blocks: Vec<String> = Vec::new();
+    let mut ops: HashMap<String, usize> = HashMap::new();
+    let mut params: HashMap<String, usize> = HashMap::new();
+    let mut owner: HashMap<NodeId, String> = HashMap::new();
+    for &id in &order {
+        let b = block_of(id);
+        if !ops.contains_key(&b) {
+            blocks.push(b.clone());
+        }
+        let node = graph.node(id);
+        if let Op::Param { .. } = node.op {
+            let n = node
+                .ty
+                .shape
+                .numel()
+                .and_then(|d| d.as_const())
+                .unwrap_or(0) as usize;
+            *params.entry(b.clone()).or_default() += n;
+            ops.entry(b.clone()).or_default();
+        } else {
+            *ops.entry(b.clone()).or_default() += 1;
+        }
+        owner.insert(id, b);
+    }
+    let index: HashMap<&String, usize> = blocks.iter().enumerate().map(|(i, b)| (b, i)).collect();
+    let mut out = String::new();
+    let _ = writeln!(out, "digraph {} {{", quote(&graph.name));
+    out.push_str("  rankdir=TB;\n  node [shape=box, style=\"rounded,filled\", fillcolor=white, fontname=\"monospace\", fontsize=11];\n  edge [fontname=\"monospace\", fontsize=9];\n");
+    for (i, b) in blocks.iter().enumerate() {
+        let (n_ops, n_params) = (
+            ops.get(b).copied().unwrap_or(0),
+            params.get(b).copied().unwrap_or(0),
+        );
+        let (label, style) = if let Some(name) = b.strip_prefix("input ") {
+            (name.to_string(), ", shape=invhouse, fillcolor=\"#bbdefb\"")
+        } else if n_params > 0 {
+            (
+                format!("{b}\n{n_ops} ops, {n_params} params"),
+                ", fillcolor=\"#fff9c4\"",
+            )
+        } else {
+            (format!("{b}\n{n_ops} ops"), "")
+        };
+        let _ = writeln!(out, "  b{i} [label={}{style}];", quote(&label));
+    }
+    let mut edges: Vec<(usize, usize, String)> = Vec::new();
+    for &id in &order {
+        let to = index[&owner[&id]];
+        for o in graph.operands(id) {
+            let from = index[&owner[&o]];
+            if from != to
+                && !matches!(
+                    graph.node(o).op,
+                    Op::Param { .. } | Op::Const { .. } | Op::Iota { .. }
+                )
+            {
+                let e = (from, to, graph.node(o).ty.to_string());
+                if !edges.contains(&e) {
+                    edges.push(e);
+                }
+            }
+        }
+    }
+    for (from, to, ty) in &edges {
+        let _ = writeln!(out, "  b{from} -> b{to} [label={}];", quote(ty));
+    }
+    for (k, (name, id)) in graph.outputs.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "  out{k} [label={}, shape=house, fillcolor=\"#c8e6c9\"];",
+            quote(name)
+        );
+        if let Some(b) = owner.get(id) {
+            let _ = writeln!(
+                out,
+                "  b{} -> out{k} [label={}];",
+                index[b],
+                quote(&graph.node(*id).ty.to_string())
+            );
+        }
+    }
+    out.push_str("}\n");
+    out
+}
+
 /// The attributes of an op's node: its label, and a shape and colour by kind.
 fn node_style(op: &Op, ty: &str) -> String {
     match op {

@@ -22,7 +22,7 @@ pub mod types;
 pub mod verify;
 
 pub use dim::Dim;
-pub use dot::to_dot;
+pub use dot::{to_block_dot, to_dot};
 pub use error::IrError;
 pub use graph::{Graph, Node, NodeId};
 pub use infer::{check_source, infer};
