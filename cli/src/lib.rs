@@ -17,6 +17,21 @@ pub enum Emit {
     Dot,
     /// A block-level picture: one box per block (`<model>.blocks.dot`, and `.svg`).
     Blocks,
+    /// The IR after the optimisation passes, kernels marked (`<model>.opt.ir`).
+    Opt,
+    /// Parameters, FLOPs, kernels and planned memory (`<model>.report.txt`, also on stdout).
+    Report,
+}
+
+/// Compilation options of `vlmc build`.
+#[derive(Clone, Default)]
+pub struct BuildOptions {
+    /// An adapter of the spec to apply and merge (`--adapter`).
+    pub adapter: Option<String>,
+    /// Passes after which to write the IR (`--print-after`, `all` for every pass).
+    pub print_after: Vec<String>,
+    /// Sizes of the symbolic dims for the report (`--dims B=8,T=128`).
+    pub dims: Vec<(String, i64)>,
 }
 
 /// `vlmc check FILE...`: exit status 0 when every file is valid, 1 otherwise.
@@ -118,6 +133,17 @@ fn load_model(file: &Path, p: &Pick<'_>) -> Result<Elaborated, u8> {
 
 /// `vlmc build FILE --emit ...`: writes the artefacts of one model into `out`.
 pub fn build(file: &Path, p: &Pick<'_>, emit: &[Emit], out: Option<&Path>) -> Result<(), u8> {
+    build_with(file, p, emit, out, &BuildOptions::default())
+}
+
+/// `vlmc build` with compilation options.
+pub fn build_with(
+    file: &Path,
+    p: &Pick<'_>,
+    emit: &[Emit],
+    out: Option<&Path>,
+    opts: &BuildOptions,
+) -> Result<(), u8> {
     let checked = checked_ok(file, p.sets)?;
     let models = checked.result.as_deref().unwrap_or_default();
     let m = pick(models, p.model, file)?;
@@ -128,20 +154,77 @@ pub fn build(file: &Path, p: &Pick<'_>, emit: &[Emit], out: Option<&Path>) -> Re
         eprintln!("error: cannot create {}: {e}", dir.display());
         return Err(1);
     }
-    for e in emit {
-        let (ext, text) = match e {
-            Emit::Ast => ("ast", ast_text(&checked)),
-            Emit::Ir => ("ir", vlmc::ir::text::print(&m.graph)),
-            Emit::Dot => ("dot", vlmc::ir::to_dot(&m.graph)),
-            Emit::Blocks => ("blocks.dot", vlmc::ir::to_block_dot(&m.graph, 2)),
+    let needs_compile = emit.iter().any(|e| matches!(e, Emit::Opt | Emit::Report))
+        || opts.adapter.is_some()
+        || !opts.print_after.is_empty();
+    let compiled = if needs_compile {
+        let copts = vlmc::passes::CompileOptions {
+            adapter: opts.adapter.clone(),
+            print_after: opts.print_after.clone(),
         };
+        let t0 = Instant::now();
+        let c = vlmc::passes::compile(m, &copts).map_err(|e| {
+            eprintln!("error: {e}");
+            1u8
+        })?;
+        eprintln!(
+            "compiled {}: {} ops -> {} ops, {} kernels in {:.0} ms",
+            m.model,
+            m.graph.len(),
+            c.graph.len(),
+            c.fusion.groups.len(),
+            ms(t0)
+        );
+        Some(c)
+    } else {
+        None
+    };
+    let mut files: Vec<(String, String)> = Vec::new();
+    for e in emit {
+        let (ext, text) = match (e, &compiled) {
+            (Emit::Ast, _) => ("ast", ast_text(&checked)),
+            (Emit::Ir, _) => ("ir", vlmc::ir::text::print(&m.graph)),
+            (Emit::Dot, _) => ("dot", vlmc::ir::to_dot(&m.graph)),
+            (Emit::Blocks, _) => ("blocks.dot", vlmc::ir::to_block_dot(&m.graph, 2)),
+            (Emit::Opt, Some(c)) => (
+                "opt.ir",
+                vlmc::passes::fusion::print_grouped(&c.graph, &c.fusion),
+            ),
+            (Emit::Report, Some(c)) => {
+                let dims: std::collections::HashMap<String, i64> =
+                    opts.dims.iter().cloned().collect();
+                let mem = vlmc::passes::memory::plan(&c.graph, &c.fusion, &dims);
+                let trainable: Option<Vec<String>> = opts.adapter.as_ref().map(|_| {
+                    c.graph
+                        .params()
+                        .iter()
+                        .map(|(_, p, _, _)| p.to_string())
+                        .filter(|p| p.contains(".lora_"))
+                        .collect()
+                });
+                let r =
+                    vlmc::report::report(&c.graph, &c.fusion, &mem, trainable.as_deref(), &dims);
+                let text = r.text(&m.model, &dims);
+                print!("{text}");
+                ("report.txt", text)
+            }
+            _ => continue,
+        };
+        files.push((ext.to_string(), text));
+    }
+    if let Some(c) = &compiled {
+        for (pass, text) in &c.log.printed {
+            files.push((format!("after-{pass}.ir"), text.clone()));
+        }
+    }
+    for (ext, text) in files {
         let path = dir.join(format!("{}.{ext}", m.model));
         if let Err(err) = write_atomic(&path, text.as_bytes()) {
             eprintln!("error: cannot write {}: {err}", path.display());
             return Err(1);
         }
         eprintln!("wrote {}", path.display());
-        if matches!(e, Emit::Dot | Emit::Blocks) {
+        if ext.ends_with("dot") {
             render_svg(&path);
         }
     }

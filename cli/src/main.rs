@@ -33,9 +33,18 @@ enum Command {
         /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
         #[arg(long = "set", value_parser = parse_pair)]
         sets: Vec<(String, String)>,
-        /// Artefacts to write: ast, ir, dot, blocks (comma-separated).
+        /// Artefacts to write: ast, ir, dot, blocks, opt, report (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "ir")]
         emit: Vec<vlmc_cli::Emit>,
+        /// Apply this adapter of the spec and merge it into the base weights.
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Write the IR after this pass (repeatable; `all` for every pass).
+        #[arg(long = "print-after")]
+        print_after: Vec<String>,
+        /// Sizes of the symbolic dims for the report, e.g. B=8,T=128 (default 1).
+        #[arg(long, value_delimiter = ',', value_parser = parse_dim)]
+        dims: Vec<(String, i64)>,
         /// Output directory (default: build/<model>/).
         #[arg(short, long)]
         out: Option<PathBuf>,
@@ -83,6 +92,13 @@ enum Command {
     },
 }
 
+fn parse_dim(s: &str) -> Result<(String, i64), String> {
+    let (k, v) = parse_pair(s)?;
+    v.parse()
+        .map(|n| (k, n))
+        .map_err(|_| format!("expected NAME=SIZE, got `{s}`"))
+}
+
 fn parse_pair(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -99,8 +115,11 @@ fn main() -> ExitCode {
             model,
             sets,
             emit,
+            adapter,
+            print_after,
+            dims,
             out,
-        } => vlmc_cli::build(
+        } => vlmc_cli::build_with(
             &file,
             &vlmc_cli::Pick {
                 model: model.as_deref(),
@@ -108,6 +127,11 @@ fn main() -> ExitCode {
             },
             &emit,
             out.as_deref(),
+            &vlmc_cli::BuildOptions {
+                adapter,
+                print_after,
+                dims,
+            },
         ),
         Command::Init {
             file,

@@ -6,3 +6,5 @@
 pub mod diag;
 pub mod elab;
 pub mod ir;
+pub mod passes;
+pub mod report;

@@ -71,7 +71,7 @@ pub(crate) fn numbering(graph: &Graph) -> Vec<NodeId> {
 }
 
 /// An op with its operands and attributes, without the type: `slice(%4) axis=1 start=1 …`.
-fn op_text(op: &Op, operands: &[String]) -> String {
+pub(crate) fn op_text(op: &Op, operands: &[String]) -> String {
     let head = match op {
         Op::Input { name } => return format!("input {}", quote(name)),
         Op::Param { path, init } => return format!("param {} init={init}", quote(path)),

@@ -1,0 +1,296 @@
+//! Fusion: partitions the per-run ops into kernels (fusion groups).
+//!
+//! Every op has a kind (TVM's lattice, simplified): elementwise, view (reshape, permute,
+//! expand, slice, pad, concat, gather), reduction, contraction (matmul), source. The rules:
+//!
+//! - values computed only from parameters and constants are computed at load time, not in a
+//!   kernel; constants, iotas and views of them are cheap and recomputed inside every kernel;
+//! - elementwise and view chains fuse with their producer when they have its shape;
+//! - a reduction absorbs its elementwise producers; the ops over the same rows after it join
+//!   too, including a broadcast of the reduced value back along the reduced axis (a *row
+//!   kernel*: softmax and layer norm become one kernel each);
+//! - a matmul starts a kernel and takes an elementwise epilogue of its size (bias, activation,
+//!   residual, scale), through reshapes that only relabel its rows;
+//! - a value used by another kernel (or an output) is materialised in a buffer; nothing that is
+//!   not cheap is computed twice.
+
+use super::load_time;
+use crate::ir::{Dim, Graph, NodeId, Op, OpKind, Shape};
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write;
+
+/// What a kernel is built around.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Anchor {
+    /// Elementwise and view ops only.
+    Pointwise,
+    /// Reductions over the last-reduced axis of rows of `rows` (the reduction's input shape).
+    Rows { rows: Shape, axis: usize },
+    /// A matmul with its epilogue.
+    Contraction,
+}
+
+/// One kernel: its ops in order, and the values it writes for others.
+#[derive(Clone, Debug)]
+pub struct Group {
+    pub anchor: Anchor,
+    pub nodes: Vec<NodeId>,
+    /// Values read by other kernels or named as outputs.
+    pub outputs: Vec<NodeId>,
+}
+
+/// The partition of a graph into kernels.
+#[derive(Clone, Debug, Default)]
+pub struct FusionPlan {
+    pub groups: Vec<Group>,
+    /// Nodes computed once when the weights are loaded.
+    pub load_time: HashSet<NodeId>,
+    /// Cheap nodes recomputed inside the kernels that use them.
+    pub cheap: HashSet<NodeId>,
+    /// The group of each fused node.
+    pub group_of: HashMap<NodeId, usize>,
+}
+
+impl FusionPlan {
+    /// Ops that would each be a kernel without fusion (per-run ops that are not cheap).
+    pub fn unfused_kernels(&self) -> usize {
+        self.group_of.len()
+    }
+}
+
+fn numel(shape: &Shape) -> Option<Dim> {
+    shape.numel()
+}
+
+/// Partitions `graph` into kernels.
+pub fn plan(graph: &Graph) -> FusionPlan {
+    let lt = load_time(graph);
+    let order = graph.topo_order();
+    let mut cheap: HashSet<NodeId> = HashSet::new();
+    for &id in &order {
+        let node = graph.node(id);
+        let ops = graph.operands(id);
+        let is_cheap = match node.op {
+            Op::Const { .. } | Op::Iota { .. } => true,
+            _ if node.op.kind() == OpKind::View => {
+                ops.iter().all(|o| cheap.contains(o) || lt.contains(o))
+            }
+            _ => false,
+        };
+        if is_cheap {
+            cheap.insert(id);
+        }
+    }
+    let mut groups: Vec<Group> = Vec::new();
+    let mut group_of: HashMap<NodeId, usize> = HashMap::new();
+    // deps[g]: the kernels g reads from.
+    let mut deps: Vec<HashSet<usize>> = Vec::new();
+    for &id in &order {
+        let node = graph.node(id);
+        if lt.contains(&id) || cheap.contains(&id) || matches!(node.op, Op::Input { .. }) {
+            continue;
+        }
+        let ops = graph.operands(id);
+        let shape = &node.ty.shape;
+        // The kernels this op reads from: its operands' kernels, looking through cheap views.
+        let mut producer_groups: Vec<usize> = Vec::new();
+        let mut stack = ops.clone();
+        while let Some(o) = stack.pop() {
+            if let Some(&g) = group_of.get(&o) {
+                if !producer_groups.contains(&g) {
+                    producer_groups.push(g);
+                }
+            } else if cheap.contains(&o) {
+                stack.extend(graph.operands(o));
+            }
+        }
+        // Joining kernel g must not create a cycle: no other producer may depend on g.
+        let acyclic = |g: usize| {
+            producer_groups
+                .iter()
+                .all(|&h| h == g || !depends_on(&deps, h, g))
+        };
+        let joined = match node.op.kind() {
+            OpKind::Contraction | OpKind::Opaque | OpKind::Source => None,
+            OpKind::Reduction => match node.op {
+                Op::Reduce { axis, .. } => {
+                    let rows = &graph.node(ops[0]).ty.shape;
+                    producer_groups
+                        .iter()
+                        .copied()
+                        .filter(|&g| acyclic(g))
+                        .find(|&g| match &groups[g].anchor {
+                            Anchor::Pointwise => groups[g]
+                                .nodes
+                                .iter()
+                                .all(|&n| graph.node(n).ty.shape == *rows),
+                            Anchor::Rows { rows: r, axis: a } => r == rows && *a == axis,
+                            Anchor::Contraction => false,
+                        })
+                }
+                _ => None,
+            },
+            OpKind::Elementwise | OpKind::View => producer_groups
+                .iter()
+                .copied()
+                .filter(|&g| acyclic(g))
+                .find(|&g| {
+                    let grp = &groups[g];
+                    match &grp.anchor {
+                        Anchor::Pointwise => {
+                            grp.nodes.iter().any(|&n| graph.node(n).ty.shape == *shape)
+                        }
+                        Anchor::Rows { rows, axis } => {
+                            // Row space, or the reduced space (rows with the axis at 1).
+                            let mut reduced = rows.clone();
+                            reduced.0[*axis] = Dim::c(1);
+                            *shape == *rows || *shape == reduced
+                        }
+                        Anchor::Contraction => {
+                            let out = grp.nodes.first().map(|&m| graph.node(m).ty.shape.clone());
+                            let relabel = matches!(node.op, Op::Reshape { .. })
+                                || node.op.kind() == OpKind::Elementwise;
+                            relabel && out.is_some_and(|o| numel(&o) == numel(shape))
+                        }
+                    }
+                }),
+        };
+        match joined {
+            Some(g) => {
+                if let (Op::Reduce { axis, .. }, Anchor::Pointwise) = (&node.op, &groups[g].anchor)
+                {
+                    groups[g].anchor = Anchor::Rows {
+                        rows: graph.node(ops[0]).ty.shape.clone(),
+                        axis: *axis,
+                    };
+                }
+                groups[g].nodes.push(id);
+                group_of.insert(id, g);
+                for &h in &producer_groups {
+                    if h != g {
+                        deps[g].insert(h);
+                    }
+                }
+            }
+            // A view that joins no kernel is an index transformation that its consumers apply
+            // when they read the (materialised) operand.
+            None if node.op.kind() == OpKind::View => {
+                cheap.insert(id);
+            }
+            None => {
+                let anchor = match node.op {
+                    Op::MatMul => Anchor::Contraction,
+                    Op::Reduce { axis, .. } => Anchor::Rows {
+                        rows: graph.node(ops[0]).ty.shape.clone(),
+                        axis,
+                    },
+                    _ => Anchor::Pointwise,
+                };
+                group_of.insert(id, groups.len());
+                deps.push(producer_groups.iter().copied().collect());
+                groups.push(Group {
+                    anchor,
+                    nodes: vec![id],
+                    outputs: Vec::new(),
+                });
+            }
+        }
+    }
+    // A value is materialised when a kernel other than its own reads it, directly or through
+    // cheap views, or when an output names it (directly or through views).
+    let mut out_ids: HashSet<NodeId> = HashSet::new();
+    for (_, id) in &graph.outputs {
+        let mut stack = vec![*id];
+        while let Some(v) = stack.pop() {
+            if cheap.contains(&v) {
+                stack.extend(graph.operands(v));
+            } else {
+                out_ids.insert(v);
+            }
+        }
+    }
+    let readers = |n: NodeId| -> Vec<NodeId> {
+        let mut out = Vec::new();
+        let mut stack = graph.users(n);
+        while let Some(u) = stack.pop() {
+            if cheap.contains(&u) {
+                stack.extend(graph.users(u));
+            } else {
+                out.push(u);
+            }
+        }
+        out
+    };
+    for (g, grp) in groups.iter_mut().enumerate() {
+        for &n in &grp.nodes {
+            let used_outside = readers(n)
+                .iter()
+                .any(|u| group_of.get(u).is_some_and(|&h| h != g));
+            if used_outside || out_ids.contains(&n) {
+                grp.outputs.push(n);
+            }
+        }
+    }
+    FusionPlan {
+        groups,
+        load_time: lt,
+        cheap,
+        group_of,
+    }
+}
+
+/// Whether kernel `from` reads, directly or not, from kernel `to`.
+fn depends_on(deps: &[HashSet<usize>], from: usize, to: usize) -> bool {
+    let mut seen = HashSet::new();
+    let mut stack = vec![from];
+    while let Some(g) = stack.pop() {
+        if g == to {
+            return true;
+        }
+        if seen.insert(g) {
+            stack.extend(deps[g].iter().copied());
+        }
+    }
+    false
+}
+
+/// The IR text with the kernels marked: a `; kernel N (...)` comment line before each kernel's
+/// first op (the reader ignores comments, so this still reads back).
+pub fn print_grouped(graph: &Graph, plan: &FusionPlan) -> String {
+    let text = crate::ir::text::print(graph);
+    let order = crate::ir::text::numbering(graph);
+    let mut first: HashMap<usize, usize> = HashMap::new();
+    for (i, id) in order.iter().enumerate() {
+        if let Some(&g) = plan.group_of.get(id) {
+            first.entry(g).or_insert(i);
+        }
+    }
+    let mut starts: HashMap<usize, usize> = HashMap::new();
+    for (g, i) in first {
+        starts.insert(i, g);
+    }
+    let mut out = String::new();
+    let mut op_index = 0;
+    for line in text.lines() {
+        if line.starts_with('%') {
+            if let Some(&g) = starts.get(&op_index) {
+                let grp = &plan.groups[g];
+                let kind = match &grp.anchor {
+                    Anchor::Pointwise => "pointwise".to_string(),
+                    Anchor::Rows { axis, .. } => format!("rows over axis {axis}"),
+                    Anchor::Contraction => "matmul".to_string(),
+                };
+                let _ = writeln!(
+                    out,
+                    "; kernel {g}: {kind}, {} ops, {} output(s)",
+                    grp.nodes.len(),
+                    grp.outputs.len()
+                );
+            }
+            op_index += 1;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}

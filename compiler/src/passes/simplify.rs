@@ -1,0 +1,217 @@
+//! Algebraic simplification: a table of local rewrite rules applied until nothing changes.
+//!
+//! | rule | rewrites |
+//! |---|---|
+//! | `noop_view` | `reshape`, `expand`, identity `permute`, `cast` to the same type → the operand |
+//! | `reshape_reshape` | `reshape(reshape(x))` → `reshape(x)` |
+//! | `permute_permute` | `permute(permute(x, p), q)` → `permute(x, p∘q)` (or `x`) |
+//! | `double_neg` | `neg(neg(x))` → `x` |
+//! | `identity_operand` | `x + 0`, `0 + x`, `x - 0`, `x * 1`, `1 * x`, `x / 1` → `x` |
+//! | `fold_const` | an elementwise op, cast or view of constants → one constant |
+//!
+//! Constants fill their whole shape with one value, so folding computes one scalar, with the
+//! interpreter's rounding (operands rounded to their dtype, the result computed in f64).
+
+use super::{Pass, PassError};
+use crate::ir::{BinaryOp, DType, Graph, NodeId, Op, UnaryOp};
+
+/// Applies the rewrite rules to a fixed point.
+pub struct Simplify;
+
+type Rule = fn(&mut Graph, NodeId) -> Option<NodeId>;
+
+const RULES: &[Rule] = &[
+    noop_view,
+    reshape_reshape,
+    permute_permute,
+    double_neg,
+    identity_operand,
+    fold_const,
+];
+
+impl Pass for Simplify {
+    fn name(&self) -> &'static str {
+        "simplify"
+    }
+
+    fn run(&self, graph: &mut Graph) -> Result<bool, PassError> {
+        let mut changed = false;
+        for _round in 0..100 {
+            let mut any = false;
+            for id in graph.topo_order() {
+                if !graph.contains(id) {
+                    continue;
+                }
+                for rule in RULES {
+                    if let Some(new) = rule(graph, id) {
+                        if new != id {
+                            graph.replace_uses(id, new);
+                            graph.remove(id);
+                            any = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            changed |= any;
+            if !any {
+                return Ok(changed);
+            }
+        }
+        Err(PassError {
+            pass: "simplify",
+            message: "no fixed point after 100 rounds".into(),
+        })
+    }
+}
+
+fn operand(g: &Graph, id: NodeId, i: usize) -> Option<NodeId> {
+    g.operands(id).get(i).copied()
+}
+
+fn add(g: &mut Graph, op: Op, operands: &[NodeId], like: NodeId) -> Option<NodeId> {
+    let scope = g.node(like).scope.clone();
+    g.add(op, operands, &scope).ok()
+}
+
+fn noop_view(g: &mut Graph, id: NodeId) -> Option<NodeId> {
+    let node = g.node(id);
+    let x = operand(g, id, 0)?;
+    let same = g.node(x).ty == node.ty;
+    let is_view = match &node.op {
+        Op::Reshape { .. } | Op::Expand { .. } | Op::Cast { .. } => true,
+        Op::Permute { perm } => perm.iter().enumerate().all(|(i, &p)| i == p),
+        _ => false,
+    };
+    (is_view && same).then_some(x)
+}
+
+fn reshape_reshape(g: &mut Graph, id: NodeId) -> Option<NodeId> {
+    let Op::Reshape { shape } = &g.node(id).op else {
+        return None;
+    };
+    let inner = operand(g, id, 0)?;
+    if !matches!(g.node(inner).op, Op::Reshape { .. }) {
+        return None;
+    }
+    let x = operand(g, inner, 0)?;
+    let shape = shape.clone();
+    add(g, Op::Reshape { shape }, &[x], id)
+}
+
+fn permute_permute(g: &mut Graph, id: NodeId) -> Option<NodeId> {
+    let Op::Permute { perm: outer } = &g.node(id).op else {
+        return None;
+    };
+    let inner = operand(g, id, 0)?;
+    let Op::Permute { perm: first } = &g.node(inner).op else {
+        return None;
+    };
+    // out[i] = mid[outer[i]] = x[first[outer[i]]]
+    let composed: Vec<usize> = outer.iter().map(|&o| first[o]).collect();
+    let x = operand(g, inner, 0)?;
+    if composed.iter().enumerate().all(|(i, &p)| i == p) {
+        return Some(x);
+    }
+    add(g, Op::Permute { perm: composed }, &[x], id)
+}
+
+fn double_neg(g: &mut Graph, id: NodeId) -> Option<NodeId> {
+    let Op::Unary(UnaryOp::Neg) = g.node(id).op else {
+        return None;
+    };
+    let inner = operand(g, id, 0)?;
+    let Op::Unary(UnaryOp::Neg) = g.node(inner).op else {
+        return None;
+    };
+    operand(g, inner, 0)
+}
+
+fn const_value(g: &Graph, id: NodeId) -> Option<f64> {
+    match g.node(id).op {
+        Op::Const { value } => Some(round_to(g.node(id).ty.dtype, value)),
+        _ => None,
+    }
+}
+
+fn identity_operand(g: &mut Graph, id: NodeId) -> Option<NodeId> {
+    let Op::Binary(op) = g.node(id).op else {
+        return None;
+    };
+    let (a, b) = (operand(g, id, 0)?, operand(g, id, 1)?);
+    let (ca, cb) = (const_value(g, a), const_value(g, b));
+    match op {
+        BinaryOp::Add if cb == Some(0.0) => Some(a),
+        BinaryOp::Add if ca == Some(0.0) => Some(b),
+        BinaryOp::Sub if cb == Some(0.0) => Some(a),
+        BinaryOp::Mul | BinaryOp::Div if cb == Some(1.0) => Some(a),
+        BinaryOp::Mul if ca == Some(1.0) => Some(b),
+        _ => None,
+    }
+}
+
+/// A value as the interpreter holds it in `dtype`.
+fn round_to(dtype: DType, v: f64) -> f64 {
+    match dtype {
+        DType::F32 => f64::from(v as f32),
+        DType::F16 => half::f16::from_f64(v).to_f64(),
+        DType::BF16 => half::bf16::from_f64(v).to_f64(),
+        DType::I32 => f64::from(v as i32),
+        DType::Bool => f64::from(u8::from(v != 0.0)),
+        DType::NF4 => v,
+    }
+}
+
+fn fold_const(g: &mut Graph, id: NodeId) -> Option<NodeId> {
+    let node = g.node(id);
+    let ty = node.ty.clone();
+    let operands = g.operands(id);
+    if operands.is_empty() {
+        return None;
+    }
+    let vals: Vec<f64> = operands
+        .iter()
+        .map(|&o| const_value(g, o))
+        .collect::<Option<_>>()?;
+    let float = ty.dtype.is_float() || matches!(node.op, Op::Binary(b) if b.is_comparison());
+    let value = match &node.op {
+        Op::Reshape { .. } | Op::Expand { .. } | Op::Permute { .. } | Op::Cast { .. } => vals[0],
+        Op::Unary(u) if float => {
+            let x = vals[0];
+            match u {
+                UnaryOp::Neg => -x,
+                UnaryOp::Abs => x.abs(),
+                UnaryOp::Exp => x.exp(),
+                UnaryOp::Log => x.ln(),
+                UnaryOp::Sqrt => x.sqrt(),
+                UnaryOp::Rsqrt => 1.0 / x.sqrt(),
+                UnaryOp::Recip => 1.0 / x,
+                UnaryOp::Tanh => x.tanh(),
+                UnaryOp::Sin => x.sin(),
+                UnaryOp::Cos => x.cos(),
+                UnaryOp::Floor => x.floor(),
+                UnaryOp::Erf | UnaryOp::Not => return None,
+            }
+        }
+        Op::Binary(b) if float && g.node(operands[0]).ty.dtype.is_float() => {
+            let (x, y) = (vals[0], vals[1]);
+            match b {
+                BinaryOp::Add => x + y,
+                BinaryOp::Sub => x - y,
+                BinaryOp::Mul => x * y,
+                BinaryOp::Div => x / y,
+                BinaryOp::Pow => x.powf(y),
+                BinaryOp::Eq => f64::from(u8::from(x == y)),
+                BinaryOp::Ne => f64::from(u8::from(x != y)),
+                BinaryOp::Lt => f64::from(u8::from(x < y)),
+                BinaryOp::Le => f64::from(u8::from(x <= y)),
+                BinaryOp::Gt => f64::from(u8::from(x > y)),
+                BinaryOp::Ge => f64::from(u8::from(x >= y)),
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
+    let scope = node.scope.clone();
+    g.add_source(Op::Const { value }, ty, &scope).ok()
+}
