@@ -21,6 +21,8 @@ pub enum Emit {
     Opt,
     /// Parameters, FLOPs, kernels and planned memory (`<model>.report.txt`, also on stdout).
     Report,
+    /// The kernel IR of every fused kernel and the buffer plan, at `--dims` (`<model>.kernels`).
+    Kernels,
 }
 
 /// Compilation options of `vlmc build`.
@@ -154,7 +156,9 @@ pub fn build_with(
         eprintln!("error: cannot create {}: {e}", dir.display());
         return Err(1);
     }
-    let needs_compile = emit.iter().any(|e| matches!(e, Emit::Opt | Emit::Report))
+    let needs_compile = emit
+        .iter()
+        .any(|e| matches!(e, Emit::Opt | Emit::Report | Emit::Kernels))
         || opts.adapter.is_some()
         || !opts.print_after.is_empty();
     let compiled = if needs_compile {
@@ -207,6 +211,18 @@ pub fn build_with(
                 let text = r.text(&m.model, &dims);
                 print!("{text}");
                 ("report.txt", text)
+            }
+            (Emit::Kernels, Some(c)) => {
+                let dims: std::collections::HashMap<String, i64> =
+                    opts.dims.iter().cloned().collect();
+                let mem = vlmc::passes::memory::plan(&c.graph, &c.fusion, &dims);
+                match vlmc::kernel::lower(&c.graph, &c.fusion, &mem, &dims) {
+                    Ok(plan) => ("kernels", plan.to_string()),
+                    Err(e) => {
+                        eprintln!("error: cannot lower {} to kernels: {e} (are all dims given with --dims?)", m.model);
+                        return Err(1);
+                    }
+                }
             }
             _ => continue,
         };

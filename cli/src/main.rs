@@ -33,7 +33,7 @@ enum Command {
         /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
         #[arg(long = "set", value_parser = parse_pair)]
         sets: Vec<(String, String)>,
-        /// Artefacts to write: ast, ir, dot, blocks, opt, report (comma-separated).
+        /// Artefacts to write: ast, ir, dot, blocks, opt, report, kernels (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "ir")]
         emit: Vec<vlmc_cli::Emit>,
         /// Apply this adapter of the spec and merge it into the base weights.

@@ -6,5 +6,6 @@
 pub mod diag;
 pub mod elab;
 pub mod ir;
+pub mod kernel;
 pub mod passes;
 pub mod report;

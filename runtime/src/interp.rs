@@ -53,7 +53,52 @@ pub fn run(
     params: &BTreeMap<String, Tensor>,
 ) -> R<BTreeMap<String, Tensor>> {
     let dims = bind_dims(graph, inputs)?;
-    let order = graph.topo_order();
+    let wanted: Vec<NodeId> = graph.outputs.iter().map(|(_, id)| *id).collect();
+    let mut values = evaluate(graph, &dims, inputs, params, &wanted)?;
+    let mut outs = BTreeMap::new();
+    for (name, id) in &graph.outputs {
+        let t = values.get(id).cloned().ok_or_else(|| RunError {
+            message: format!("output `{name}` was not computed"),
+        })?;
+        outs.insert(name.clone(), t);
+    }
+    values.clear();
+    Ok(outs)
+}
+
+/// Computes only the nodes `wanted` need (for values computed once at load time, which
+/// depend on parameters and constants only).
+pub fn run_nodes(
+    graph: &Graph,
+    inputs: &BTreeMap<String, Tensor>,
+    params: &BTreeMap<String, Tensor>,
+    wanted: &[NodeId],
+) -> R<HashMap<NodeId, Tensor>> {
+    let dims = bind_dims(graph, inputs).unwrap_or_default();
+    evaluate(graph, &dims, inputs, params, wanted)
+}
+
+/// Evaluates the nodes `wanted` depend on, in order, freeing intermediates after their last
+/// use; returns the wanted values.
+fn evaluate(
+    graph: &Graph,
+    dims: &Bindings,
+    inputs: &BTreeMap<String, Tensor>,
+    params: &BTreeMap<String, Tensor>,
+    wanted: &[NodeId],
+) -> R<HashMap<NodeId, Tensor>> {
+    let mut needed = std::collections::HashSet::new();
+    let mut stack: Vec<NodeId> = wanted.to_vec();
+    while let Some(id) = stack.pop() {
+        if needed.insert(id) {
+            stack.extend(graph.operands(id));
+        }
+    }
+    let order: Vec<NodeId> = graph
+        .topo_order()
+        .into_iter()
+        .filter(|id| needed.contains(id))
+        .collect();
     // How many uses each value still has, to free intermediates early.
     let mut uses: HashMap<NodeId, usize> = HashMap::new();
     for &id in &order {
@@ -61,7 +106,7 @@ pub fn run(
             *uses.entry(o).or_default() += 1;
         }
     }
-    for (_, o) in &graph.outputs {
+    for o in wanted {
         *uses.entry(*o).or_default() += 1;
     }
     let mut values: HashMap<NodeId, Tensor> = HashMap::new();
@@ -76,7 +121,7 @@ pub fn run(
         let context = |e: RunError| RunError {
             message: format!("{} ({}{scope}): {}", node.op.name(), node.ty, e.message),
         };
-        let shape = concrete(&node.ty.shape.0, &dims).map_err(context)?;
+        let shape = concrete(&node.ty.shape.0, dims).map_err(context)?;
         let operands = graph.operands(id);
         let args: Vec<&Tensor> = operands
             .iter()
@@ -86,16 +131,8 @@ pub fn run(
                 })
             })
             .collect::<R<_>>()?;
-        let out = eval(
-            &node.op,
-            node.ty.dtype,
-            &shape,
-            &args,
-            &dims,
-            inputs,
-            params,
-        )
-        .map_err(context)?;
+        let out =
+            eval(&node.op, node.ty.dtype, &shape, &args, dims, inputs, params).map_err(context)?;
         debug_assert_eq!(out.shape, shape);
         for o in operands {
             if let Some(n) = uses.get_mut(&o) {
@@ -107,14 +144,10 @@ pub fn run(
         }
         values.insert(id, out);
     }
-    let mut outs = BTreeMap::new();
-    for (name, id) in &graph.outputs {
-        let t = values.get(id).cloned().ok_or_else(|| RunError {
-            message: format!("output `{name}` was not computed"),
-        })?;
-        outs.insert(name.clone(), t);
-    }
-    Ok(outs)
+    Ok(wanted
+        .iter()
+        .filter_map(|id| values.get(id).map(|t| (*id, t.clone())))
+        .collect())
 }
 
 /// Solves the symbolic dims from the inputs' shapes and checks every input against its type.

@@ -5,6 +5,7 @@
 pub mod init;
 pub mod inputs;
 pub mod interp;
+pub mod plan;
 pub mod rng;
 pub mod tensor;
 pub mod weights;

@@ -196,6 +196,23 @@ pub fn plan(graph: &Graph) -> FusionPlan {
             }
         }
     }
+    // An output that no kernel computes (a view of an input or of another kernel's value, a
+    // constant) gets a copy kernel of its own.
+    for (_, id) in &graph.outputs {
+        if cheap.contains(id) && !group_of.contains_key(id) {
+            cheap.remove(id);
+            group_of.insert(*id, groups.len());
+            deps.push(HashSet::new());
+            groups.push(Group {
+                anchor: Anchor::Pointwise,
+                nodes: vec![*id],
+                outputs: Vec::new(),
+            });
+        }
+    }
+    // Kernels run in dependency order: an op that joined an earlier kernel may read a kernel
+    // created after it (a RoPE table computed later in program order), so sort them.
+    let (mut groups, group_of) = sort_groups(groups, &deps, group_of);
     // A value is materialised when a kernel other than its own reads it, directly or through
     // cheap views, or when an output names it (directly or through views).
     let mut out_ids: HashSet<NodeId> = HashSet::new();
@@ -237,6 +254,50 @@ pub fn plan(graph: &Graph) -> FusionPlan {
         cheap,
         group_of,
     }
+}
+
+/// Orders kernels so that every kernel comes after the kernels it reads (Kahn's algorithm,
+/// taking the lowest-numbered ready kernel first, so unconstrained kernels keep their order).
+fn sort_groups(
+    groups: Vec<Group>,
+    deps: &[HashSet<usize>],
+    group_of: HashMap<NodeId, usize>,
+) -> (Vec<Group>, HashMap<NodeId, usize>) {
+    let n = groups.len();
+    let mut remaining: Vec<usize> = (0..n)
+        .map(|g| deps[g].iter().filter(|&&h| h != g).count())
+        .collect();
+    let mut users: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (g, d) in deps.iter().enumerate() {
+        for &h in d {
+            if h != g {
+                users[h].push(g);
+            }
+        }
+    }
+    let mut ready: std::collections::BTreeSet<usize> =
+        (0..n).filter(|&g| remaining[g] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(g) = ready.pop_first() {
+        order.push(g);
+        for &u in &users[g] {
+            remaining[u] -= 1;
+            if remaining[u] == 0 {
+                ready.insert(u);
+            }
+        }
+    }
+    let mut new_index = vec![0; n];
+    for (i, &g) in order.iter().enumerate() {
+        new_index[g] = i;
+    }
+    let mut slots: Vec<Option<Group>> = groups.into_iter().map(Some).collect();
+    let sorted: Vec<Group> = order.iter().filter_map(|&g| slots[g].take()).collect();
+    let group_of = group_of
+        .into_iter()
+        .map(|(id, g)| (id, new_index[g]))
+        .collect();
+    (sorted, group_of)
 }
 
 /// Whether kernel `from` reads, directly or not, from kernel `to`.

@@ -18,10 +18,9 @@ pub struct MemoryPlan {
     pub naive: usize,
 }
 
-/// Bytes per element of a dtype as stored by the runtime.
-fn elem_bytes(g: &Graph, id: NodeId) -> usize {
-    (g.node(id).ty.dtype.bits() as usize).div_ceil(8).max(1)
-}
+/// Bytes per element as the runtime stores activations: every dtype in a 4-byte slot (f32,
+/// i32, and bool as i32), so one arena offset works for all of them.
+pub const SLOT_BYTES: usize = 4;
 
 /// Plans the buffers of `fusion` with the symbolic dims bound to `dims` (unbound ones: 1).
 pub fn plan(graph: &Graph, fusion: &FusionPlan, dims: &HashMap<String, i64>) -> MemoryPlan {
@@ -33,7 +32,7 @@ pub fn plan(graph: &Graph, fusion: &FusionPlan, dims: &HashMap<String, i64>) -> 
                     .max(0),
             )
         });
-        (n as usize).saturating_mul(elem_bytes(graph, id))
+        (n as usize).saturating_mul(SLOT_BYTES)
     };
     let n_groups = fusion.groups.len();
     let is_output: Vec<NodeId> = graph.outputs.iter().map(|(_, id)| *id).collect();
@@ -41,17 +40,19 @@ pub fn plan(graph: &Graph, fusion: &FusionPlan, dims: &HashMap<String, i64>) -> 
     let mut values: Vec<(NodeId, usize, usize, usize)> = Vec::new();
     for (g, grp) in fusion.groups.iter().enumerate() {
         for &v in &grp.outputs {
-            let last = if is_output.contains(&v) {
-                n_groups
-            } else {
-                graph
-                    .users(v)
-                    .iter()
-                    .filter_map(|u| fusion.group_of.get(u))
-                    .copied()
-                    .max()
-                    .unwrap_or(g)
-            };
+            // The last kernel that reads v, directly or through cheap views.
+            let mut last = g;
+            let mut stack = graph.users(v);
+            while let Some(u) = stack.pop() {
+                match fusion.group_of.get(&u) {
+                    Some(&h) => last = last.max(h),
+                    None if fusion.cheap.contains(&u) => stack.extend(graph.users(u)),
+                    None => {}
+                }
+            }
+            if is_output.contains(&v) || reaches_output(graph, fusion, v) {
+                last = n_groups;
+            }
             values.push((v, g, last, size_of(v)));
         }
     }
@@ -81,4 +82,19 @@ pub fn plan(graph: &Graph, fusion: &FusionPlan, dims: &HashMap<String, i64>) -> 
         peak = peak.max(offset + size);
     }
     MemoryPlan { slots, peak, naive }
+}
+
+/// Whether an output names `v` through cheap views.
+fn reaches_output(graph: &Graph, fusion: &FusionPlan, v: NodeId) -> bool {
+    let outs: Vec<NodeId> = graph.outputs.iter().map(|(_, id)| *id).collect();
+    let mut stack = graph.users(v);
+    while let Some(u) = stack.pop() {
+        if outs.contains(&u) {
+            return true;
+        }
+        if fusion.cheap.contains(&u) {
+            stack.extend(graph.users(u));
+        }
+    }
+    false
 }

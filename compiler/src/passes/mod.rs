@@ -105,17 +105,21 @@ impl PassManager {
     }
 }
 
-/// Whether a node's value depends only on parameters and constants: such values are computed
-/// once when the weights are loaded (a merged LoRA weight, a transposed weight), not per run.
+/// The nodes whose values depend only on parameters and constants, with fixed sizes: such
+/// values are computed once when the weights are loaded (a merged LoRA weight, a transposed
+/// weight), not per run. (A value whose size depends on `B` or `T`, such as a RoPE table,
+/// is computed per run.)
 pub fn load_time(graph: &Graph) -> std::collections::HashSet<ir::NodeId> {
     let mut out = std::collections::HashSet::new();
     for id in graph.topo_order() {
         let node = graph.node(id);
-        let is = match node.op {
-            ir::Op::Param { .. } | ir::Op::Const { .. } | ir::Op::Iota { .. } => true,
-            ir::Op::Input { .. } | ir::Op::Random { .. } => false,
-            _ => graph.operands(id).iter().all(|o| out.contains(o)),
-        };
+        let fixed = node.ty.shape.0.iter().all(|d| d.is_const());
+        let is = fixed
+            && match node.op {
+                ir::Op::Param { .. } | ir::Op::Const { .. } | ir::Op::Iota { .. } => true,
+                ir::Op::Input { .. } | ir::Op::Random { .. } => false,
+                _ => graph.operands(id).iter().all(|o| out.contains(o)),
+            };
         if is {
             out.insert(id);
         }

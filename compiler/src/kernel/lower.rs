@@ -1,0 +1,651 @@
+//! Lowering: from a graph partitioned into fusion groups, at concrete sizes, to a [`Plan`].
+//!
+//! Inside a kernel every op becomes scalar math at an index; views become index arithmetic
+//! (reshape: linearise and split; permute: reorder; expand: zero; slice: scale and shift;
+//! pad and concat: a range test and a clamped load; gather: an index loaded from a buffer).
+//! Values from other kernels, inputs, parameters and load-time values are loads from buffers.
+
+use super::*;
+use crate::ir::{Graph, NodeId, Op, OpKind};
+use crate::passes::fusion::{Anchor, FusionPlan};
+use crate::passes::memory::MemoryPlan;
+use std::collections::HashMap;
+
+/// Something the lowering cannot express (yet).
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{message}")]
+pub struct LowerError {
+    pub message: String,
+}
+
+fn lerr<T>(message: impl Into<String>) -> Result<T, LowerError> {
+    Err(LowerError {
+        message: message.into(),
+    })
+}
+
+type R<T> = Result<T, LowerError>;
+
+struct Lowering<'g> {
+    g: &'g Graph,
+    fusion: &'g FusionPlan,
+    dims: &'g HashMap<String, i64>,
+    buffers: Vec<Buffer>,
+    buffer_of: HashMap<NodeId, usize>,
+}
+
+/// Lowers a compiled graph at the sizes `dims` (every symbolic dim must be bound).
+pub fn lower(
+    g: &Graph,
+    fusion: &FusionPlan,
+    memory: &MemoryPlan,
+    dims: &HashMap<String, i64>,
+) -> R<Plan> {
+    let mut l = Lowering {
+        g,
+        fusion,
+        dims,
+        buffers: Vec::new(),
+        buffer_of: HashMap::new(),
+    };
+    // Temporaries: every value a kernel writes for others, at its planned offset (the plan
+    // counts 4-byte slots: every dtype is stored in one).
+    let mut arena = 0;
+    for grp in &fusion.groups {
+        for &v in &grp.outputs {
+            let (offset, _) = memory.slots.get(&v).copied().unwrap_or((0, 0));
+            let shape = l.shape(v)?;
+            let off = offset / crate::passes::memory::SLOT_BYTES;
+            arena = arena.max(off + shape.iter().product::<usize>());
+            l.add_buffer(v, BufferKind::Temp { offset: off }, shape);
+        }
+    }
+    let mut kernels = Vec::new();
+    for (gi, grp) in fusion.groups.iter().enumerate() {
+        kernels.push(l.kernel(gi, grp)?);
+    }
+    let mut outputs = Vec::new();
+    for (name, id) in &g.outputs {
+        let b = l.leaf_buffer(*id)?.ok_or_else(|| LowerError {
+            message: format!("output `{name}` is not materialised"),
+        })?;
+        outputs.push((name.clone(), b));
+    }
+    Ok(Plan {
+        buffers: l.buffers,
+        kernels,
+        outputs,
+        arena,
+    })
+}
+
+/// Row-major linear index of a multi-index.
+fn linearize(idx: &[Idx], shape: &[usize]) -> Idx {
+    let mut acc: Option<Idx> = None;
+    for (i, n) in idx.iter().zip(shape) {
+        acc = Some(match acc {
+            None => i.clone(),
+            Some(a) => add(mul(a, *n as i64), i.clone()),
+        });
+    }
+    acc.unwrap_or(Idx::Const(0))
+}
+
+/// The multi-index of a linear index.
+fn delinearize(flat: &Idx, shape: &[usize]) -> Vec<Idx> {
+    let mut out = Vec::with_capacity(shape.len());
+    let mut stride: usize = shape.iter().product();
+    for &n in shape {
+        stride /= n.max(1);
+        let q = if stride == 1 {
+            flat.clone()
+        } else {
+            div(flat.clone(), stride as i64)
+        };
+        out.push(if out.is_empty() { q } else { rem(q, n as i64) });
+    }
+    out
+}
+
+fn add(a: Idx, b: Idx) -> Idx {
+    match (&a, &b) {
+        (Idx::Const(0), _) => b,
+        (_, Idx::Const(0)) => a,
+        (Idx::Const(x), Idx::Const(y)) => Idx::Const(x + y),
+        _ => Idx::Add(Box::new(a), Box::new(b)),
+    }
+}
+
+fn mul(a: Idx, c: i64) -> Idx {
+    match a {
+        _ if c == 1 => a,
+        Idx::Const(x) => Idx::Const(x * c),
+        _ if c == 0 => Idx::Const(0),
+        _ => Idx::Mul(Box::new(a), c),
+    }
+}
+
+fn div(a: Idx, c: i64) -> Idx {
+    match a {
+        _ if c == 1 => a,
+        Idx::Const(x) => Idx::Const(x / c),
+        _ => Idx::Div(Box::new(a), c),
+    }
+}
+
+fn rem(a: Idx, c: i64) -> Idx {
+    match a {
+        _ if c == 1 => Idx::Const(0),
+        Idx::Const(x) => Idx::Const(x % c),
+        _ => Idx::Rem(Box::new(a), c),
+    }
+}
+
+impl Lowering<'_> {
+    fn shape(&self, id: NodeId) -> R<Vec<usize>> {
+        self.g
+            .node(id)
+            .ty
+            .shape
+            .0
+            .iter()
+            .map(|d| match d.eval(&|s| self.dims.get(s).copied()) {
+                Some(v) if v >= 0 => Ok(v as usize),
+                _ => lerr(format!("dimension {d} has no size")),
+            })
+            .collect()
+    }
+
+    fn add_buffer(&mut self, id: NodeId, kind: BufferKind, shape: Vec<usize>) -> usize {
+        let b = self.buffers.len();
+        self.buffers.push(Buffer {
+            kind,
+            dtype: self.g.node(id).ty.dtype,
+            shape,
+        });
+        self.buffer_of.insert(id, b);
+        b
+    }
+
+    /// The buffer holding `id` when it is a leaf for kernels: an input, a parameter, a
+    /// load-time value that is not a view or a constant, or a materialised group output.
+    fn leaf_buffer(&mut self, id: NodeId) -> R<Option<usize>> {
+        if let Some(&b) = self.buffer_of.get(&id) {
+            return Ok(Some(b));
+        }
+        let node = self.g.node(id);
+        let kind = match &node.op {
+            Op::Input { name } => BufferKind::Input(name.clone()),
+            Op::Param { path, .. } => BufferKind::Param(path.clone()),
+            Op::Const { .. } | Op::Iota { .. } => return Ok(None),
+            op if self.fusion.load_time.contains(&id) && op.kind() != OpKind::View => {
+                BufferKind::LoadTime(id.index())
+            }
+            _ => return Ok(None),
+        };
+        let shape = self.shape(id)?;
+        Ok(Some(self.add_buffer(id, kind, shape)))
+    }
+
+    /// The value of node `id` at multi-index `idx`, inside kernel `group`.
+    fn val(
+        &mut self,
+        id: NodeId,
+        idx: &[Idx],
+        group: usize,
+        accs: &HashMap<NodeId, usize>,
+    ) -> R<Val> {
+        if let Some(&k) = accs.get(&id) {
+            return Ok(Val::Acc(k));
+        }
+        let in_group = self.fusion.group_of.get(&id) == Some(&group);
+        // A matmul's product is always in a buffer: its epilogue reads it from there.
+        if in_group && matches!(self.g.node(id).op, Op::MatMul) {
+            if let Some(&b) = self.buffer_of.get(&id) {
+                let shape = self.buffers[b].shape.clone();
+                return Ok(Val::Load(b, linearize(idx, &shape)));
+            }
+        }
+        if !in_group {
+            if let Some(b) = self.leaf_buffer(id)? {
+                let shape = self.buffers[b].shape.clone();
+                return Ok(Val::Load(b, linearize(idx, &shape)));
+            }
+        }
+        let node = self.g.node(id);
+        let dtype = node.ty.dtype;
+        let ops = self.g.operands(id);
+        let out_shape = self.shape(id)?;
+        Ok(match &node.op {
+            Op::Const { value } => Val::Const(*value, dtype),
+            Op::Iota { axis } => {
+                let i = Val::Index(idx[*axis].clone());
+                if dtype == DType::I32 {
+                    i
+                } else {
+                    Val::Cast {
+                        to: dtype,
+                        from: DType::I32,
+                        value: Box::new(i),
+                    }
+                }
+            }
+            Op::Unary(u) => Val::Unary(*u, Box::new(self.val(ops[0], idx, group, accs)?)),
+            Op::Binary(b) => {
+                let x = self.val(ops[0], idx, group, accs)?;
+                let y = self.val(ops[1], idx, group, accs)?;
+                Val::Binary(*b, Box::new(x), Box::new(y))
+            }
+            Op::Select => Val::Select(
+                Box::new(self.val(ops[0], idx, group, accs)?),
+                Box::new(self.val(ops[1], idx, group, accs)?),
+                Box::new(self.val(ops[2], idx, group, accs)?),
+            ),
+            Op::Cast { dtype: to } => Val::Cast {
+                to: *to,
+                from: self.g.node(ops[0]).ty.dtype,
+                value: Box::new(self.val(ops[0], idx, group, accs)?),
+            },
+            Op::Reshape { .. } => {
+                let in_shape = self.shape(ops[0])?;
+                let flat = linearize(idx, &out_shape);
+                let src = delinearize(&flat, &in_shape);
+                self.val(ops[0], &src, group, accs)?
+            }
+            Op::Permute { perm } => {
+                let mut src = vec![Idx::Const(0); perm.len()];
+                for (o, &p) in perm.iter().enumerate() {
+                    src[p] = idx[o].clone();
+                }
+                self.val(ops[0], &src, group, accs)?
+            }
+            Op::Expand { .. } => {
+                let in_shape = self.shape(ops[0])?;
+                let src: Vec<Idx> = idx
+                    .iter()
+                    .zip(&in_shape)
+                    .map(|(i, &n)| if n == 1 { Idx::Const(0) } else { i.clone() })
+                    .collect();
+                self.val(ops[0], &src, group, accs)?
+            }
+            Op::Slice {
+                axis, start, step, ..
+            } => {
+                let s = start
+                    .eval(&|v| self.dims.get(v).copied())
+                    .ok_or(LowerError {
+                        message: "slice start".into(),
+                    })?;
+                let mut src = idx.to_vec();
+                src[*axis] = add(mul(idx[*axis].clone(), *step), Idx::Const(s));
+                self.val(ops[0], &src, group, accs)?
+            }
+            Op::Pad {
+                axis,
+                before,
+                value,
+                ..
+            } => {
+                let b = before
+                    .eval(&|v| self.dims.get(v).copied())
+                    .ok_or(LowerError {
+                        message: "pad size".into(),
+                    })?;
+                let len = self.shape(ops[0])?[*axis] as i64;
+                let mut src = idx.to_vec();
+                src[*axis] = Idx::Clamp(
+                    Box::new(add(idx[*axis].clone(), Idx::Const(-b))),
+                    0,
+                    (len - 1).max(0),
+                );
+                let inner = self.val(ops[0], &src, group, accs)?;
+                Val::Select(
+                    Box::new(Val::InRange(idx[*axis].clone(), b, b + len)),
+                    Box::new(inner),
+                    Box::new(Val::Const(*value, dtype)),
+                )
+            }
+            Op::Concat { axis } => {
+                let mut parts = Vec::new();
+                let mut off = 0i64;
+                for &o in &ops {
+                    let len = self.shape(o)?[*axis] as i64;
+                    let mut src = idx.to_vec();
+                    src[*axis] = Idx::Clamp(
+                        Box::new(add(idx[*axis].clone(), Idx::Const(-off))),
+                        0,
+                        (len - 1).max(0),
+                    );
+                    parts.push((off, off + len, self.val(o, &src, group, accs)?));
+                    off += len;
+                }
+                let (_, _, mut v) = parts.pop().ok_or(LowerError {
+                    message: "empty concat".into(),
+                })?;
+                while let Some((lo, hi, p)) = parts.pop() {
+                    v = Val::Select(
+                        Box::new(Val::InRange(idx[*axis].clone(), lo, hi)),
+                        Box::new(p),
+                        Box::new(v),
+                    );
+                }
+                v
+            }
+            Op::Gather { axis } => {
+                let idx_shape = self.shape(ops[1])?;
+                let ir = idx_shape.len();
+                let at =
+                    match self.val(ops[1], &idx[*axis..*axis + ir], group, accs)? {
+                        Val::Load(b, i) => Idx::Load(b, Box::new(i)),
+                        Val::Index(i) => i,
+                        _ => return lerr(
+                            "gather with a computed index tensor: materialise the indices first",
+                        ),
+                    };
+                let mut src: Vec<Idx> = idx[..*axis].to_vec();
+                src.push(at);
+                src.extend(idx[*axis + ir..].iter().cloned());
+                self.val(ops[0], &src, group, accs)?
+            }
+            Op::Input { .. } | Op::Param { .. } => {
+                return lerr("internal: a leaf without a buffer")
+            }
+            Op::Random { .. } => {
+                return lerr("random ops (dropout) are not supported by compiled kernels yet")
+            }
+            Op::Reduce { .. } | Op::MatMul => {
+                return lerr(format!(
+                    "internal: `{}` read inside another kernel without a buffer",
+                    node.op.name()
+                ))
+            }
+        })
+    }
+
+    fn kernel(&mut self, gi: usize, grp: &crate::passes::fusion::Group) -> R<Kernel> {
+        let name = format!(
+            "k{gi}_{}",
+            self.g
+                .node(grp.nodes[0])
+                .scope
+                .replace('.', "_")
+                .trim_matches('_')
+        );
+        let mut steps = Vec::new();
+        match &grp.anchor {
+            Anchor::Pointwise => {
+                // One loop nest per distinct output shape.
+                let mut by_shape: Vec<(Vec<usize>, Vec<NodeId>)> = Vec::new();
+                for &o in &grp.outputs {
+                    let s = self.shape(o)?;
+                    match by_shape.iter_mut().find(|(sh, _)| *sh == s) {
+                        Some((_, v)) => v.push(o),
+                        None => by_shape.push((s, vec![o])),
+                    }
+                }
+                for (shape, outs) in by_shape {
+                    let idx: Vec<Idx> = (0..shape.len()).map(Idx::Var).collect();
+                    let mut body = Vec::new();
+                    for o in outs {
+                        let value = self.val(o, &idx, gi, &HashMap::new())?;
+                        let buf = self.buffer_of[&o];
+                        body.push(Stmt::Store {
+                            buf,
+                            at: linearize(&idx, &shape),
+                            value,
+                        });
+                    }
+                    steps.push(Step::Loop(LoopNest {
+                        shape,
+                        inner_var: None,
+                        body,
+                    }));
+                }
+            }
+            Anchor::Rows { rows, axis } => {
+                let rows = self.dims_of(rows)?;
+                let axis = *axis;
+                let outer: Vec<usize> = rows
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != axis)
+                    .map(|(_, &n)| n)
+                    .collect();
+                let r = outer.len();
+                // Index in row space (axis = r) and in reduced space (axis = 0).
+                let with_axis = |a: Idx| -> Vec<Idx> {
+                    let mut v: Vec<Idx> = (0..outer.len()).map(Idx::Var).collect();
+                    v.insert(axis, a);
+                    v
+                };
+                let mut accs: HashMap<NodeId, usize> = HashMap::new();
+                let mut body = Vec::new();
+                for &n in &grp.nodes {
+                    if let Op::Reduce { op, .. } = self.g.node(n).op {
+                        let operand = self.g.operands(n)[0];
+                        let value = self.val(operand, &with_axis(Idx::Var(r)), gi, &accs)?;
+                        let k = accs.len();
+                        body.push(Stmt::Reduce {
+                            acc: k,
+                            op,
+                            len: rows[axis],
+                            value,
+                            dtype: self.g.node(n).ty.dtype,
+                        });
+                        accs.insert(n, k);
+                    }
+                    if grp.outputs.contains(&n) {
+                        let shape = self.shape(n)?;
+                        let buf = self.buffer_of[&n];
+                        if shape == rows {
+                            let idx = with_axis(Idx::Var(r));
+                            let value = self.val(n, &idx, gi, &accs)?;
+                            body.push(Stmt::Inner {
+                                len: rows[axis],
+                                body: vec![Stmt::Store {
+                                    buf,
+                                    at: linearize(&idx, &shape),
+                                    value,
+                                }],
+                            });
+                        } else {
+                            let idx = with_axis(Idx::Const(0));
+                            let value = self.val(n, &idx, gi, &accs)?;
+                            body.push(Stmt::Store {
+                                buf,
+                                at: linearize(&idx, &shape),
+                                value,
+                            });
+                        }
+                    }
+                }
+                steps.push(Step::Loop(LoopNest {
+                    shape: outer,
+                    inner_var: Some(r),
+                    body,
+                }));
+            }
+            Anchor::Contraction => {
+                let m = grp.nodes[0];
+                let out_shape = self.shape(m)?;
+                let ops = self.g.operands(m);
+                let rank = out_shape.len();
+                let (mm, n) = (out_shape[rank - 2], out_shape[rank - 1]);
+                let k = self.shape(ops[0])?[rank - 1];
+                let batch: usize = out_shape[..rank - 2].iter().product();
+                let out = match self.buffer_of.get(&m) {
+                    Some(&b) => b,
+                    None => {
+                        let b = self.buffers.len();
+                        self.buffers.push(Buffer {
+                            kind: BufferKind::Scratch,
+                            dtype: self.g.node(m).ty.dtype,
+                            shape: out_shape.clone(),
+                        });
+                        self.buffer_of.insert(m, b);
+                        b
+                    }
+                };
+                let mut pre = Vec::new();
+                let a = self.strided(ops[0], gi, &mut pre)?;
+                let b = self.strided(ops[1], gi, &mut pre)?;
+                steps.extend(pre);
+                steps.push(Step::MatMul(MatMul {
+                    a,
+                    b,
+                    out,
+                    batch,
+                    m: mm,
+                    n,
+                    k,
+                }));
+                // The epilogue: the other outputs, reading the product from its buffer.
+                for &o in &grp.outputs {
+                    if o == m {
+                        continue;
+                    }
+                    let shape = self.shape(o)?;
+                    let idx: Vec<Idx> = (0..shape.len()).map(Idx::Var).collect();
+                    let value = self.val(o, &idx, gi, &HashMap::new())?;
+                    let buf = self.buffer_of[&o];
+                    steps.push(Step::Loop(LoopNest {
+                        shape: shape.clone(),
+                        inner_var: None,
+                        body: vec![Stmt::Store {
+                            buf,
+                            at: linearize(&idx, &shape),
+                            value,
+                        }],
+                    }));
+                }
+            }
+        }
+        Ok(Kernel { name, steps })
+    }
+
+    fn dims_of(&self, shape: &crate::ir::Shape) -> R<Vec<usize>> {
+        shape
+            .0
+            .iter()
+            .map(|d| {
+                d.eval(&|s| self.dims.get(s).copied())
+                    .map(|v| v as usize)
+                    .ok_or(LowerError {
+                        message: format!("dimension {d} has no size"),
+                    })
+            })
+            .collect()
+    }
+
+    /// A matmul operand as a strided view of a buffer; when its index is not affine in
+    /// (batch, row, col), a copy loop materialises it first.
+    fn strided(&mut self, id: NodeId, gi: usize, pre: &mut Vec<Step>) -> R<Strided> {
+        let shape = self.shape(id)?;
+        let rank = shape.len();
+        let (rows, cols) = (shape[rank - 2], shape[rank - 1]);
+        let batch_shape = shape[..rank - 2].to_vec();
+        let batch: usize = batch_shape.iter().product();
+        // The operand at symbolic (b..., i, j).
+        let idx: Vec<Idx> = (0..rank).map(Idx::Var).collect();
+        let v = self.val(id, &idx, gi, &HashMap::new())?;
+        if let Val::Load(buf, at) = &v {
+            if !contains_load(at) {
+                let f = |point: &[i64]| eval_idx(at, point);
+                let zero = vec![0i64; rank];
+                let at_point = |b: usize, i: i64, j: i64| -> Vec<i64> {
+                    let mut p = vec![0i64; rank];
+                    let mut rest = b;
+                    for d in (0..rank - 2).rev() {
+                        p[d] = (rest % batch_shape[d]) as i64;
+                        rest /= batch_shape[d];
+                    }
+                    p[rank - 2] = i;
+                    p[rank - 1] = j;
+                    p
+                };
+                let base = f(&zero);
+                let row = if rows > 1 {
+                    f(&at_point(0, 1, 0)) - base
+                } else {
+                    0
+                };
+                let col = if cols > 1 {
+                    f(&at_point(0, 0, 1)) - base
+                } else {
+                    0
+                };
+                let bstride = if batch > 1 {
+                    f(&at_point(1, 0, 0)) - base
+                } else {
+                    0
+                };
+                let affine = (0..batch).all(|b| {
+                    let corners = [
+                        (0, 0),
+                        (rows as i64 - 1, 0),
+                        (0, cols as i64 - 1),
+                        (rows as i64 - 1, cols as i64 - 1),
+                    ];
+                    corners.iter().all(|&(i, j)| {
+                        f(&at_point(b, i, j)) == base + b as i64 * bstride + i * row + j * col
+                    })
+                });
+                if affine && base >= 0 && row >= 0 && col >= 0 && bstride >= 0 {
+                    return Ok(Strided {
+                        buf: *buf,
+                        offset: base as usize,
+                        batch: bstride as usize,
+                        row: row as usize,
+                        col: col as usize,
+                    });
+                }
+            }
+        }
+        // Not a plain strided view: copy it into a contiguous scratch buffer.
+        let b = self.buffers.len();
+        self.buffers.push(Buffer {
+            kind: BufferKind::Scratch,
+            dtype: self.g.node(id).ty.dtype,
+            shape: shape.clone(),
+        });
+        pre.push(Step::Loop(LoopNest {
+            shape: shape.clone(),
+            inner_var: None,
+            body: vec![Stmt::Store {
+                buf: b,
+                at: linearize(&idx, &shape),
+                value: v,
+            }],
+        }));
+        Ok(Strided {
+            buf: b,
+            offset: 0,
+            batch: rows * cols,
+            row: cols,
+            col: 1,
+        })
+    }
+}
+
+fn contains_load(i: &Idx) -> bool {
+    match i {
+        Idx::Load(..) => true,
+        Idx::Var(_) | Idx::Const(_) => false,
+        Idx::Add(a, b) => contains_load(a) || contains_load(b),
+        Idx::Mul(a, _) | Idx::Div(a, _) | Idx::Rem(a, _) | Idx::Clamp(a, _, _) => contains_load(a),
+    }
+}
+
+/// Evaluates an index without loads at a point (one value per variable).
+pub fn eval_idx(i: &Idx, vars: &[i64]) -> i64 {
+    match i {
+        Idx::Var(v) => vars.get(*v).copied().unwrap_or(0),
+        Idx::Const(c) => *c,
+        Idx::Add(a, b) => eval_idx(a, vars) + eval_idx(b, vars),
+        Idx::Mul(a, c) => eval_idx(a, vars) * c,
+        Idx::Div(a, c) => eval_idx(a, vars).div_euclid(*c),
+        Idx::Rem(a, c) => eval_idx(a, vars).rem_euclid(*c),
+        Idx::Clamp(a, lo, hi) => eval_idx(a, vars).clamp(*lo, *hi),
+        Idx::Load(..) => 0,
+    }
+}
