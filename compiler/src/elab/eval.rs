@@ -82,28 +82,11 @@ impl Elaborator<'_> {
                 var,
                 iter,
                 filter,
-            } => {
-                let items = self.iterate(cx, iter)?;
-                let mut out = Vec::new();
-                for v in items {
-                    cx.locals
-                        .push([(var.name.clone(), v)].into_iter().collect());
-                    let keep = match filter {
-                        Some(f) => self.eval_bool(cx, f),
-                        None => Ok(true),
-                    };
-                    let r = match keep {
-                        Ok(true) => self.eval(cx, elem).map(Some),
-                        Ok(false) => Ok(None),
-                        Err(d) => Err(d),
-                    };
-                    cx.locals.pop();
-                    if let Some(v) = r? {
-                        out.push(v);
-                    }
-                }
-                Ok(Value::List(out))
-            }
+            } => self
+                .comprehension(cx, var, iter, filter.as_deref(), |s, cx, _| {
+                    s.eval(cx, elem)
+                })
+                .map(Value::List),
             ExprKind::Unary { op, operand } => {
                 let v = self.eval(cx, operand)?;
                 self.unary(cx, *op, v, e.span)
@@ -119,6 +102,38 @@ impl Elaborator<'_> {
                 self.index(cx, b, items, e.span)
             }
         }
+    }
+
+    /// `[elem for var in iter if filter]`: `make(cx, k)` builds the k-th kept element with `var`
+    /// bound.
+    pub fn comprehension(
+        &mut self,
+        cx: &mut Ctx,
+        var: &Ident,
+        iter: &Expr,
+        filter: Option<&Expr>,
+        mut make: impl FnMut(&mut Self, &mut Ctx, usize) -> R<Value>,
+    ) -> R<Vec<Value>> {
+        let items = self.iterate(cx, iter)?;
+        let mut out = Vec::new();
+        for v in items {
+            cx.locals
+                .push([(var.name.clone(), v)].into_iter().collect());
+            let keep = match filter {
+                Some(f) => self.eval_bool(cx, f),
+                None => Ok(true),
+            };
+            let r = match keep {
+                Ok(true) => make(self, cx, out.len()).map(Some),
+                Ok(false) => Ok(None),
+                Err(d) => Err(d),
+            };
+            cx.locals.pop();
+            if let Some(v) = r? {
+                out.push(v);
+            }
+        }
+        Ok(out)
     }
 
     /// Evaluates, turning a bare unknown name into an enum symbol (for `pos: rope`, `x == rope`).

@@ -299,30 +299,11 @@ impl Elaborator<'_> {
                 var,
                 iter,
                 filter,
-            } => {
-                let items = self.iterate(cx, iter)?;
-                let mut out = Vec::new();
-                for v in items {
-                    cx.locals
-                        .push([(var.name.clone(), v)].into_iter().collect());
-                    let keep = match filter {
-                        Some(f) => self.eval_bool(cx, f),
-                        None => Ok(true),
-                    };
-                    let r = match keep {
-                        Ok(true) => self
-                            .member_value(cx, elem, &format!("{path}.{}", out.len()))
-                            .map(Some),
-                        Ok(false) => Ok(None),
-                        Err(d) => Err(d),
-                    };
-                    cx.locals.pop();
-                    if let Some(v) = r? {
-                        out.push(v);
-                    }
-                }
-                Ok(Value::List(out))
-            }
+            } => self
+                .comprehension(cx, var, iter, filter.as_deref(), |s, cx, k| {
+                    s.member_value(cx, elem, &format!("{path}.{k}"))
+                })
+                .map(Value::List),
             ExprKind::List(items) => {
                 let mut out = Vec::new();
                 for (i, it) in items.iter().enumerate() {
