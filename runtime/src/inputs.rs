@@ -72,6 +72,7 @@ pub fn read_npy(path: &Path) -> Result<Tensor, InputError> {
     if t.numel()
         != match &t.data {
             Data::F32(v) => v.len(),
+            Data::F64(v) => v.len(),
             Data::I32(v) => v.len(),
             Data::Bool(v) => v.len(),
         }

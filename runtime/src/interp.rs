@@ -2,7 +2,8 @@
 //!
 //! Every op is evaluated in the simplest way that is obviously right: float ops are computed in
 //! f64 and rounded once to the node's dtype (f32, or f16/bf16, whose values are then exactly
-//! those of the narrow type), sums and matmuls accumulate in f64, i32 arithmetic wraps around
+//! those of the narrow type; f64 nodes, used by gradient checks, are not rounded at all), sums
+//! and matmuls accumulate in f64, i32 arithmetic wraps around
 //! like two's-complement hardware, and every index is checked. It is slow on purpose; compiled
 //! kernels are compared against it.
 //!
@@ -270,6 +271,12 @@ fn eval(
             })?;
             let pick = |i: usize| if c[i] { 1 } else { 2 };
             Ok(match (&args[1].data, &args[2].data) {
+                (Data::F64(a), Data::F64(b)) => Tensor::f64(
+                    shape.to_vec(),
+                    (0..n)
+                        .map(|i| if pick(i) == 1 { a[i] } else { b[i] })
+                        .collect(),
+                ),
                 (Data::F32(a), Data::F32(b)) => Tensor::f32(
                     shape.to_vec(),
                     (0..n)
@@ -348,10 +355,17 @@ fn eval(
 }
 
 /// A tensor as a value of `dtype`: f16/bf16 values are rounded to that precision (inputs and
-/// parameters of those dtypes arrive as f32 values), anything else is passed through.
+/// parameters of those dtypes arrive as f32 values), f32 values given to an f64 node are
+/// widened and f64 values given to a narrower float node rounded; anything else is passed
+/// through.
 fn narrow(dtype: DType, t: &Tensor) -> Tensor {
     match (&t.data, dtype) {
-        (Data::F32(_), DType::F16 | DType::BF16) => from_f64(dtype, &t.shape, &t.to_f64()),
+        (Data::F32(_), DType::F16 | DType::BF16 | DType::F64) => {
+            from_f64(dtype, &t.shape, &t.to_f64())
+        }
+        (Data::F64(_), DType::F32 | DType::F16 | DType::BF16) => {
+            from_f64(dtype, &t.shape, &t.to_f64())
+        }
         _ => t.clone(),
     }
 }
@@ -367,6 +381,7 @@ fn from_f64(dtype: DType, shape: &[usize], v: &[f64]) -> Tensor {
     match dtype {
         DType::I32 => Tensor::i32(shape.to_vec(), v.iter().map(|&x| x as i32).collect()),
         DType::Bool => Tensor::bool(shape.to_vec(), v.iter().map(|&x| x != 0.0).collect()),
+        DType::F64 => Tensor::f64(shape.to_vec(), v.to_vec()),
         DType::F16 => Tensor::f32(
             shape.to_vec(),
             v.iter().map(|&x| half::f16::from_f64(x).to_f32()).collect(),
@@ -384,6 +399,7 @@ fn from_f64(dtype: DType, shape: &[usize], v: &[f64]) -> Tensor {
 fn copy_elem(src: &Data, i: usize, dst: &mut Data, o: usize) {
     match (src, dst) {
         (Data::F32(s), Data::F32(d)) => d[o] = s[i],
+        (Data::F64(s), Data::F64(d)) => d[o] = s[i],
         (Data::I32(s), Data::I32(d)) => d[o] = s[i],
         (Data::Bool(s), Data::Bool(d)) => d[o] = s[i],
         _ => {}
@@ -407,6 +423,7 @@ fn gather_view(x: &Tensor, shape: &[usize], map: impl Fn(&[usize], &mut [usize])
     }
     let data = match &x.data {
         Data::F32(v) => Data::F32(offsets.iter().map(|&o| v[o]).collect()),
+        Data::F64(v) => Data::F64(offsets.iter().map(|&o| v[o]).collect()),
         Data::I32(v) => Data::I32(offsets.iter().map(|&o| v[o]).collect()),
         Data::Bool(v) => Data::Bool(offsets.iter().map(|&o| v[o]).collect()),
     };
@@ -436,6 +453,7 @@ fn concat(args: &[&Tensor], axis: usize, shape: &[usize]) -> Tensor {
     let os = strides(shape);
     let mut out = match &args[0].data {
         Data::F32(_) => Tensor::f32(shape.to_vec(), vec![0.0; shape.iter().product()]),
+        Data::F64(_) => Tensor::f64(shape.to_vec(), vec![0.0; shape.iter().product()]),
         Data::I32(_) => Tensor::i32(shape.to_vec(), vec![0; shape.iter().product()]),
         Data::Bool(_) => Tensor::bool(shape.to_vec(), vec![false; shape.iter().product()]),
     };
@@ -458,7 +476,7 @@ fn concat(args: &[&Tensor], axis: usize, shape: &[usize]) -> Tensor {
 fn unary(op: UnaryOp, dtype: DType, x: &Tensor) -> R<Tensor> {
     let shape = x.shape.clone();
     match &x.data {
-        Data::F32(v) => {
+        Data::F32(_) | Data::F64(_) => {
             let f: fn(f64) -> f64 = match op {
                 UnaryOp::Neg => |a| -a,
                 UnaryOp::Abs => f64::abs,
@@ -474,7 +492,7 @@ fn unary(op: UnaryOp, dtype: DType, x: &Tensor) -> R<Tensor> {
                 UnaryOp::Floor => f64::floor,
                 UnaryOp::Not => return fail("`not` of a float tensor"),
             };
-            let out: Vec<f64> = v.iter().map(|&a| f(f64::from(a))).collect();
+            let out: Vec<f64> = x.to_f64().into_iter().map(f).collect();
             Ok(from_f64(dtype, &shape, &out))
         }
         Data::I32(v) => match op {
@@ -519,7 +537,7 @@ fn binary(op: BinaryOp, dtype: DType, x: &Tensor, y: &Tensor) -> R<Tensor> {
         return Ok(Tensor::bool(shape, v));
     }
     match (&x.data, &y.data) {
-        (Data::F32(a), Data::F32(b)) => {
+        (Data::F32(_) | Data::F64(_), Data::F32(_) | Data::F64(_)) => {
             let f: fn(f64, f64) -> f64 = match op {
                 BinaryOp::Add => |p, q| p + q,
                 BinaryOp::Sub => |p, q| p - q,
@@ -545,10 +563,11 @@ fn binary(op: BinaryOp, dtype: DType, x: &Tensor, y: &Tensor) -> R<Tensor> {
                 BinaryOp::Mod => |p, q| p - q * (p / q).floor(),
                 _ => return fail(format!("`{}` of float tensors", op.name())),
             };
-            let out: Vec<f64> = a
-                .iter()
-                .zip(b)
-                .map(|(&p, &q)| f(f64::from(p), f64::from(q)))
+            let out: Vec<f64> = x
+                .to_f64()
+                .into_iter()
+                .zip(y.to_f64())
+                .map(|(p, q)| f(p, q))
                 .collect();
             Ok(from_f64(dtype, &shape, &out))
         }
@@ -632,9 +651,10 @@ fn reduce(op: ReduceOp, axis: usize, dtype: DType, x: &Tensor) -> Tensor {
 }
 
 fn matmul(a: &Tensor, b: &Tensor, dtype: DType, shape: &[usize]) -> R<Tensor> {
-    let (Some(av), Some(bv)) = (a.as_f32(), b.as_f32()) else {
+    if !a.is_float() || !b.is_float() {
         return fail("matmul of non-float tensors");
-    };
+    }
+    let (av, bv) = (a.to_f64(), b.to_f64());
     let r = a.shape.len();
     let (m, k, n) = (a.shape[r - 2], a.shape[r - 1], b.shape[r - 1]);
     let batch: usize = a.shape[..r - 2].iter().product();
@@ -645,10 +665,10 @@ fn matmul(a: &Tensor, b: &Tensor, dtype: DType, shape: &[usize]) -> R<Tensor> {
         for i in 0..m {
             row.iter_mut().for_each(|x| *x = 0.0);
             for p in 0..k {
-                let aip = f64::from(av[ao + i * k + p]);
+                let aip = av[ao + i * k + p];
                 let brow = &bv[bo + p * n..bo + (p + 1) * n];
                 for (acc, &bj) in row.iter_mut().zip(brow) {
-                    *acc += aip * f64::from(bj);
+                    *acc += aip * bj;
                 }
             }
             out[oo + i * n..oo + (i + 1) * n].copy_from_slice(&row);
@@ -684,6 +704,7 @@ fn cast(x: &Tensor, to: DType) -> Tensor {
         DType::I32 => match &x.data {
             // Toward zero, saturating (NaN becomes 0), like Rust's `as`.
             Data::F32(v) => Tensor::i32(shape, v.iter().map(|&a| a as i32).collect()),
+            Data::F64(v) => Tensor::i32(shape, v.iter().map(|&a| a as i32).collect()),
             Data::I32(v) => Tensor::i32(shape, v.clone()),
             Data::Bool(v) => Tensor::i32(shape, v.iter().map(|&a| i32::from(a)).collect()),
         },
@@ -911,6 +932,49 @@ mod tests {
         let g = graph(&[("x", "bf16[1]")], Op::Unary(UnaryOp::Exp));
         let out = run1(&g, &[("x", Tensor::f32(vec![1], vec![1.0]))]).unwrap();
         assert_eq!(out.as_f32().unwrap(), [2.71875]);
+    }
+
+    #[test]
+    fn f64_nodes_are_not_rounded() {
+        // exp(0.1) in f64 differs from its f32 rounding; an f64 graph keeps every bit, and an
+        // f32 tensor fed to an f64 input is widened exactly.
+        let g = graph(&[("x", "f64[2]")], Op::Unary(UnaryOp::Exp));
+        let out = run1(&g, &[("x", Tensor::f64(vec![2], vec![0.1, -1e-300]))]).unwrap();
+        assert_eq!(out.as_f64().unwrap(), [0.1f64.exp(), (-1e-300f64).exp()]);
+        let out = run1(&g, &[("x", Tensor::f32(vec![2], vec![0.5, 2.0]))]).unwrap();
+        assert_eq!(out.as_f64().unwrap(), [0.5f64.exp(), 2f64.exp()]);
+        let mut g = Graph::new("test");
+        let a = g
+            .add_source(Op::Input { name: "a".into() }, ty("f64[2, 3]"), "")
+            .unwrap();
+        let b = g
+            .add_source(Op::Input { name: "b".into() }, ty("f64[3, 1]"), "")
+            .unwrap();
+        let m = g.add(Op::MatMul, &[a, b], "").unwrap();
+        let c = g.add(Op::Cast { dtype: DType::F32 }, &[m], "").unwrap();
+        g.set_output("m", m).unwrap();
+        g.set_output("c", c).unwrap();
+        let third = 1.0 / 3.0;
+        let out = run(
+            &g,
+            &feed(&[
+                (
+                    "a",
+                    Tensor::f64(vec![2, 3], vec![third, 1.0, 0.0, 0.0, 1.0, third]),
+                ),
+                ("b", Tensor::f64(vec![3, 1], vec![third, 1e-20, 5.0])),
+            ]),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            out["m"].as_f64().unwrap(),
+            [third * third + 1e-20, 1e-20 + 5.0 * third]
+        );
+        assert_eq!(
+            out["c"].as_f32().unwrap(),
+            [(third * third) as f32, (5.0 * third) as f32]
+        );
     }
 
     #[test]

@@ -41,7 +41,7 @@ fn round(dtype: DType, v: f64) -> f64 {
         DType::BF16 => half::bf16::from_f64(v).to_f64(),
         DType::I32 => f64::from(v as i64 as i32),
         DType::Bool => f64::from(u8::from(v != 0.0)),
-        DType::NF4 => v,
+        DType::NF4 | DType::F64 => v,
     }
 }
 
@@ -370,6 +370,7 @@ pub fn execute(
         let data = match buf.dtype {
             DType::I32 => Data::I32(v.iter().map(|&x| x as i32).collect()),
             DType::Bool => Data::Bool(v.iter().map(|&x| x != 0.0).collect()),
+            DType::F64 => Data::F64(v),
             _ => Data::F32(v.iter().map(|&x| x as f32).collect()),
         };
         out.insert(

@@ -1,5 +1,6 @@
 //! Host tensors: a shape and a flat, row-major buffer. Floating dtypes (f32, f16, bf16) are held
-//! as `f32` values (f16/bf16 values are exactly representable); i32 and bool have their own.
+//! as `f32` values (f16/bf16 values are exactly representable); f64 (the IR-only type of
+//! gradient checks), i32 and bool have their own.
 
 use std::fmt;
 use vlmc::ir::DType;
@@ -8,6 +9,7 @@ use vlmc::ir::DType;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Data {
     F32(Vec<f32>),
+    F64(Vec<f64>),
     I32(Vec<i32>),
     Bool(Vec<bool>),
 }
@@ -26,6 +28,14 @@ impl Tensor {
         Tensor {
             shape,
             data: Data::F32(values),
+        }
+    }
+    /// An f64 tensor.
+    pub fn f64(shape: Vec<usize>, values: Vec<f64>) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), values.len());
+        Tensor {
+            shape,
+            data: Data::F64(values),
         }
     }
     /// An i32 tensor.
@@ -48,18 +58,20 @@ impl Tensor {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
-    /// The storage kind as an IR dtype (floats report f32).
+    /// The storage kind as an IR dtype (f32, f16 and bf16 report f32).
     pub fn dtype(&self) -> DType {
         match self.data {
             Data::F32(_) => DType::F32,
+            Data::F64(_) => DType::F64,
             Data::I32(_) => DType::I32,
             Data::Bool(_) => DType::Bool,
         }
     }
-    /// Whether an IR dtype is stored by this tensor's kind.
+    /// Whether an IR dtype is stored by this tensor's kind (any float kind for any float
+    /// dtype: values are converted where they enter a graph).
     pub fn holds(&self, dtype: DType) -> bool {
         match self.data {
-            Data::F32(_) => dtype.is_float(),
+            Data::F32(_) | Data::F64(_) => dtype.is_float(),
             Data::I32(_) => dtype == DType::I32,
             Data::Bool(_) => dtype == DType::Bool,
         }
@@ -69,6 +81,34 @@ impl Tensor {
         match &self.data {
             Data::F32(v) => Some(v),
             _ => None,
+        }
+    }
+    /// The values as f64, if this is an f64 tensor.
+    pub fn as_f64(&self) -> Option<&[f64]> {
+        match &self.data {
+            Data::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+    /// Whether this is a float tensor (f32 or f64 storage).
+    pub fn is_float(&self) -> bool {
+        matches!(self.data, Data::F32(_) | Data::F64(_))
+    }
+    /// The same values as an f32 tensor (f64 rounded; other kinds unchanged).
+    pub fn to_f32_tensor(&self) -> Tensor {
+        match &self.data {
+            Data::F64(v) => Tensor::f32(self.shape.clone(), v.iter().map(|&x| x as f32).collect()),
+            _ => self.clone(),
+        }
+    }
+    /// The same values as an f64 tensor (f32 widened exactly; other kinds unchanged).
+    pub fn to_f64_tensor(&self) -> Tensor {
+        match &self.data {
+            Data::F32(v) => Tensor::f64(
+                self.shape.clone(),
+                v.iter().map(|&x| f64::from(x)).collect(),
+            ),
+            _ => self.clone(),
         }
     }
     /// The values as i32, if this is an integer tensor.
@@ -89,6 +129,7 @@ impl Tensor {
     pub fn to_f64(&self) -> Vec<f64> {
         match &self.data {
             Data::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            Data::F64(v) => v.clone(),
             Data::I32(v) => v.iter().map(|&x| f64::from(x)).collect(),
             Data::Bool(v) => v.iter().map(|&x| f64::from(u8::from(x))).collect(),
         }
@@ -115,6 +156,7 @@ impl fmt::Display for Tensor {
         write!(f, "{}[{}]", self.dtype(), dims.join(", "))?;
         let vals: Vec<String> = match &self.data {
             Data::F32(v) => v.iter().take(6).map(|x| format!("{x:.6}")).collect(),
+            Data::F64(v) => v.iter().take(6).map(|x| format!("{x:.6}")).collect(),
             Data::I32(v) => v.iter().take(6).map(|x| x.to_string()).collect(),
             Data::Bool(v) => v.iter().take(6).map(|x| x.to_string()).collect(),
         };

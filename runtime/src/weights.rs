@@ -272,6 +272,7 @@ pub fn save(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<(), Weigh
     for (name, t) in tensors {
         let (dtype, raw) = match &t.data {
             Data::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            Data::F64(v) => (Dtype::F64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
             Data::I32(v) => (Dtype::I32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
             Data::Bool(v) => (Dtype::BOOL, v.iter().map(|&x| u8::from(x)).collect()),
         };

@@ -139,7 +139,7 @@ impl Rule<'_> {
     /// `value` is representable in `dtype` (constants and padding).
     fn value_fits(&self, value: f64, dtype: DType) -> Result<(), IrError> {
         let fits = match dtype {
-            DType::F32 | DType::F16 | DType::BF16 => true,
+            DType::F32 | DType::F16 | DType::BF16 | DType::F64 => true,
             DType::I32 => {
                 value.fract() == 0.0 && (i32::MIN as f64..=i32::MAX as f64).contains(&value)
             }

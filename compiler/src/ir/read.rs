@@ -656,10 +656,10 @@ impl<'a> Cursor<'a> {
     fn dtype(&mut self) -> Result<DType> {
         let at = self.peek_pos();
         let name = self.ident()?;
-        DType::parse(name).ok_or_else(|| {
+        DType::parse_ir(name).ok_or_else(|| {
             self.error(
                 at,
-                format!("unknown element type `{name}` (f32, f16, bf16, i32, bool, nf4)"),
+                format!("unknown element type `{name}` (f32, f16, bf16, i32, bool, nf4, f64)"),
             )
         })
     }

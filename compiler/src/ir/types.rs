@@ -20,6 +20,9 @@ pub enum DType {
     Bool,
     /// 4-bit NormalFloat, a storage-only type for quantised weights; cast it before arithmetic.
     NF4,
+    /// 64-bit IEEE float: an IR-only type for gradient checks ([`crate::passes::promote_f64`]);
+    /// not writable in `.vlm` (not in [`DType::ALL`]), but printed and read back as `f64`.
+    F64,
 }
 
 impl DType {
@@ -33,9 +36,9 @@ impl DType {
         DType::NF4,
     ];
 
-    /// Whether arithmetic on this type is floating point (`f32`, `f16`, `bf16`).
+    /// Whether arithmetic on this type is floating point (`f32`, `f16`, `bf16`, `f64`).
     pub fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::F16 | DType::BF16)
+        matches!(self, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
     }
 
     /// Whether this type supports arithmetic and ordering (floats and `i32`).
@@ -46,6 +49,7 @@ impl DType {
     /// The size of one element in bits.
     pub fn bits(self) -> u32 {
         match self {
+            DType::F64 => 64,
             DType::F32 | DType::I32 => 32,
             DType::F16 | DType::BF16 => 16,
             DType::Bool => 8,
@@ -62,12 +66,18 @@ impl DType {
             DType::I32 => "i32",
             DType::Bool => "bool",
             DType::NF4 => "nf4",
+            DType::F64 => "f64",
         }
     }
 
-    /// Parses a lowercase name such as `bf16`.
+    /// Parses a lowercase name of the language, such as `bf16` (not `f64`, which is IR-only).
     pub fn parse(name: &str) -> Option<DType> {
         DType::ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    /// Parses a name of the IR text form: the language's names and `f64`.
+    pub fn parse_ir(name: &str) -> Option<DType> {
+        DType::parse(name).or((name == "f64").then_some(DType::F64))
     }
 }
 
@@ -167,7 +177,7 @@ impl TensorType {
         let open = text
             .find('[')
             .ok_or_else(|| format!("expected `dtype[dims]`, found `{text}`"))?;
-        let dtype = DType::parse(&text[..open])
+        let dtype = DType::parse_ir(&text[..open])
             .ok_or_else(|| format!("unknown element type `{}`", &text[..open]))?;
         let inner = text[open + 1..]
             .strip_suffix(']')
@@ -208,13 +218,18 @@ mod tests {
 
     #[test]
     fn parse_round_trips() {
-        for text in ["f32[B, 3, 32, 32]", "i32[]", "nf4[2*B*T + T - 16, 1]"] {
+        for text in [
+            "f32[B, 3, 32, 32]",
+            "i32[]",
+            "nf4[2*B*T + T - 16, 1]",
+            "f64[B]",
+        ] {
             assert_eq!(
                 TensorType::parse(text).map(|t| t.to_string()),
                 Ok(text.to_string())
             );
         }
-        assert!(TensorType::parse("f64[B]").is_err());
+        assert!(TensorType::parse("f128[B]").is_err());
         assert!(TensorType::parse("f32[B").is_err());
         assert!(TensorType::parse("f32[B,]").is_err());
     }
@@ -225,6 +240,9 @@ mod tests {
             assert_eq!(DType::parse(dtype.name()), Some(dtype));
         }
         assert_eq!(DType::parse("f64"), None);
+        assert_eq!(DType::parse_ir("f64"), Some(DType::F64));
+        assert_eq!(DType::parse_ir("bf16"), Some(DType::BF16));
+        assert!(DType::F64.is_float() && DType::F64.bits() == 64);
         assert!(DType::BF16.is_float() && !DType::NF4.is_float() && !DType::I32.is_float());
         assert!(DType::I32.is_numeric() && !DType::Bool.is_numeric());
     }

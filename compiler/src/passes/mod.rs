@@ -2,17 +2,22 @@
 //! the [`PassManager`] runs them in order, runs the verifier after each, and keeps the IR text
 //! after any pass that was asked for (`vlmc build --print-after NAME`).
 
+pub mod autodiff;
 mod cse;
 mod dce;
+pub mod emit;
 pub mod fusion;
 pub mod lora;
 pub mod memory;
+pub mod precision;
 mod simplify;
 
 use crate::ir::{self, Graph};
 
+pub use autodiff::Autodiff;
 pub use cse::Cse;
 pub use dce::Dce;
+pub use precision::{promote_f64, PromoteF64};
 pub use simplify::Simplify;
 
 /// A failure inside a pass (a bug: the input was verified).

@@ -158,7 +158,7 @@ fn round_to(dtype: DType, v: f64) -> f64 {
         DType::BF16 => half::bf16::from_f64(v).to_f64(),
         DType::I32 => f64::from(v as i32),
         DType::Bool => f64::from(u8::from(v != 0.0)),
-        DType::NF4 => v,
+        DType::NF4 | DType::F64 => v,
     }
 }
 

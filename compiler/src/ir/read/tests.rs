@@ -97,7 +97,7 @@ fn syntax_errors_have_line_and_column() {
         ("graph g\n%0 = input \"x : f32[]\n", "2:12: unterminated string"),
         ("graph g\n%0 = frob(%1) : f32[]\n", "2:11: %1 is used before it is defined"),
         ("graph g\n%0 = const value=1 : f32[]\n%1 = frob(%0) : f32[]\n", "3:6: unknown op `frob`"),
-        ("graph g\n%0 = const value=1 : f64[]\n", "2:22: unknown element type `f64` (f32, f16, bf16, i32, bool, nf4)"),
+        ("graph g\n%0 = const value=1 : f65[]\n", "2:22: unknown element type `f65` (f32, f16, bf16, i32, bool, nf4, f64)"),
         ("graph g\n%0 = const value=one : f32[]\n", "2:18: expected a number, found `one`"),
         ("graph g\n%0 = const value=1 : f32[T]\n", "2:26: dimension `T` is not declared on the `dims` line"),
         ("graph g\ndims BT\n%0 = const value=1 : f32[BT + T]\n", "3:31: dimension `T` is not declared on the `dims` line"),
