@@ -9,3 +9,4 @@ pub mod ir;
 pub mod kernel;
 pub mod passes;
 pub mod report;
+pub mod train;

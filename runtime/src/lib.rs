@@ -8,6 +8,7 @@ pub mod interp;
 pub mod plan;
 pub mod rng;
 pub mod tensor;
+pub mod train;
 pub mod weights;
 
 pub use interp::{run, RunError};

@@ -1,0 +1,320 @@
+//! A trainer declaration read into typed settings, with the defaults of the reference
+//! implementations (PyTorch's AdamW and SGD, Hugging Face's schedules).
+
+use crate::elab::{AdapterInfo, Elaborated, Setting, TrainerInfo};
+
+/// What a trainer minimises.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Objective {
+    /// Next-token cross-entropy on completion tokens (prompt and padding masked), normalised
+    /// by the number of target tokens (TRL `SFTTrainer`). `prompt_masked: false` trains on
+    /// every real token.
+    Sft { prompt_masked: bool },
+    /// Plain language modelling: every real token is a target.
+    Pretrain,
+    /// CLIP's symmetric InfoNCE over `logits_per_image`; `logit_scale` clamped to
+    /// `[0, ln 100]` after each step (open_clip).
+    Clip,
+    /// SigLIP's pairwise sigmoid loss over `logits_per_image` (scale and bias learnable).
+    Siglip,
+}
+
+impl Objective {
+    /// The `std.losses` function the step graph calls, and whether it is a sum over target
+    /// tokens (normalised by the driver) rather than a mean.
+    pub fn loss_fn(&self) -> (&'static str, bool) {
+        match self {
+            Objective::Sft { .. } | Objective::Pretrain => ("next_token_nll_sum", true),
+            Objective::Clip => ("clip_loss", false),
+            Objective::Siglip => ("siglip_loss", false),
+        }
+    }
+
+    /// Whether the objective reads token ids and a loss mask.
+    pub fn is_token_loss(&self) -> bool {
+        matches!(self, Objective::Sft { .. } | Objective::Pretrain)
+    }
+}
+
+/// The optimiser family.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OptimizerKind {
+    AdamW,
+    Adam,
+    Sgd,
+}
+
+/// Optimiser hyperparameters (PyTorch's defaults where the trainer gives none).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Optimizer {
+    pub kind: OptimizerKind,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+}
+
+impl Optimizer {
+    /// The per-parameter state slots the optimiser keeps (`m`, `v` for Adam; `m` for SGD with
+    /// momentum).
+    pub fn slots(&self) -> Vec<&'static str> {
+        match self.kind {
+            OptimizerKind::AdamW | OptimizerKind::Adam => vec!["m", "v"],
+            OptimizerKind::Sgd if self.momentum != 0.0 => vec!["m"],
+            OptimizerKind::Sgd => vec![],
+        }
+    }
+}
+
+/// Learning-rate schedule shapes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ScheduleKind {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// A learning-rate schedule: linear warm-up from 0, then the shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Schedule {
+    pub kind: ScheduleKind,
+    pub warmup: u64,
+    pub min_lr: f64,
+}
+
+impl Schedule {
+    /// The learning rate at optimiser step `step` (0-based) of `total`, for peak `lr`, as
+    /// Hugging Face's `get_{constant,linear,cosine}_schedule_with_warmup` (cosine with a floor
+    /// at `min_lr`, as `cosine_with_min_lr`).
+    pub fn lr_at(&self, lr: f64, step: u64, total: u64) -> f64 {
+        if step < self.warmup {
+            return lr * step as f64 / self.warmup.max(1) as f64;
+        }
+        let rest = total.saturating_sub(self.warmup).max(1) as f64;
+        let progress = (step - self.warmup) as f64 / rest;
+        match self.kind {
+            ScheduleKind::Constant => lr,
+            ScheduleKind::Linear => lr * (1.0 - progress).max(0.0),
+            ScheduleKind::Cosine => {
+                let f = (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0);
+                self.min_lr + (lr - self.min_lr) * f
+            }
+        }
+    }
+}
+
+/// A trainer, read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    pub name: String,
+    pub objective: Objective,
+    pub optimizer: Optimizer,
+    pub schedule: Schedule,
+    pub batch: usize,
+    pub steps: Option<u64>,
+    pub epochs: Option<u64>,
+    pub seed: u64,
+    pub grad_accum: usize,
+    pub clip_grad: Option<f64>,
+    pub eval_every: Option<u64>,
+    pub save_every: Option<u64>,
+    pub max_len: Option<usize>,
+    /// The adapter the trainer trains, if any.
+    pub adapter: Option<AdapterInfo>,
+    /// The trainer whose result this one starts from.
+    pub from: Option<String>,
+    /// Base-model parameters that train (the adapter's own parameters are added when it is
+    /// applied).
+    pub trainable: Vec<String>,
+}
+
+fn num(s: &Setting) -> Option<f64> {
+    match s {
+        Setting::Int(i) => Some(*i as f64),
+        Setting::Float(f) => Some(*f),
+        _ => None,
+    }
+}
+
+fn call(s: &Setting) -> (&str, &[(String, Setting)]) {
+    match s {
+        Setting::Call(n, a) => (n.as_str(), a.as_slice()),
+        Setting::Symbol(n) => (n.as_str(), &[]),
+        _ => ("", &[]),
+    }
+}
+
+fn arg<'a>(args: &'a [(String, Setting)], k: &str) -> Option<&'a Setting> {
+    args.iter().find(|(n, _)| n == k).map(|(_, v)| v)
+}
+
+impl TrainConfig {
+    /// Reads the trainer `name` of `model`.
+    pub fn of(model: &Elaborated, name: &str) -> Result<TrainConfig, String> {
+        let t = model
+            .trainers
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = model.trainers.iter().map(|t| t.name.as_str()).collect();
+                format!(
+                    "model `{}` has no trainer `{name}` (it has: {})",
+                    model.model,
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                )
+            })?;
+        TrainConfig::from_info(t, &model.adapters)
+    }
+
+    /// Reads a checked trainer.
+    pub fn from_info(t: &TrainerInfo, adapters: &[AdapterInfo]) -> Result<TrainConfig, String> {
+        let get = |k: &str| t.settings.iter().find(|(n, _)| n == k).map(|(_, v)| v);
+        let int = |k: &str| get(k).and_then(num).map(|v| v as u64);
+        let none = Setting::Symbol(String::new());
+        let (oname, oargs) = call(get("objective").unwrap_or(&none));
+        let objective = match oname {
+            "sft" => Objective::Sft {
+                prompt_masked: !matches!(arg(oargs, "mask"), Some(Setting::Symbol(s)) if s == "none"),
+            },
+            "pretrain" => Objective::Pretrain,
+            "clip" => Objective::Clip,
+            "siglip" => Objective::Siglip,
+            other => {
+                return Err(format!(
+                    "trainer `{}`: objective `{other}` is not implemented yet (implemented: sft, pretrain, clip, siglip)",
+                    t.name
+                ))
+            }
+        };
+        let (pname, pargs) = call(get("optimizer").unwrap_or(&none));
+        let kind = match pname {
+            "adam" => OptimizerKind::Adam,
+            "sgd" => OptimizerKind::Sgd,
+            _ => OptimizerKind::AdamW,
+        };
+        let p = |k: &str, d: f64| arg(pargs, k).and_then(num).unwrap_or(d);
+        let lr = arg(pargs, "lr")
+            .and_then(num)
+            .or_else(|| get("lr").and_then(num))
+            .unwrap_or(1e-3);
+        let optimizer = Optimizer {
+            kind,
+            lr,
+            beta1: p("beta1", 0.9),
+            beta2: p("beta2", 0.999),
+            eps: p("eps", 1e-8),
+            weight_decay: p(
+                "weight_decay",
+                if kind == OptimizerKind::AdamW {
+                    0.01
+                } else {
+                    0.0
+                },
+            ),
+            momentum: p("momentum", 0.0),
+            nesterov: matches!(arg(pargs, "nesterov"), Some(Setting::Bool(true))),
+        };
+        let (sname, sargs) = call(get("schedule").unwrap_or(&none));
+        let schedule = Schedule {
+            kind: match sname {
+                "linear" => ScheduleKind::Linear,
+                "cosine" => ScheduleKind::Cosine,
+                _ => ScheduleKind::Constant,
+            },
+            warmup: arg(sargs, "warmup").and_then(num).unwrap_or(0.0) as u64,
+            min_lr: arg(sargs, "min_lr").and_then(num).unwrap_or(0.0),
+        };
+        let adapter = match get("adapter") {
+            Some(Setting::Symbol(a)) => Some(
+                adapters
+                    .iter()
+                    .find(|x| &x.name == a)
+                    .cloned()
+                    .ok_or_else(|| format!("no adapter `{a}`"))?,
+            ),
+            _ => None,
+        };
+        if let Some(a) = &adapter {
+            if a.method != "lora" {
+                return Err(format!(
+                    "trainer `{}`: adapter `{}` is `{}`; only LoRA adapters train so far",
+                    t.name, a.name, a.method
+                ));
+            }
+        }
+        Ok(TrainConfig {
+            name: t.name.clone(),
+            objective,
+            optimizer,
+            schedule,
+            batch: int("batch").unwrap_or(8).max(1) as usize,
+            steps: int("steps"),
+            epochs: int("epochs"),
+            seed: int("seed").unwrap_or(0),
+            grad_accum: int("grad_accum").unwrap_or(1).max(1) as usize,
+            clip_grad: get("clip_grad").and_then(num),
+            eval_every: int("eval_every"),
+            save_every: int("save_every"),
+            max_len: int("max_len").map(|v| v as usize),
+            adapter,
+            from: match get("from") {
+                Some(Setting::Symbol(f)) => Some(f.clone()),
+                _ => None,
+            },
+            trainable: t.trainable.clone(),
+        })
+    }
+
+    /// The LoRA settings of the adapter (rank, alpha, rsLoRA), if the trainer trains one.
+    pub fn lora(&self) -> Option<crate::passes::lora::LoraConfig> {
+        let a = self.adapter.as_ref()?;
+        Some(lora_config(a))
+    }
+}
+
+/// The LoRA settings of an adapter declaration (PEFT's defaults: rank 8, alpha 8).
+pub fn lora_config(a: &AdapterInfo) -> crate::passes::lora::LoraConfig {
+    let n = |k: &str| arg(&a.args, k).and_then(num);
+    crate::passes::lora::LoraConfig {
+        rank: n("rank").unwrap_or(8.0) as i64,
+        alpha: n("alpha").unwrap_or(8.0),
+        rslora: matches!(arg(&a.args, "rslora"), Some(Setting::Bool(true))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_follow_hugging_face() {
+        let s = |kind, warmup| Schedule {
+            kind,
+            warmup,
+            min_lr: 0.0,
+        };
+        let lin = s(ScheduleKind::Linear, 2);
+        assert_eq!(lin.lr_at(1.0, 0, 10), 0.0);
+        assert_eq!(lin.lr_at(1.0, 1, 10), 0.5);
+        assert_eq!(lin.lr_at(1.0, 2, 10), 1.0);
+        assert_eq!(lin.lr_at(1.0, 6, 10), 0.5);
+        assert_eq!(lin.lr_at(1.0, 10, 10), 0.0);
+        let cos = s(ScheduleKind::Cosine, 0);
+        assert_eq!(cos.lr_at(2.0, 0, 4), 2.0);
+        assert!((cos.lr_at(2.0, 2, 4) - 1.0).abs() < 1e-12);
+        let floor = Schedule {
+            min_lr: 0.5,
+            ..cos.clone()
+        };
+        assert!((floor.lr_at(2.0, 4, 4) - 0.5).abs() < 1e-12);
+        assert_eq!(s(ScheduleKind::Constant, 4).lr_at(3.0, 1, 9), 0.75);
+        assert_eq!(s(ScheduleKind::Constant, 4).lr_at(3.0, 7, 9), 3.0);
+    }
+}

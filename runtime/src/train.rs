@@ -1,0 +1,234 @@
+//! Running training steps: a [`Session`] holds a trainer's step graphs, the parameters, the
+//! optimiser state and the step count, and runs one optimiser step per call with the
+//! reference interpreter (micro-batches accumulate gradients when the trainer asks for it).
+//! Data loading is in [`crate::train_data`]; checkpoints in [`crate::checkpoint`].
+
+use crate::interp::RunError;
+use crate::tensor::{Data, Tensor};
+use std::collections::BTreeMap;
+use vlmc::elab::Elaborated;
+use vlmc::train::{self, StepGraph, StepKind, TrainConfig};
+
+/// A failure while training.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{message}")]
+pub struct TrainRunError {
+    pub message: String,
+}
+
+fn terr<T>(message: impl Into<String>) -> Result<T, TrainRunError> {
+    Err(TrainRunError {
+        message: message.into(),
+    })
+}
+
+impl From<RunError> for TrainRunError {
+    fn from(e: RunError) -> TrainRunError {
+        TrainRunError { message: e.message }
+    }
+}
+
+impl From<train::TrainError> for TrainRunError {
+    fn from(e: train::TrainError) -> TrainRunError {
+        TrainRunError { message: e.0 }
+    }
+}
+
+/// What one optimiser step did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepStats {
+    /// The loss of the whole (accumulated) batch.
+    pub loss: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The learning rate used.
+    pub lr: f64,
+    /// Target tokens (token objectives) or examples in the batch.
+    pub items: f64,
+}
+
+/// A trainer being run.
+pub struct Session {
+    pub cfg: TrainConfig,
+    /// The fused step (no accumulation), or the gradient and update graphs.
+    pub fused: Option<StepGraph>,
+    pub grad: Option<StepGraph>,
+    pub update: Option<StepGraph>,
+    /// Every parameter of the (adapted) model, by path.
+    pub params: BTreeMap<String, Tensor>,
+    /// The optimiser state `optim.<slot>.<path>`.
+    pub state: BTreeMap<String, Tensor>,
+    /// Optimiser steps done.
+    pub step: u64,
+    /// The step count the schedule spans.
+    pub total_steps: u64,
+    /// The parameters that train.
+    pub trainable: Vec<String>,
+    /// The parameters the adapter added (saved apart, in the PEFT layout).
+    pub adapter_params: Vec<String>,
+}
+
+impl Session {
+    /// Compiles the trainer's step graphs. `params` holds the base model's parameters;
+    /// the adapter's (LoRA A and B) are initialised from their rules with `seed` unless given.
+    pub fn new(
+        model: &Elaborated,
+        cfg: TrainConfig,
+        mut params: BTreeMap<String, Tensor>,
+        total_steps: u64,
+    ) -> Result<Session, TrainRunError> {
+        let (fused, grad, update) = if cfg.grad_accum > 1 {
+            (
+                None,
+                Some(train::build(model, &cfg, StepKind::Grad)?),
+                Some(train::build(model, &cfg, StepKind::Update)?),
+            )
+        } else {
+            (
+                Some(train::build(model, &cfg, StepKind::Fused)?),
+                None,
+                None,
+            )
+        };
+        let any = fused.as_ref().or(update.as_ref()).expect("a step graph");
+        let (trainable, adapter_params) = (any.trainable.clone(), any.adapter_params.clone());
+        // Adapter parameters not given start from their init rules.
+        let (adapted, _, _) = train::model_graph(model, &cfg)?;
+        for (_, path, ty, init) in adapted.params() {
+            if !params.contains_key(path) {
+                if !adapter_params.iter().any(|a| a == path) {
+                    return terr(format!("no value for parameter `{path}`"));
+                }
+                let t = crate::init::init_param(path, ty, init, cfg.seed)
+                    .map_err(|e| TrainRunError { message: e.message })?;
+                params.insert(path.to_string(), t);
+            }
+        }
+        let mut state = BTreeMap::new();
+        for p in &trainable {
+            let t = &params[p];
+            for slot in cfg.optimizer.slots() {
+                state.insert(
+                    format!("optim.{slot}.{p}"),
+                    Tensor::f32(t.shape.clone(), vec![0.0; t.numel()]),
+                );
+            }
+        }
+        Ok(Session {
+            cfg,
+            fused,
+            grad,
+            update,
+            params,
+            state,
+            step: 0,
+            total_steps,
+            trainable,
+            adapter_params,
+        })
+    }
+
+    /// The learning rate of the next step.
+    pub fn lr(&self) -> f64 {
+        self.cfg
+            .schedule
+            .lr_at(self.cfg.optimizer.lr, self.step, self.total_steps)
+    }
+
+    /// The normaliser of the loss over micro-batches: target tokens for token objectives
+    /// (TRL's `num_items_in_batch`), micro-batches otherwise.
+    fn items(&self, micro: &[BTreeMap<String, Tensor>]) -> f64 {
+        if self.cfg.objective.is_token_loss() {
+            micro
+                .iter()
+                .map(|m| {
+                    let mask = &m["loss_mask"];
+                    let t = mask.shape[1];
+                    mask.to_f64()
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| i % t != 0)
+                        .map(|(_, v)| v)
+                        .sum::<f64>()
+                })
+                .sum()
+        } else {
+            micro.len() as f64
+        }
+    }
+
+    /// Runs one optimiser step over the micro-batches (each a map of the step graph's data
+    /// inputs: the model's inputs and `loss_mask`).
+    pub fn step(&mut self, micro: &[BTreeMap<String, Tensor>]) -> Result<StepStats, TrainRunError> {
+        if micro.is_empty() {
+            return terr("a step needs at least one batch");
+        }
+        let items = self.items(micro);
+        let scale = 1.0 / items.max(1.0);
+        let lr = self.lr();
+        let scalar = |v: f64| Tensor::f32(vec![], vec![v as f32]);
+        let mut control = BTreeMap::new();
+        control.insert("loss_scale".to_string(), scalar(scale));
+        control.insert("lr".to_string(), scalar(lr));
+        control.insert("step".to_string(), scalar((self.step + 1) as f64));
+        let mut loss = 0.0;
+        let outs = if let Some(f) = &self.fused {
+            let mut inputs = micro[0].clone();
+            inputs.extend(control.clone());
+            inputs.extend(self.state.clone());
+            let o = crate::interp::run(&f.graph, &inputs, &self.params)?;
+            loss += o["loss"].to_f64()[0];
+            o
+        } else {
+            let (Some(gs), Some(us)) = (&self.grad, &self.update) else {
+                return terr("no step graph");
+            };
+            let mut sum: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+            for m in micro {
+                let mut inputs = m.clone();
+                inputs.extend(control.clone());
+                let o = crate::interp::run(&gs.graph, &inputs, &self.params)?;
+                loss += o["loss"].to_f64()[0];
+                for p in &self.trainable {
+                    let g = o[&format!("grad.{p}")].to_f64();
+                    let acc = sum.entry(p.clone()).or_insert_with(|| vec![0.0; g.len()]);
+                    for (a, x) in acc.iter_mut().zip(g) {
+                        *a += x as f32;
+                    }
+                }
+            }
+            let mut inputs = control.clone();
+            inputs.extend(self.state.clone());
+            for (p, v) in sum {
+                let shape = self.params[&p].shape.clone();
+                inputs.insert(format!("grad.{p}"), Tensor::f32(shape, v));
+            }
+            crate::interp::run(&us.graph, &inputs, &self.params)?
+        };
+        if !loss.is_finite() {
+            return terr(format!(
+                "the loss is {loss} at step {}: stopping (the parameters are unchanged)",
+                self.step + 1
+            ));
+        }
+        let grad_norm = outs.get("grad_norm").map_or(f64::NAN, |t| t.to_f64()[0]);
+        for (name, t) in outs {
+            if let Some(p) = name.strip_prefix("param.") {
+                let t = match t.data {
+                    Data::F64(_) => t.to_f32_tensor(),
+                    _ => t,
+                };
+                self.params.insert(p.to_string(), t);
+            } else if name.starts_with("optim.") {
+                self.state.insert(name, t);
+            }
+        }
+        self.step += 1;
+        Ok(StepStats {
+            loss,
+            grad_norm,
+            lr,
+            items,
+        })
+    }
+}

@@ -1,0 +1,259 @@
+//! Training steps: the step graph (forward, loss, backward, optimiser update in one graph)
+//! against independent computations: the optimiser update against a direct implementation
+//! of PyTorch's AdamW / SGD, gradient accumulation against one large batch (TRL's
+//! normalisation by the target tokens of the whole accumulated batch), freezing and LoRA.
+
+use std::collections::BTreeMap;
+use vlmc::train::{self, StepKind, TrainConfig};
+use vlmc_runtime::rng::uniform01;
+use vlmc_runtime::train::Session;
+use vlmc_runtime::Tensor;
+
+fn load(path: &str) -> vlmc::elab::Elaborated {
+    let checked = vlmc::elab::check_file(std::path::Path::new(path));
+    let text = checked.render();
+    let mut models = checked.result.unwrap_or_else(|_| panic!("{text}"));
+    models.pop().expect("a model")
+}
+
+fn values(n: usize, seed: u64, lo: f64, hi: f64) -> Vec<f32> {
+    (0..n)
+        .map(|i| (lo + (hi - lo) * uniform01(seed, i as u64)) as f32)
+        .collect()
+}
+
+/// A llava_tiny batch: random pixels, ids, and a mask with a 2-token prompt and padding.
+fn llava_batch(b: usize, t: usize, seed: u64) -> BTreeMap<String, Tensor> {
+    let mut m = BTreeMap::new();
+    m.insert(
+        "pixels".into(),
+        Tensor::f32(vec![b, 3, 32, 32], values(b * 3 * 1024, seed, -1.0, 1.0)),
+    );
+    let ids: Vec<i32> = (0..b * t)
+        .map(|i| ((i as u64 * 131 + seed * 17) % 512) as i32)
+        .collect();
+    m.insert("ids".into(), Tensor::i32(vec![b, t], ids));
+    let mask: Vec<f32> = (0..b * t)
+        .map(|i| {
+            let (r, c) = (i / t, i % t);
+            // row r has t - r real tokens (right padding), the first 2 are the prompt
+            f32::from(u8::from(c >= 2 && c < t - r % 2))
+        })
+        .collect();
+    m.insert("loss_mask".into(), Tensor::f32(vec![b, t], mask));
+    m
+}
+
+fn split_rows(batch: &BTreeMap<String, Tensor>, lo: usize, hi: usize) -> BTreeMap<String, Tensor> {
+    batch
+        .iter()
+        .map(|(k, t)| {
+            let row: usize = t.shape[1..].iter().product();
+            let mut shape = t.shape.clone();
+            shape[0] = hi - lo;
+            let part = match &t.data {
+                vlmc_runtime::Data::F32(v) => Tensor::f32(shape, v[lo * row..hi * row].to_vec()),
+                vlmc_runtime::Data::I32(v) => Tensor::i32(shape, v[lo * row..hi * row].to_vec()),
+                _ => panic!("unexpected dtype"),
+            };
+            (k.clone(), part)
+        })
+        .collect()
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (x, y) = (a.to_f64(), b.to_f64());
+    let scale = y.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+    x.iter()
+        .zip(&y)
+        .fold(0f64, |m, (p, q)| m.max((p - q).abs()))
+        / scale
+}
+
+#[test]
+fn llava_stage1_trains_only_the_projector() {
+    let model = load("models/llava_tiny.vlm");
+    let mut cfg = TrainConfig::of(&model, "align").expect("trainer");
+    cfg.schedule.warmup = 0;
+    let step = train::build(&model, &cfg, StepKind::Fused).expect("step graph");
+    vlmc::ir::verify(&step.graph).expect("verifies");
+    assert!(step
+        .trainable
+        .iter()
+        .all(|p| p.starts_with("multi_modal_projector.")));
+    assert_eq!(step.trainable.len(), 4);
+    let params = vlmc_runtime::init::init_params(&model.graph, 1).expect("init");
+    let mut s = Session::new(&model, cfg, params.clone(), 10).expect("session");
+    let stats = s.step(&[llava_batch(2, 6, 1)]).expect("step");
+    eprintln!("{stats:?}");
+    assert!(stats.loss.is_finite() && stats.loss > 5.0, "{stats:?}");
+    for (p, t) in &s.params {
+        let changed = t != &params[p];
+        assert_eq!(changed, p.starts_with("multi_modal_projector."), "{p}");
+    }
+}
+
+#[test]
+fn accumulated_micro_batches_equal_one_batch() {
+    // Two micro-batches normalised by the target tokens of both (TRL) give the same step as
+    // the whole batch at once.
+    let model = load("models/llava_tiny.vlm");
+    let mut cfg = TrainConfig::of(&model, "align").expect("trainer");
+    cfg.clip_grad = Some(0.5);
+    let params = vlmc_runtime::init::init_params(&model.graph, 2).expect("init");
+    let batch = llava_batch(4, 5, 3);
+    let mut one = Session::new(&model, cfg.clone(), params.clone(), 10).expect("session");
+    let a = one.step(&[batch.clone()]).expect("step");
+    cfg.grad_accum = 2;
+    let mut two = Session::new(&model, cfg, params, 10).expect("session");
+    assert!(two.fused.is_none() && two.grad.is_some());
+    let b = two
+        .step(&[split_rows(&batch, 0, 1), split_rows(&batch, 1, 4)])
+        .expect("step");
+    eprintln!("one batch {a:?}\ntwo micro-batches {b:?}");
+    assert!((a.loss - b.loss).abs() <= 1e-5 * a.loss.abs());
+    assert!((a.grad_norm - b.grad_norm).abs() <= 1e-5 * a.grad_norm);
+    for p in &one.trainable {
+        let err = max_rel(&one.params[p], &two.params[p]);
+        assert!(err <= 1e-5, "{p}: {err:e}");
+    }
+}
+
+/// PyTorch's AdamW (torch.optim.AdamW, single tensor, not capturable), written directly.
+#[allow(clippy::too_many_arguments)]
+fn adamw_ref(
+    p: &mut [f64],
+    g: &[f64],
+    m: &mut [f64],
+    v: &mut [f64],
+    lr: f64,
+    (b1, b2): (f64, f64),
+    eps: f64,
+    wd: f64,
+    step: i32,
+) {
+    for i in 0..p.len() {
+        p[i] *= 1.0 - lr * wd;
+        m[i] += (g[i] - m[i]) * (1.0 - b1);
+        v[i] = v[i] * b2 + (1.0 - b2) * g[i] * g[i];
+        let bc1 = 1.0 - b1.powi(step);
+        let bc2 = 1.0 - b2.powi(step);
+        let denom = v[i].sqrt() / bc2.sqrt() + eps;
+        p[i] -= lr / bc1 * m[i] / denom;
+    }
+}
+
+#[test]
+fn adamw_in_the_step_graph_matches_a_direct_implementation() {
+    let model = load("models/clip_tiny.vlm");
+    let mut cfg = TrainConfig::of(&model, "contrastive").expect("trainer");
+    cfg.optimizer.lr = 1e-2;
+    // An eps above the f32 rounding noise of gradients that are zero in exact arithmetic
+    // (attention key biases), whose Adam update lr·g/(|g| + eps) would otherwise be decided
+    // by that noise, which differs between two graphs computing the same gradient.
+    cfg.optimizer.eps = 1e-4;
+    cfg.schedule.warmup = 0;
+    let params = vlmc_runtime::init::init_params(&model.graph, 5).expect("init");
+    // Gradients from the Grad graph, then three AdamW steps by hand.
+    let grad = train::build(&model, &cfg, StepKind::Grad).expect("grad graph");
+    let mut s = Session::new(&model, cfg.clone(), params.clone(), 3).expect("session");
+    let o = &cfg.optimizer;
+    let mut p_ref: BTreeMap<String, Vec<f64>> = params
+        .iter()
+        .map(|(k, t)| (k.clone(), t.to_f64()))
+        .collect();
+    let mut m: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut v: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for step in 1..=3 {
+        let b = 4;
+        let mut batch = BTreeMap::new();
+        batch.insert(
+            "pixels".to_string(),
+            Tensor::f32(vec![b, 3, 32, 32], values(b * 3 * 1024, step, -1.0, 1.0)),
+        );
+        let ids: Vec<i32> = (0..b * 5)
+            .map(|i| ((i as u64 * 37 + step * 11) % 511) as i32)
+            .collect();
+        batch.insert("ids".to_string(), Tensor::i32(vec![b, 5], ids));
+        // Gradients at the reference parameters (f32 values, as the session holds them).
+        let cur: BTreeMap<String, Tensor> = p_ref
+            .iter()
+            .map(|(k, x)| {
+                let shape = params[k].shape.clone();
+                (
+                    k.clone(),
+                    Tensor::f32(shape, x.iter().map(|&y| y as f32).collect()),
+                )
+            })
+            .collect();
+        let mut inputs = batch.clone();
+        inputs.insert("loss_scale".into(), Tensor::f32(vec![], vec![1.0]));
+        let out = vlmc_runtime::run(&grad.graph, &inputs, &cur).expect("grad step");
+        let lr = cfg.schedule.lr_at(o.lr, step - 1, 3);
+        for p in &s.trainable {
+            let g = out[&format!("grad.{p}")].to_f64();
+            let n = g.len();
+            let pm = m.entry(p.clone()).or_insert_with(|| vec![0.0; n]);
+            let pv = v.entry(p.clone()).or_insert_with(|| vec![0.0; n]);
+            let x = p_ref.get_mut(p).expect("param");
+            adamw_ref(
+                x,
+                &g,
+                pm,
+                pv,
+                lr,
+                (o.beta1, o.beta2),
+                o.eps,
+                o.weight_decay,
+                step as i32,
+            );
+            if p == "logit_scale" {
+                x[0] = x[0].clamp(0.0, 100f64.ln());
+            }
+            // Round to f32 as the session stores parameters.
+            x.iter_mut().for_each(|y| *y = f64::from(*y as f32));
+        }
+        let stats = s.step(&[batch]).expect("step");
+        eprintln!("step {step}: {stats:?}");
+    }
+    let mut worst = 0f64;
+    for p in &s.trainable {
+        let want = Tensor::f64(params[p].shape.clone(), p_ref[p].clone());
+        // Relative to the size of the change, the stricter measure.
+        let delta: Vec<f64> = want
+            .to_f64()
+            .iter()
+            .zip(params[p].to_f64())
+            .map(|(a, b)| a - b)
+            .collect();
+        let scale = delta.iter().fold(1e-12f64, |a, x| a.max(x.abs()));
+        let diff = s.params[p]
+            .to_f64()
+            .iter()
+            .zip(want.to_f64())
+            .fold(0f64, |a, (x, y)| a.max((x - y).abs()));
+        worst = worst.max(diff / scale);
+    }
+    eprintln!("AdamW in the graph vs direct: max error relative to the update {worst:.2e}");
+    assert!(worst <= 1e-3, "{worst:e}");
+}
+
+#[test]
+fn lora_trainer_trains_only_the_adapter() {
+    let model = load("models/llava_tiny.vlm");
+    let cfg = TrainConfig::of(&model, "instruct").expect("trainer");
+    let params = vlmc_runtime::init::init_params(&model.graph, 1).expect("init");
+    let mut s = Session::new(&model, cfg, params.clone(), 10).expect("session");
+    assert_eq!(s.trainable.len(), 8, "{:?}", s.trainable);
+    assert!(s.trainable.iter().all(|p| p.contains(".lora_")));
+    let b = llava_batch(2, 4, 9);
+    let first = s.step(std::slice::from_ref(&b)).expect("step");
+    let second = s.step(&[b]).expect("step");
+    eprintln!("{first:?} {second:?}");
+    for (p, t) in &params {
+        assert_eq!(&s.params[p], t, "base parameter {p} changed");
+    }
+    // B starts at zero and moves; A moves after B is non-zero.
+    let bw = "language_model.model.layers.0.self_attn.q_proj.lora_B.weight";
+    assert!(s.params[bw].to_f64().iter().any(|&x| x != 0.0));
+}
