@@ -1,6 +1,8 @@
 //! The commands behind the `vlmc` binary: `check` and `build`. Diagnostics go to stderr,
 //! artefacts are written to a temporary name and renamed into place.
 
+pub mod train;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;

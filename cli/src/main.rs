@@ -17,6 +17,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a model with one of its trainers (forward, loss, backward and update as one graph).
+    Train(vlmc_cli::train::TrainArgs),
+    /// Fold a LoRA adapter (PEFT layout) into base weights.
+    Merge(vlmc_cli::train::MergeArgs),
     /// Parse and type-check .vlm files (every model is elaborated and shape-checked).
     Check {
         /// Files to check.
@@ -109,6 +113,8 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(a) => vlmc_cli::train::train(&a),
+        Command::Merge(a) => vlmc_cli::train::merge(&a),
         Command::Check { files } => vlmc_cli::check(&files),
         Command::Build {
             file,

@@ -9,6 +9,9 @@ pub mod plan;
 pub mod rng;
 pub mod tensor;
 pub mod train;
+pub mod train_ckpt;
+pub mod train_data;
+pub mod train_loop;
 pub mod weights;
 
 pub use interp::{run, RunError};

@@ -1,0 +1,222 @@
+//! `vlmc train` and `vlmc merge`.
+
+use std::path::{Path, PathBuf};
+use vlmc::elab::Elaborated;
+
+/// `vlmc train FILE --trainer NAME --data D.jsonl [--weights W] -o DIR`.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// The .vlm file.
+    pub file: PathBuf,
+    /// The trainer to run (a `trainer` declaration of the file).
+    #[arg(long)]
+    pub trainer: String,
+    /// Training data: JSONL rows with `text`, `prompt`/`completion` or `messages`, and
+    /// `image` paths for vision-language models.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Starting weights (safetensors; default: the init rules with the trainer's seed).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// The tokenizer.json (default: beside the data, then beside the weights).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Continue from the latest checkpoint in this folder.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Override the trainer's number of steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Stop after this many steps in total (a checkpoint is written; resume with --resume).
+    #[arg(long)]
+    pub stop_after: Option<u64>,
+    /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
+    #[arg(long = "set", value_parser = parse_pair)]
+    pub sets: Vec<(String, String)>,
+    /// Output folder: log.jsonl, checkpoint-N/, model.safetensors, adapter/ (LoRA).
+    #[arg(short, long)]
+    pub out: PathBuf,
+    /// No progress bar (one line per step on stderr instead).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `vlmc merge FILE --adapter DIR --weights W -o OUT`.
+#[derive(clap::Args, Debug)]
+pub struct MergeArgs {
+    /// The .vlm file of the base model.
+    pub file: PathBuf,
+    /// A LoRA adapter in the PEFT layout (adapter_model.safetensors, adapter_config.json).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// The base weights.
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Which model of the file (default: the last one).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
+    #[arg(long = "set", value_parser = parse_pair)]
+    pub sets: Vec<(String, String)>,
+    /// The merged weights (safetensors, with the base file's tensor names).
+    #[arg(short, long)]
+    pub out: PathBuf,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got `{s}`")),
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> u8 {
+    eprintln!("error: {e}");
+    1
+}
+
+fn models(file: &Path, sets: &[(String, String)]) -> Result<Vec<Elaborated>, u8> {
+    let checked = vlmc::elab::check_file_with(file, sets);
+    if checked.result.is_err() {
+        eprint!("{}", checked.render());
+        return Err(1);
+    }
+    Ok(checked.result.unwrap_or_default())
+}
+
+fn bind(m: &Elaborated, weights: &Path) -> Result<vlmc_runtime::weights::Bound, u8> {
+    let wf = vlmc_runtime::weights::WeightFile::open(weights).map_err(fail)?;
+    vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint).map_err(fail)
+}
+
+/// Runs `vlmc train`.
+pub fn train(a: &TrainArgs) -> Result<(), u8> {
+    let all = models(&a.file, &a.sets)?;
+    let Some(m) = all
+        .iter()
+        .find(|m| m.trainers.iter().any(|t| t.name == a.trainer))
+    else {
+        let names: Vec<String> = all
+            .iter()
+            .flat_map(|m| m.trainers.iter().map(|t| t.name.clone()))
+            .collect();
+        return Err(fail(format!(
+            "{} has no trainer `{}` (trainers: {})",
+            a.file.display(),
+            a.trainer,
+            if names.is_empty() {
+                "none".into()
+            } else {
+                names.join(", ")
+            }
+        )));
+    };
+    let weights = match &a.weights {
+        Some(w) => Some(bind(m, w)?.params),
+        None => None,
+    };
+    let opts = vlmc_runtime::train_loop::TrainOptions {
+        model: m,
+        trainer: &a.trainer,
+        data: &a.data,
+        tokenizer: a.tokenizer.clone(),
+        weights,
+        weights_dir: a
+            .weights
+            .as_ref()
+            .and_then(|w| w.parent().map(Path::to_path_buf)),
+        out: &a.out,
+        resume: a.resume.as_deref(),
+        steps: a.steps,
+        stop_after: a.stop_after,
+    };
+    let bar = if a.quiet {
+        None
+    } else {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(b)
+    };
+    let t0 = std::time::Instant::now();
+    let result = vlmc_runtime::train_loop::train(&opts, &mut |ev| {
+        let msg = format!(
+            "loss {:.4} lr {:.2e} |g| {:.3} {:.1} ex/s",
+            ev.stats.loss, ev.stats.lr, ev.stats.grad_norm, ev.examples_per_s
+        );
+        match &bar {
+            Some(b) => {
+                b.set_length(ev.total);
+                b.set_position(ev.step);
+                b.set_message(msg);
+            }
+            None => eprintln!("step {}/{}: {msg}", ev.step, ev.total),
+        }
+    });
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    let s = result.map_err(fail)?;
+    eprintln!(
+        "trained `{}` for {} steps in {:.1} s; wrote {} (log.jsonl, model.safetensors{}; last checkpoint {})",
+        a.trainer,
+        s.steps,
+        t0.elapsed().as_secs_f64(),
+        s.out.display(),
+        if s.out.join("adapter").is_dir() {
+            ", adapter/"
+        } else {
+            ""
+        },
+        s.last_checkpoint
+            .as_ref()
+            .map_or("none".into(), |p| p.display().to_string())
+    );
+    Ok(())
+}
+
+/// Runs `vlmc merge`: folds a PEFT LoRA adapter into the base weights with the LoRA-merge pass.
+pub fn merge(a: &MergeArgs) -> Result<(), u8> {
+    let all = models(&a.file, &a.sets)?;
+    let m = match &a.model {
+        Some(n) => all.iter().find(|m| &m.model == n),
+        None => all.last(),
+    }
+    .ok_or_else(|| fail("no such model"))?;
+    let bound = bind(m, &a.weights)?;
+    let peft = vlmc_runtime::train_ckpt::load_peft(&a.adapter).map_err(fail)?;
+    let merged =
+        vlmc_runtime::train_ckpt::merge_lora(&m.graph, &bound.params, &peft).map_err(fail)?;
+    // Keep the base file's names: every tensor is copied, the merged ones replaced.
+    let wf = vlmc_runtime::weights::WeightFile::open(&a.weights).map_err(fail)?;
+    let mut out = std::collections::BTreeMap::new();
+    let mut replaced = 0;
+    for name in wf.names() {
+        let t = wf.get(&name).map_err(fail)?;
+        let path = vlmc_runtime::weights::map_name(&name, &m.checkpoint);
+        match path.as_ref().and_then(|p| merged.get(p)) {
+            Some(new) => {
+                out.insert(name, new.clone());
+                replaced += 1;
+            }
+            None => {
+                out.insert(name, t);
+            }
+        }
+    }
+    vlmc_runtime::weights::save(&a.out, &out).map_err(fail)?;
+    eprintln!(
+        "merged {} LoRA targets (rank {}, scale {}) into {} of {} tensors: wrote {}",
+        peft.targets.len(),
+        peft.lora.rank,
+        peft.lora.scale(),
+        replaced,
+        out.len(),
+        a.out.display()
+    );
+    Ok(())
+}
