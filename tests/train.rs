@@ -257,3 +257,97 @@ fn lora_trainer_trains_only_the_adapter() {
     let bw = "language_model.model.layers.0.self_attn.q_proj.lora_B.weight";
     assert!(s.params[bw].to_f64().iter().any(|&x| x != 0.0));
 }
+
+/// The PyTorch reference of tests/fixtures/train/sft (make.py: transformers' LlamaForCausalLM
+/// in float64, TRL's SFT loss, torch.optim.AdamW, clip_grad_norm_).
+#[test]
+fn sft_step_matches_pytorch() {
+    let dir = std::path::Path::new("tests/fixtures/train/sft");
+    let model = load(dir.join("fixture.vlm").to_str().expect("path"));
+    let cfg = TrainConfig::of(&model, "sft").expect("trainer");
+    let r = vlmc_runtime::weights::WeightFile::open(&dir.join("reference.safetensors"))
+        .expect("reference");
+    let get = |n: &str| r.get(n).unwrap_or_else(|e| panic!("{e}"));
+    let params: BTreeMap<String, Tensor> = r
+        .names()
+        .into_iter()
+        .filter_map(|n| n.strip_prefix("params.").map(|p| (p.to_string(), get(&n))))
+        .collect();
+    assert_eq!(params.len(), model.graph.params().len());
+    let batch = |k: usize| {
+        let mut m = BTreeMap::new();
+        m.insert("ids".to_string(), get(&format!("batch{k}.ids")));
+        m.insert("loss_mask".to_string(), get(&format!("batch{k}.loss_mask")));
+        m
+    };
+    // Gradients of the first step.
+    let grad = train::build(&model, &cfg, StepKind::Grad).expect("grad graph");
+    let mut inputs = batch(0);
+    let mask = &inputs["loss_mask"];
+    let t = mask.shape[1];
+    let targets: f64 = mask
+        .to_f64()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % t != 0)
+        .map(|(_, v)| v)
+        .sum();
+    inputs.insert(
+        "loss_scale".into(),
+        Tensor::f32(vec![], vec![(1.0 / targets) as f32]),
+    );
+    let out = vlmc_runtime::run(&grad.graph, &inputs, &params).expect("grad step");
+    let loss0 = out["loss"].to_f64()[0];
+    let want0 = get("loss0").to_f64()[0];
+    assert!((loss0 - want0).abs() <= 1e-5 * want0, "{loss0} vs {want0}");
+    let mut worst_grad = (0f64, String::new());
+    for p in params.keys() {
+        let e = max_rel(&out[&format!("grad.{p}")], &get(&format!("grad.{p}")));
+        if e > worst_grad.0 {
+            worst_grad = (e, p.clone());
+        }
+    }
+    // Three AdamW steps (with clipping at 1.0) through the fused step graph.
+    let mut s = Session::new(&model, cfg, params.clone(), 3).expect("session");
+    let mut losses = Vec::new();
+    for k in 0..3 {
+        losses.push(s.step(&[batch(k)]).expect("step").loss);
+    }
+    let mut worst_w = (0f64, String::new());
+    let mut worst_update = 0f64;
+    for (p, before) in &params {
+        let want = get(&format!("after.{p}"));
+        let e = max_rel(&s.params[p], &want);
+        if e > worst_w.0 {
+            worst_w = (e, p.clone());
+        }
+        // The error relative to the size of the update itself.
+        let upd: Vec<f64> = want
+            .to_f64()
+            .iter()
+            .zip(before.to_f64())
+            .map(|(a, b)| a - b)
+            .collect();
+        let scale = upd.iter().fold(1e-30f64, |a, x| a.max(x.abs()));
+        let diff = s.params[p]
+            .to_f64()
+            .iter()
+            .zip(want.to_f64())
+            .fold(0f64, |a, (x, y)| a.max((x - y).abs()));
+        worst_update = worst_update.max(diff / scale);
+    }
+    let want_losses: Vec<f64> = (0..3)
+        .map(|k| get(&format!("loss{k}")).to_f64()[0])
+        .collect();
+    eprintln!(
+        "SFT vs PyTorch: loss {loss0:.7} vs {want0:.7}; gradients max rel err {:.2e} ({}); \
+         weights after 3 AdamW steps max rel err {:.2e} ({}), {worst_update:.2e} of the update; \
+         losses {losses:?} vs {want_losses:?}",
+        worst_grad.0, worst_grad.1, worst_w.0, worst_w.1
+    );
+    assert!(worst_grad.0 <= 1e-4, "gradients: {worst_grad:?}");
+    assert!(worst_w.0 <= 1e-4, "weights: {worst_w:?}");
+    for (a, b) in losses.iter().zip(&want_losses) {
+        assert!((a - b).abs() <= 1e-5 * b, "{a} vs {b}");
+    }
+}
