@@ -103,7 +103,7 @@ fn accumulated_micro_batches_equal_one_batch() {
     let params = vlmc_runtime::init::init_params(&model.graph, 2).expect("init");
     let batch = llava_batch(4, 5, 3);
     let mut one = Session::new(&model, cfg.clone(), params.clone(), 10).expect("session");
-    let a = one.step(&[batch.clone()]).expect("step");
+    let a = one.step(std::slice::from_ref(&batch)).expect("step");
     cfg.grad_accum = 2;
     let mut two = Session::new(&model, cfg, params, 10).expect("session");
     assert!(two.fused.is_none() && two.grad.is_some());
