@@ -3,6 +3,8 @@
 
 pub mod train;
 
+pub mod bench;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -25,6 +27,8 @@ pub enum Emit {
     Report,
     /// The kernel IR of every fused kernel and the buffer plan, at `--dims` (`<model>.kernels`).
     Kernels,
+    /// The Cranelift IR of every compiled CPU loop nest, at `--dims` (`<model>.clif`).
+    Clif,
 }
 
 /// Compilation options of `vlmc build`.
@@ -160,7 +164,7 @@ pub fn build_with(
     }
     let needs_compile = emit
         .iter()
-        .any(|e| matches!(e, Emit::Opt | Emit::Report | Emit::Kernels))
+        .any(|e| matches!(e, Emit::Opt | Emit::Report | Emit::Kernels | Emit::Clif))
         || opts.adapter.is_some()
         || !opts.print_after.is_empty();
     let compiled = if needs_compile {
@@ -222,6 +226,25 @@ pub fn build_with(
                     Ok(plan) => ("kernels", plan.to_string()),
                     Err(e) => {
                         eprintln!("error: cannot lower {} to kernels: {e} (are all dims given with --dims?)", m.model);
+                        return Err(1);
+                    }
+                }
+            }
+            (Emit::Clif, Some(c)) => {
+                let dims: std::collections::HashMap<String, i64> =
+                    opts.dims.iter().cloned().collect();
+                let mem = vlmc::passes::memory::plan(&c.graph, &c.fusion, &dims);
+                let plan = vlmc::kernel::lower(&c.graph, &c.fusion, &mem, &dims).map_err(|e| {
+                    eprintln!(
+                        "error: cannot lower {} to kernels: {e} (are all dims given with --dims?)",
+                        m.model
+                    );
+                    1u8
+                })?;
+                match vlmc::backend::cpu::clif_text(&plan) {
+                    Ok(text) => ("clif", text),
+                    Err(e) => {
+                        eprintln!("error: CPU code generation for {}: {e}", m.model);
                         return Err(1);
                     }
                 }
@@ -332,10 +355,13 @@ pub struct RunArgs<'a> {
     pub inputs: &'a [(String, String)],
     pub tokenizer: Option<&'a Path>,
     pub out: Option<&'a Path>,
+    /// Run the reference interpreter instead of the compiled CPU code (`--interp`).
+    pub interp: bool,
 }
 
-/// `vlmc run FILE --weights W --input ...`: runs the model's forward with the reference
-/// interpreter; prints a summary of each output on stdout and saves them as safetensors.
+/// `vlmc run FILE --weights W --input ...`: runs the model's forward, compiled to machine code
+/// (or with the reference interpreter: `--interp`); prints a summary of each output on stdout
+/// and saves them as safetensors.
 pub fn run(file: &Path, args: &RunArgs<'_>) -> Result<(), u8> {
     let fail = |e: &dyn std::fmt::Display| {
         eprintln!("error: {e}");
@@ -371,9 +397,27 @@ pub fn run(file: &Path, args: &RunArgs<'_>) -> Result<(), u8> {
     let inputs =
         vlmc_runtime::inputs::gather_inputs(args.inputs, &m.preprocess, dir, args.tokenizer)
             .map_err(|e| fail(&e))?;
-    let t2 = Instant::now();
-    let outputs = vlmc_runtime::run(&m.graph, &inputs, &bound.params).map_err(|e| fail(&e))?;
-    eprintln!("ran the interpreter in {:.0} ms", ms(t2));
+    let outputs = if args.interp {
+        let t2 = Instant::now();
+        let o = vlmc_runtime::run(&m.graph, &inputs, &bound.params).map_err(|e| fail(&e))?;
+        eprintln!("ran the interpreter in {:.0} ms", ms(t2));
+        o
+    } else {
+        let t2 = Instant::now();
+        let c = vlmc::passes::compile(&m, &vlmc::passes::CompileOptions::default())
+            .map_err(|e| fail(&e))?;
+        let model = vlmc_runtime::cpu::CpuModel::new(c, bound.params, Default::default());
+        let plan = model.plan_for(&inputs).map_err(|e| fail(&e))?;
+        eprintln!(
+            "compiled {} kernels to machine code in {:.0} ms",
+            plan.program.kernels.len(),
+            ms(t2)
+        );
+        let t3 = Instant::now();
+        let o = plan.run(&inputs, &model.params).map_err(|e| fail(&e))?;
+        eprintln!("ran the compiled CPU code in {:.1} ms", ms(t3));
+        o
+    };
     for (name, t) in &outputs {
         println!("{name}: {t}");
     }

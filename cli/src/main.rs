@@ -37,7 +37,7 @@ enum Command {
         /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
         #[arg(long = "set", value_parser = parse_pair)]
         sets: Vec<(String, String)>,
-        /// Artefacts to write: ast, ir, dot, blocks, opt, report, kernels (comma-separated).
+        /// Artefacts to write: ast, ir, dot, blocks, opt, report, kernels, clif (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "ir")]
         emit: Vec<vlmc_cli::Emit>,
         /// Apply this adapter of the spec and merge it into the base weights.
@@ -70,7 +70,7 @@ enum Command {
         #[arg(short, long)]
         out: Option<PathBuf>,
     },
-    /// Run a model's forward with the reference interpreter.
+    /// Run a model's forward: compiled to machine code, or with the interpreter (`--interp`).
     Run {
         /// The .vlm file.
         file: PathBuf,
@@ -93,6 +93,35 @@ enum Command {
         /// Where to save the outputs (default: build/<model>/outputs.safetensors).
         #[arg(short, long)]
         out: Option<PathBuf>,
+        /// Run the reference interpreter instead of the compiled CPU code.
+        #[arg(long)]
+        interp: bool,
+    },
+    /// Time a model's compiled forward on synthetic inputs (and the interpreter, and GEMM).
+    Bench {
+        /// The .vlm file.
+        file: PathBuf,
+        /// Which model of the file (default: the last one).
+        #[arg(long)]
+        model: Option<String>,
+        /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
+        #[arg(long = "set", value_parser = parse_pair)]
+        sets: Vec<(String, String)>,
+        /// Weights (safetensors); default: random parameters from the init rules.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Sizes of the symbolic dims, e.g. B=8,T=128.
+        #[arg(long, value_delimiter = ',', value_parser = parse_dim)]
+        dims: Vec<(String, i64)>,
+        /// Timed runs of the compiled code.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Timed runs of the interpreter (0 to skip).
+        #[arg(long, default_value_t = 0)]
+        interp_runs: usize,
+        /// Also time the GEMM crate on an N×N×N product (0 to skip).
+        #[arg(long, default_value_t = 0)]
+        gemm: usize,
     },
 }
 
@@ -162,6 +191,7 @@ fn main() -> ExitCode {
             inputs,
             tokenizer,
             out,
+            interp,
         } => vlmc_cli::run(
             &file,
             &vlmc_cli::RunArgs {
@@ -173,6 +203,30 @@ fn main() -> ExitCode {
                 inputs: &inputs,
                 tokenizer: tokenizer.as_deref(),
                 out: out.as_deref(),
+                interp,
+            },
+        ),
+        Command::Bench {
+            file,
+            model,
+            sets,
+            weights,
+            dims,
+            runs,
+            interp_runs,
+            gemm,
+        } => vlmc_cli::bench::bench(
+            &file,
+            &vlmc_cli::bench::BenchArgs {
+                pick: vlmc_cli::Pick {
+                    model: model.as_deref(),
+                    sets: &sets,
+                },
+                weights: weights.as_deref(),
+                dims: &dims,
+                runs,
+                interp_runs,
+                gemm,
             },
         ),
     };

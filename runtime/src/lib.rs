@@ -2,6 +2,7 @@
 //! compiled program is compared with), safetensors weights, parameter initialisation and model
 //! inputs.
 
+pub mod cpu;
 pub mod init;
 pub mod inputs;
 pub mod interp;

@@ -7,6 +7,7 @@
 //! load time, temporaries placed by the memory plan) and its kernels in launch order.
 
 mod lower;
+pub mod simplify;
 
 pub use lower::{lower, LowerError};
 

@@ -1,0 +1,137 @@
+//! `vlmc bench`: times a model's forward compiled to machine code (and, optionally, with the
+//! interpreter) on synthetic inputs at given sizes, and the GEMM crate's ceiling.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Instant;
+use vlmc_runtime::Tensor;
+
+/// What `vlmc bench` measures.
+pub struct BenchArgs<'a> {
+    pub pick: crate::Pick<'a>,
+    /// Weights (safetensors); random parameters from the init rules when absent.
+    pub weights: Option<&'a Path>,
+    /// Sizes of the symbolic dims.
+    pub dims: &'a [(String, i64)],
+    /// Timed runs of the compiled code (after one warm-up run).
+    pub runs: usize,
+    /// Timed runs of the interpreter (0: skip).
+    pub interp_runs: usize,
+    /// Also measure the GEMM crate on an n³ product (0: skip).
+    pub gemm: usize,
+}
+
+/// Synthetic inputs: token ids 1..1000, masks of ones, token types of zeros, floats in [-1, 1).
+pub fn synthetic_inputs(
+    g: &vlmc::ir::Graph,
+    dims: &HashMap<String, i64>,
+) -> Result<BTreeMap<String, Tensor>, String> {
+    let mut out = BTreeMap::new();
+    for (k, (_, name, ty)) in g.inputs().into_iter().enumerate() {
+        let mut shape = Vec::new();
+        for d in &ty.shape.0 {
+            match d.eval(&|s| dims.get(s).copied()) {
+                Some(v) if v >= 0 => shape.push(v as usize),
+                _ => return Err(format!("input `{name}`: give the size of {d} with --dims")),
+            }
+        }
+        let n: usize = shape.iter().product();
+        let t = match ty.dtype {
+            vlmc::ir::DType::I32 if name.contains("mask") => Tensor::i32(shape, vec![1; n]),
+            vlmc::ir::DType::I32 if name.contains("type") => Tensor::i32(shape, vec![0; n]),
+            vlmc::ir::DType::I32 => Tensor::i32(
+                shape,
+                (0..n).map(|i| 1 + ((i * 7919 + k) % 999) as i32).collect(),
+            ),
+            vlmc::ir::DType::Bool => Tensor::bool(shape, vec![true; n]),
+            _ => Tensor::f32(
+                shape,
+                (0..n)
+                    .map(|i| ((i * 7919 + k * 31) % 1000) as f32 / 500.0 - 1.0)
+                    .collect(),
+            ),
+        };
+        out.insert(name.to_string(), t);
+    }
+    Ok(out)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// `vlmc bench FILE --dims ...`: prints one `key=value` line per measurement.
+pub fn bench(file: &Path, args: &BenchArgs<'_>) -> Result<(), u8> {
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("error: {e}");
+        1u8
+    };
+    let m = crate::load_model(file, &args.pick)?;
+    let params = match args.weights {
+        Some(w) => {
+            let wf = vlmc_runtime::weights::WeightFile::open(w).map_err(|e| fail(&e))?;
+            vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint)
+                .map_err(|e| fail(&e))?
+                .params
+        }
+        None => vlmc_runtime::init::init_params(&m.graph, 0).map_err(|e| fail(&e))?,
+    };
+    let dims: HashMap<String, i64> = args.dims.iter().cloned().collect();
+    let inputs = synthetic_inputs(&m.graph, &dims).map_err(|e| fail(&e))?;
+    let size: Vec<String> = args.dims.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let size = size.join(",");
+    let t0 = Instant::now();
+    let c = vlmc::passes::compile(&m, &vlmc::passes::CompileOptions::default())
+        .map_err(|e| fail(&e))?;
+    let passes_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mem = vlmc::passes::memory::plan(&c.graph, &c.fusion, &dims);
+    let flops = vlmc::report::report(&c.graph, &c.fusion, &mem, None, &dims).flops as f64;
+    let t1 = Instant::now();
+    let model = vlmc_runtime::cpu::CpuModel::new(c, params.clone(), Default::default());
+    let plan = model.plan_for(&inputs).map_err(|e| fail(&e))?;
+    let codegen_ms = t1.elapsed().as_secs_f64() * 1e3;
+    println!(
+        "compile model={} size={size} passes_ms={passes_ms:.1} codegen_ms={codegen_ms:.1} kernels={}",
+        m.model,
+        plan.program.kernels.len()
+    );
+    plan.run(&inputs, &params).map_err(|e| fail(&e))?;
+    let mut times = Vec::new();
+    for _ in 0..args.runs {
+        let t = Instant::now();
+        plan.run(&inputs, &params).map_err(|e| fail(&e))?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let med = median(times);
+    println!(
+        "compiled model={} size={size} median_ms={med:.2} min_ms={min:.2} gflops={:.1} flops={flops:.0}",
+        m.model,
+        flops / med / 1e6
+    );
+    if args.interp_runs > 0 {
+        let mut times = Vec::new();
+        for _ in 0..args.interp_runs {
+            let t = Instant::now();
+            vlmc_runtime::run(&m.graph, &inputs, &params).map_err(|e| fail(&e))?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let med = median(times);
+        println!(
+            "interpreter model={} size={size} median_ms={med:.1} gflops={:.2}",
+            m.model,
+            flops / med / 1e6
+        );
+    }
+    if args.gemm > 0 {
+        let threads = vlmc_runtime::cpu::threads();
+        let g = vlmc_runtime::cpu::gemm_gflops(args.gemm, 10);
+        println!("gemm n={} threads={threads} gflops={g:.1}", args.gemm);
+    }
+    Ok(())
+}

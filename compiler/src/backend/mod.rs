@@ -1,0 +1,3 @@
+//! Code generators from the kernel IR ([`crate::kernel`]) to machine code.
+
+pub mod cpu;

@@ -1,0 +1,543 @@
+//! The compiled CPU path: a kernel [`Plan`] compiled to machine code
+//! ([`vlmc::backend::cpu`]), run over buffers allocated once: the activation arena the memory
+//! plan laid out, one scratch area shared by the kernels' private buffers, load-time values
+//! computed when the plan is prepared. Inputs and parameters are read in place. Loop nests are
+//! split across the rayon pool by outer iterations; matmuls go to the `gemm` crate.
+//!
+//! [`CpuModel`] keeps one prepared plan per set of dims (compiled on first use).
+
+use crate::interp::RunError;
+use crate::tensor::{Data, Tensor};
+use rayon::prelude::*;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use vlmc::backend::cpu::{self as backend, CpuOptions, CpuProgram, CpuStep, KernelFn};
+use vlmc::ir::{DType, Graph};
+use vlmc::kernel::{BufferKind, Idx, MatMul, Plan, Step, Stmt, Val};
+
+fn fail<T>(message: impl Into<String>) -> Result<T, RunError> {
+    Err(RunError {
+        message: message.into(),
+    })
+}
+
+/// Loop nests with fewer element operations than this run on one thread.
+const PARALLEL_MIN: usize = 1 << 14;
+
+/// A plan compiled to machine code, with its buffers.
+pub struct CpuPlan {
+    pub plan: Plan,
+    pub program: CpuProgram,
+    /// Load-time values in 4-byte storage, by buffer.
+    load_time: HashMap<usize, Vec<u32>>,
+    /// Offset of each scratch buffer in the scratch area (4-byte slots).
+    scratch_at: HashMap<usize, usize>,
+    /// The arena and the scratch area, reused by every run.
+    mem: Mutex<(Vec<u32>, Vec<u32>)>,
+    threads: usize,
+}
+
+/// Element `i` of a tensor in 4-byte storage (bools as 0/1).
+fn storage(t: &Tensor) -> Result<Vec<u32>, RunError> {
+    #[allow(unreachable_patterns)]
+    Ok(match &t.data {
+        Data::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
+        Data::I32(v) => v.iter().map(|&x| x as u32).collect(),
+        Data::Bool(v) => v.iter().map(|&x| u32::from(x)).collect(),
+        _ => return fail("the CPU backend stores only f32, i32 and bool tensors"),
+    })
+}
+
+/// Whether a tensor's storage matches a buffer's dtype.
+fn holds(t: &Tensor, d: DType) -> bool {
+    #[allow(unreachable_patterns)]
+    match &t.data {
+        Data::F32(_) => matches!(d, DType::F32 | DType::F16 | DType::BF16),
+        Data::I32(_) => d == DType::I32,
+        Data::Bool(_) => d == DType::Bool,
+        _ => false,
+    }
+}
+
+fn idx_buffers(i: &Idx, out: &mut Vec<usize>) {
+    match i {
+        Idx::Var(_) | Idx::Const(_) => {}
+        Idx::Add(a, b) => {
+            idx_buffers(a, out);
+            idx_buffers(b, out);
+        }
+        Idx::Mul(a, _) | Idx::Div(a, _) | Idx::Rem(a, _) | Idx::Clamp(a, _, _) => {
+            idx_buffers(a, out)
+        }
+        Idx::Load(b, a) => {
+            out.push(*b);
+            idx_buffers(a, out);
+        }
+    }
+}
+
+fn val_buffers(v: &Val, out: &mut Vec<usize>) {
+    match v {
+        Val::Load(b, i) => {
+            out.push(*b);
+            idx_buffers(i, out);
+        }
+        Val::Index(i) | Val::InRange(i, _, _) => idx_buffers(i, out),
+        Val::Const(..) | Val::Acc(_) => {}
+        Val::Unary(_, a) | Val::Cast { value: a, .. } => val_buffers(a, out),
+        Val::Binary(_, a, b) => {
+            val_buffers(a, out);
+            val_buffers(b, out);
+        }
+        Val::Select(c, a, b) => {
+            val_buffers(c, out);
+            val_buffers(a, out);
+            val_buffers(b, out);
+        }
+    }
+}
+
+fn stmt_buffers(s: &Stmt, out: &mut Vec<usize>) {
+    match s {
+        Stmt::Store { buf, at, value } => {
+            out.push(*buf);
+            idx_buffers(at, out);
+            val_buffers(value, out);
+        }
+        Stmt::Reduce { value, .. } => val_buffers(value, out),
+        Stmt::Inner { body, .. } => body.iter().for_each(|s| stmt_buffers(s, out)),
+    }
+}
+
+/// Scratch buffers get offsets in one shared area: kernels run one after another, so the
+/// buffers of different kernels overlap; a buffer used by several kernels gets its own place.
+fn place_scratch(plan: &Plan) -> (HashMap<usize, usize>, usize) {
+    let mut users: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (ki, k) in plan.kernels.iter().enumerate() {
+        let mut used = Vec::new();
+        for s in &k.steps {
+            match s {
+                Step::Loop(l) => l.body.iter().for_each(|s| stmt_buffers(s, &mut used)),
+                Step::MatMul(m) => used.extend([m.a.buf, m.b.buf, m.out]),
+            }
+        }
+        used.sort_unstable();
+        used.dedup();
+        for b in used {
+            if matches!(
+                plan.buffers.get(b).map(|x| &x.kind),
+                Some(BufferKind::Scratch)
+            ) {
+                users.entry(b).or_default().push(ki);
+            }
+        }
+    }
+    let mut shared_end = 0;
+    let mut at = HashMap::new();
+    let mut per_kernel: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut bufs: Vec<_> = users.into_iter().collect();
+    bufs.sort_unstable();
+    for (b, ks) in bufs {
+        if ks.len() == 1 {
+            per_kernel.entry(ks[0]).or_default().push(b);
+        } else {
+            at.insert(b, shared_end);
+            shared_end += plan.buffers[b].len();
+        }
+    }
+    let mut end = shared_end;
+    for bs in per_kernel.values() {
+        let mut off = shared_end;
+        for &b in bs {
+            at.insert(b, off);
+            off += plan.buffers[b].len();
+        }
+        end = end.max(off);
+    }
+    (at, end)
+}
+
+struct Ptrs(*const *mut u8);
+// SAFETY: the pointer table is only read; the kernels write disjoint outer iterations.
+unsafe impl Send for Ptrs {}
+unsafe impl Sync for Ptrs {}
+
+fn check_err(e: i32, kernel: &str) -> Result<(), RunError> {
+    if e & 1 != 0 {
+        return fail(format!(
+            "{kernel}: an index is out of range (a gather index?)"
+        ));
+    }
+    if e & 2 != 0 {
+        return fail(format!("{kernel}: integer division by zero"));
+    }
+    Ok(())
+}
+
+fn run_loop(f: KernelFn, ptrs: &Ptrs, outer: usize, work: usize, threads: usize) -> i32 {
+    let chunks = if threads > 1 && outer >= 2 && outer.saturating_mul(work) >= PARALLEL_MIN {
+        (threads * 2).min(outer)
+    } else {
+        1
+    };
+    let call = |lo: usize, hi: usize| {
+        let mut e = 0i32;
+        // SAFETY: the function was compiled for this plan's buffers, which `ptrs` points to,
+        // and every access it makes is proven or checked to be inside them.
+        unsafe { f(ptrs.0, lo as i64, hi as i64, &mut e) };
+        e
+    };
+    if chunks == 1 {
+        return call(0, outer);
+    }
+    (0..chunks)
+        .into_par_iter()
+        .map(|c| call(outer * c / chunks, outer * (c + 1) / chunks))
+        .reduce(|| 0, |a, b| a | b)
+}
+
+/// `out[b] = a[b] · b[b]` with the gemm crate; batches in parallel, or one product split.
+///
+/// # Safety
+/// The pointers must hold the plan's buffers (checked against the matmul by the backend).
+unsafe fn matmul(m: &MatMul, ptrs: &[*mut u8], threads: usize) {
+    let out = ptrs[m.out] as *mut f32;
+    let (a, b) = (ptrs[m.a.buf] as *const f32, ptrs[m.b.buf] as *const f32);
+    if m.k == 0 {
+        std::ptr::write_bytes(out, 0, m.batch * m.m * m.n);
+        return;
+    }
+    // Addresses as integers, so that the closure can be shared across threads.
+    let (oa, ob, obb) = (out as usize, a as usize, b as usize);
+    let one = |bi: usize, par: gemm::Parallelism| {
+        let out = oa as *mut f32;
+        let a = ob as *const f32;
+        let b = obb as *const f32;
+        gemm::gemm(
+            m.m,
+            m.n,
+            m.k,
+            out.add(bi * m.m * m.n),
+            1,
+            m.n as isize,
+            false,
+            a.add(m.a.offset + bi * m.a.batch),
+            m.a.col as isize,
+            m.a.row as isize,
+            b.add(m.b.offset + bi * m.b.batch),
+            m.b.col as isize,
+            m.b.row as isize,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        )
+    };
+    let flops = m.m * m.n * m.k;
+    if threads > 1 && m.batch >= threads && flops * m.batch >= PARALLEL_MIN {
+        (0..m.batch)
+            .into_par_iter()
+            .for_each(|bi| one(bi, gemm::Parallelism::None));
+    } else {
+        let par = if threads > 1 && flops >= 48 * 48 * 48 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        for bi in 0..m.batch {
+            one(bi, par);
+        }
+    }
+}
+
+fn round_buffer(d: DType, v: &mut [f32]) {
+    match d {
+        DType::F16 => v
+            .iter_mut()
+            .for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+        DType::BF16 => v
+            .iter_mut()
+            .for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
+        _ => {}
+    }
+}
+
+impl CpuPlan {
+    /// Compiles a plan and computes its load-time values from the graph and parameters.
+    pub fn new(
+        plan: Plan,
+        graph: &Graph,
+        params: &BTreeMap<String, Tensor>,
+        opts: &CpuOptions,
+    ) -> Result<CpuPlan, RunError> {
+        for (i, b) in plan.buffers.iter().enumerate() {
+            if !matches!(
+                b.dtype,
+                DType::F32 | DType::F16 | DType::BF16 | DType::I32 | DType::Bool
+            ) {
+                return fail(format!(
+                    "buffer b{i} is {}: not supported by the CPU backend",
+                    b.dtype
+                ));
+            }
+        }
+        let program = backend::compile(&plan, opts).map_err(|e| RunError {
+            message: format!("CPU code generation: {e}"),
+        })?;
+        let lt = crate::plan::load_time_values(&plan, graph, params)?;
+        let mut load_time = HashMap::new();
+        for (i, b) in plan.buffers.iter().enumerate() {
+            if let BufferKind::LoadTime(n) = b.kind {
+                let t = lt.get(&n).ok_or_else(|| RunError {
+                    message: format!("missing load-time value {n}"),
+                })?;
+                if t.numel() != b.len() || !holds(t, b.dtype) {
+                    return fail(format!("load-time value {n} does not fit b{i}"));
+                }
+                load_time.insert(i, storage(t)?);
+            }
+        }
+        let (scratch_at, scratch_len) = place_scratch(&plan);
+        for (i, b) in plan.buffers.iter().enumerate() {
+            if let BufferKind::Temp { offset } = b.kind {
+                if offset + b.len() > plan.arena {
+                    return fail(format!("b{i} lies outside the arena"));
+                }
+            }
+        }
+        let mem = Mutex::new((vec![0u32; plan.arena], vec![0u32; scratch_len]));
+        Ok(CpuPlan {
+            plan,
+            program,
+            load_time,
+            scratch_at,
+            mem,
+            threads: rayon::current_num_threads(),
+        })
+    }
+
+    /// Runs the plan on named inputs and parameters; returns the named outputs.
+    pub fn run(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+        params: &BTreeMap<String, Tensor>,
+    ) -> Result<BTreeMap<String, Tensor>, RunError> {
+        let mut guard = self.mem.lock().map_err(|_| RunError {
+            message: "a previous run panicked".into(),
+        })?;
+        let (arena, scratch) = &mut *guard;
+        // Bool inputs and parameters are converted to 4-byte storage for the run.
+        let mut converted: Vec<Vec<u32>> = Vec::new();
+        let mut ptrs: Vec<*mut u8> = Vec::with_capacity(self.plan.buffers.len());
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            let t = match &b.kind {
+                BufferKind::Input(n) => Some(inputs.get(n).ok_or_else(|| RunError {
+                    message: format!("missing input `{n}`"),
+                })?),
+                BufferKind::Param(p) => Some(params.get(p).ok_or_else(|| RunError {
+                    message: format!("missing parameter `{p}`"),
+                })?),
+                _ => None,
+            };
+            let p: *mut u8 = match (&b.kind, t) {
+                (_, Some(t)) => {
+                    if t.numel() != b.len() || !holds(t, b.dtype) {
+                        return fail(format!(
+                            "{:?} is {}{:?}, the plan expects {}{:?}",
+                            b.kind,
+                            t.dtype(),
+                            t.shape,
+                            b.dtype,
+                            b.shape
+                        ));
+                    }
+                    #[allow(unreachable_patterns)]
+                    match &t.data {
+                        Data::F32(v) => v.as_ptr() as *mut u8,
+                        Data::I32(v) => v.as_ptr() as *mut u8,
+                        _ => {
+                            converted.push(storage(t)?);
+                            converted
+                                .last_mut()
+                                .map_or(std::ptr::null_mut(), |v| v.as_mut_ptr() as *mut u8)
+                        }
+                    }
+                }
+                (BufferKind::LoadTime(_), None) => match self.load_time.get(&i) {
+                    Some(v) => v.as_ptr() as *mut u8,
+                    None => return fail(format!("missing load-time value for b{i}")),
+                },
+                (BufferKind::Temp { offset }, None) => {
+                    // SAFETY: checked in `new` to lie inside the arena.
+                    unsafe { arena.as_mut_ptr().add(*offset) as *mut u8 }
+                }
+                (BufferKind::Scratch, None) => match self.scratch_at.get(&i) {
+                    // SAFETY: `place_scratch` sized the area to hold every placement.
+                    Some(&o) => unsafe { scratch.as_mut_ptr().add(o) as *mut u8 },
+                    None => std::ptr::null_mut(),
+                },
+                _ => std::ptr::null_mut(),
+            };
+            ptrs.push(p);
+        }
+        let table = Ptrs(ptrs.as_ptr());
+        for k in &self.program.kernels {
+            for step in &k.steps {
+                match step {
+                    CpuStep::Loop { f, outer, work } => {
+                        let e = run_loop(*f, &table, *outer, *work, self.threads);
+                        check_err(e, &k.name)?;
+                    }
+                    CpuStep::MatMul(m) => {
+                        // SAFETY: the backend checked the matmul against the buffers.
+                        unsafe { matmul(m, &ptrs, self.threads) };
+                        let d = self.plan.buffers[m.out].dtype;
+                        if matches!(d, DType::F16 | DType::BF16) {
+                            let n = m.batch * m.m * m.n;
+                            // SAFETY: the output buffer holds n f32 elements.
+                            let v = unsafe {
+                                std::slice::from_raw_parts_mut(ptrs[m.out] as *mut f32, n)
+                            };
+                            round_buffer(d, v);
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        for (name, b) in &self.plan.outputs {
+            let buf = &self.plan.buffers[*b];
+            let n = buf.len();
+            let p = ptrs[*b];
+            if p.is_null() && n > 0 {
+                return fail(format!("output `{name}` has no storage"));
+            }
+            // SAFETY: every buffer pointer holds `len` elements of 4 bytes.
+            let raw: &[u32] = if n == 0 {
+                &[]
+            } else {
+                unsafe { std::slice::from_raw_parts(p as *const u32, n) }
+            };
+            let data = match buf.dtype {
+                DType::I32 => Data::I32(raw.iter().map(|&x| x as i32).collect()),
+                DType::Bool => Data::Bool(raw.iter().map(|&x| x != 0).collect()),
+                _ => Data::F32(raw.iter().map(|&x| f32::from_bits(x)).collect()),
+            };
+            out.insert(
+                name.clone(),
+                Tensor {
+                    shape: buf.shape.clone(),
+                    data,
+                },
+            );
+        }
+        drop(converted);
+        Ok(out)
+    }
+}
+
+/// Sizes of the symbolic dims, sorted by name.
+type DimsKey = Vec<(String, i64)>;
+
+/// A compiled model bound to its parameters: plans are compiled per set of dims on first use
+/// and kept.
+pub struct CpuModel {
+    pub compiled: vlmc::passes::Compiled,
+    pub params: BTreeMap<String, Tensor>,
+    pub opts: CpuOptions,
+    cache: Mutex<HashMap<DimsKey, Arc<CpuPlan>>>,
+}
+
+impl CpuModel {
+    /// A model from the optimisation pipeline's result and its parameters.
+    pub fn new(
+        compiled: vlmc::passes::Compiled,
+        params: BTreeMap<String, Tensor>,
+        opts: CpuOptions,
+    ) -> CpuModel {
+        CpuModel {
+            compiled,
+            params,
+            opts,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The plan for the sizes of these inputs (compiled now if new).
+    pub fn plan_for(&self, inputs: &BTreeMap<String, Tensor>) -> Result<Arc<CpuPlan>, RunError> {
+        let g = &self.compiled.graph;
+        let dims = crate::interp::bind_dims(g, inputs)?;
+        let mut key: DimsKey = dims.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        key.sort();
+        if let Some(p) = self.cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+            return Ok(p);
+        }
+        let fusion = &self.compiled.fusion;
+        let mem = vlmc::passes::memory::plan(g, fusion, &dims);
+        let plan = vlmc::kernel::lower(g, fusion, &mem, &dims).map_err(|e| RunError {
+            message: format!("lowering: {e}"),
+        })?;
+        let p = Arc::new(CpuPlan::new(plan, g, &self.params, &self.opts)?);
+        if let Ok(mut c) = self.cache.lock() {
+            c.insert(key, p.clone());
+        }
+        Ok(p)
+    }
+
+    /// Runs the model's forward on named inputs.
+    pub fn run(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+    ) -> Result<BTreeMap<String, Tensor>, RunError> {
+        self.plan_for(inputs)?.run(inputs, &self.params)
+    }
+}
+
+/// The number of threads kernels and matmuls are split across (the rayon pool's).
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// The GEMM crate's speed on an `n`×`n`×`n` f32 product on every thread: the median GFLOP/s
+/// of `reps` products (the ceiling that whole-model runs are compared with).
+pub fn gemm_gflops(n: usize, reps: usize) -> f64 {
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut c = vec![0f32; n * n];
+    let mut times = Vec::new();
+    for r in 0..reps + 1 {
+        let t = std::time::Instant::now();
+        // SAFETY: three n×n row-major matrices.
+        unsafe {
+            gemm::gemm(
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(threads()),
+            )
+        };
+        if r > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let t = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+    2.0 * (n as f64).powi(3) / t / 1e9
+}
