@@ -354,13 +354,7 @@ fn sft_step_matches_pytorch() {
 
 /// The fused step graph lowered to kernels (fusion, memory plan, kernel IR) and run by the
 /// plan executor computes what the interpreter computes: new weights, optimiser state, loss.
-///
-/// Ignored: the lowered plan of the whole SFT step differs from the interpreter (grad_norm
-/// 2.90 vs 1.33; every gradient-derived output off), although each primitive's backward
-/// graph lowers correctly on its own (checked by lowering every case of tests/grad.rs). The
-/// bug is in fusion / memory planning / lowering of larger graphs; run with `--ignored`.
 #[test]
-#[ignore = "kernel lowering of the full step graph disagrees with the interpreter (see doc)"]
 fn the_lowered_training_step_equals_the_interpreted_one() {
     let dir = std::path::Path::new("tests/fixtures/train/sft");
     let model = load(dir.join("fixture.vlm").to_str().expect("path"));

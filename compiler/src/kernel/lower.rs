@@ -579,15 +579,26 @@ impl Lowering<'_> {
                 } else {
                     0
                 };
+                // Affine in (b, i, j): checked at every point for operands up to 2^20
+                // elements, else along every row and column edge and a lattice of interior
+                // points (index maps of views are periodic in at most a few divisors).
+                let exhaustive = batch * rows * cols <= 1 << 20;
+                let (ri, rj): (Vec<i64>, Vec<i64>) = if exhaustive {
+                    ((0..rows as i64).collect(), (0..cols as i64).collect())
+                } else {
+                    let pick = |n: usize| -> Vec<i64> {
+                        let mut v: Vec<i64> = (0..n.min(64) as i64).collect();
+                        v.extend((0..64).map(|k| (k * 7919 % n.max(1)) as i64));
+                        v.push(n as i64 - 1);
+                        v
+                    };
+                    (pick(rows), pick(cols))
+                };
                 let affine = (0..batch).all(|b| {
-                    let corners = [
-                        (0, 0),
-                        (rows as i64 - 1, 0),
-                        (0, cols as i64 - 1),
-                        (rows as i64 - 1, cols as i64 - 1),
-                    ];
-                    corners.iter().all(|&(i, j)| {
-                        f(&at_point(b, i, j)) == base + b as i64 * bstride + i * row + j * col
+                    ri.iter().all(|&i| {
+                        rj.iter().all(|&j| {
+                            f(&at_point(b, i, j)) == base + b as i64 * bstride + i * row + j * col
+                        })
                     })
                 });
                 if affine && base >= 0 && row >= 0 && col >= 0 && bstride >= 0 {

@@ -141,10 +141,15 @@ pub fn plan(graph: &Graph) -> FusionPlan {
                             grp.nodes.iter().any(|&n| graph.node(n).ty.shape == *shape)
                         }
                         Anchor::Rows { rows, axis } => {
-                            // Row space, or the reduced space (rows with the axis at 1).
+                            // Row space, or the reduced space (rows with the axis at 1). Of
+                            // the views only `expand` may join (a reduced value broadcast
+                            // back along its row): any other view can move an element to
+                            // another row, whose reductions this row does not hold.
                             let mut reduced = rows.clone();
                             reduced.0[*axis] = Dim::c(1);
-                            *shape == *rows || *shape == reduced
+                            let keeps_rows = node.op.kind() == OpKind::Elementwise
+                                || matches!(node.op, Op::Expand { .. });
+                            keeps_rows && (*shape == *rows || *shape == reduced)
                         }
                         Anchor::Contraction => {
                             let out = grp.nodes.first().map(|&m| graph.node(m).ty.shape.clone());
@@ -201,8 +206,31 @@ pub fn plan(graph: &Graph) -> FusionPlan {
     for (_, id) in &graph.outputs {
         if cheap.contains(id) && !group_of.contains_key(id) {
             cheap.remove(id);
-            group_of.insert(*id, groups.len());
-            deps.push(HashSet::new());
+            let g = groups.len();
+            // It reads the kernels its operands come from (through cheap views) ...
+            let mut producers = HashSet::new();
+            let mut stack = graph.operands(*id);
+            while let Some(o) = stack.pop() {
+                if let Some(&h) = group_of.get(&o) {
+                    producers.insert(h);
+                } else if cheap.contains(&o) {
+                    stack.extend(graph.operands(o));
+                }
+            }
+            // ... and the kernels that read it (they inlined it as a view) now read its buffer.
+            let mut stack = graph.users(*id);
+            while let Some(u) = stack.pop() {
+                if let Some(&h) = group_of.get(&u) {
+                    // (Never a cycle: a kernel that also produces the operand keeps its order.)
+                    if !producers.contains(&h) {
+                        deps[h].insert(g);
+                    }
+                } else if cheap.contains(&u) {
+                    stack.extend(graph.users(u));
+                }
+            }
+            group_of.insert(*id, g);
+            deps.push(producers);
             groups.push(Group {
                 anchor: Anchor::Pointwise,
                 nodes: vec![*id],
