@@ -27,3 +27,32 @@ PY
   rm -rf "$minilm" && mv "$minilm.partial" "$minilm" && rm -rf "$tmp"
   echo "setup: all-MiniLM-L6-v2 in $minilm"
 fi
+
+# NVRTC (to compile the generated CUDA C; no GPU needed) and the CUDA runtime headers, from the
+# PyPI wheels nvidia-cuda-nvrtc-cu12 and nvidia-cuda-runtime-cu12: lib/ and include/ in .cache/cuda.
+cuda="$cache/cuda"
+if [ ! -f "$cuda/lib/libnvrtc.so.12" ]; then
+  tmp=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --disable-pip-version-check \
+    "nvidia-cuda-nvrtc-cu12==12.9.86" "nvidia-cuda-runtime-cu12==12.9.79" -d "$tmp"
+  rm -rf "$cuda.partial" && mkdir -p "$cuda.partial/lib" "$cuda.partial/include"
+  python3 - "$tmp" "$cuda.partial" <<'PY'
+import glob, os, sys, zipfile
+out = sys.argv[2]
+for wheel in glob.glob(sys.argv[1] + "/*.whl"):
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            base = os.path.basename(name)
+            if name.startswith("nvidia/cuda_nvrtc/lib/") and ".alt." not in base and ".so" in base:
+                dst = out + "/lib/" + base
+            elif name.startswith("nvidia/cuda_runtime/include/") and not name.endswith("/"):
+                dst = out + "/include/" + name[len("nvidia/cuda_runtime/include/"):]
+            else:
+                continue
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            with z.open(name) as src, open(dst, "wb") as f:
+                f.write(src.read())
+PY
+  rm -rf "$cuda" && mv "$cuda.partial" "$cuda" && rm -rf "$tmp"
+  echo "setup: NVRTC and CUDA headers in $cuda"
+fi

@@ -3,6 +3,7 @@
 //! inputs.
 
 pub mod cpu;
+pub mod cuda;
 pub mod init;
 pub mod inputs;
 pub mod interp;
