@@ -1,9 +1,9 @@
 //! The commands behind the `vlmc` binary: `check` and `build`. Diagnostics go to stderr,
 //! artefacts are written to a temporary name and renamed into place.
 
-pub mod train;
-
 pub mod bench;
+pub mod cuda;
+pub mod train;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -29,6 +29,9 @@ pub enum Emit {
     Kernels,
     /// The Cranelift IR of every compiled CPU loop nest, at `--dims` (`<model>.clif`).
     Clif,
+    /// CUDA C of every kernel, the launch plan and (with NVRTC) the compiled module, at `--dims`
+    /// (`cuda/`).
+    Cuda,
 }
 
 /// Compilation options of `vlmc build`.

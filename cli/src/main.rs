@@ -37,9 +37,16 @@ enum Command {
         /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
         #[arg(long = "set", value_parser = parse_pair)]
         sets: Vec<(String, String)>,
-        /// Artefacts to write: ast, ir, dot, blocks, opt, report, kernels, clif (comma-separated).
+        /// Artefacts to write: ast, ir, dot, blocks, opt, report, kernels, clif, cuda
+        /// (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "ir")]
         emit: Vec<vlmc_cli::Emit>,
+        /// The target: cpu, or cuda (implies `--emit cuda`).
+        #[arg(long, value_enum, default_value = "cpu")]
+        target: vlmc_cli::cuda::Target,
+        /// The GPU architecture for `--emit cuda` (default sm_80).
+        #[arg(long)]
+        arch: Option<String>,
         /// Apply this adapter of the spec and merge it into the base weights.
         #[arg(long)]
         adapter: Option<String>,
@@ -96,6 +103,9 @@ enum Command {
         /// Run the reference interpreter instead of the compiled CPU code.
         #[arg(long)]
         interp: bool,
+        /// Where to run: cpu, or cuda (an NVIDIA GPU).
+        #[arg(long, value_enum, default_value = "cpu")]
+        target: vlmc_cli::cuda::Target,
     },
     /// Time a model's compiled forward on synthetic inputs (and the interpreter, and GEMM).
     Bench {
@@ -149,25 +159,46 @@ fn main() -> ExitCode {
             file,
             model,
             sets,
-            emit,
+            mut emit,
             adapter,
             print_after,
             dims,
             out,
-        } => vlmc_cli::build_with(
-            &file,
-            &vlmc_cli::Pick {
-                model: model.as_deref(),
-                sets: &sets,
-            },
-            &emit,
-            out.as_deref(),
-            &vlmc_cli::BuildOptions {
-                adapter,
-                print_after,
-                dims,
-            },
-        ),
+            target,
+            arch,
+        } => {
+            if target == vlmc_cli::cuda::Target::Cuda && !emit.contains(&vlmc_cli::Emit::Cuda) {
+                emit.push(vlmc_cli::Emit::Cuda);
+            }
+            let cuda_dims = dims.clone();
+            vlmc_cli::build_with(
+                &file,
+                &vlmc_cli::Pick {
+                    model: model.as_deref(),
+                    sets: &sets,
+                },
+                &emit,
+                out.as_deref(),
+                &vlmc_cli::BuildOptions {
+                    adapter,
+                    print_after,
+                    dims,
+                },
+            )
+            .and_then(|()| match emit.contains(&vlmc_cli::Emit::Cuda) {
+                true => vlmc_cli::cuda::emit(
+                    &file,
+                    &vlmc_cli::cuda::EmitArgs {
+                        model: model.as_deref(),
+                        sets: &sets,
+                        dims: &cuda_dims,
+                        arch: arch.as_deref(),
+                        out: out.as_deref(),
+                    },
+                ),
+                false => Ok(()),
+            })
+        }
         Command::Init {
             file,
             model,
@@ -192,6 +223,34 @@ fn main() -> ExitCode {
             tokenizer,
             out,
             interp,
+            target: vlmc_cli::cuda::Target::Cuda,
+        } => match interp {
+            true => {
+                eprintln!("error: --interp runs the interpreter on the CPU: drop --target cuda");
+                Err(1)
+            }
+            false => vlmc_cli::cuda::run(
+                &file,
+                &vlmc_cli::cuda::RunArgs {
+                    model: model.as_deref(),
+                    sets: &sets,
+                    weights: &weights,
+                    inputs: &inputs,
+                    tokenizer: tokenizer.as_deref(),
+                    out: out.as_deref(),
+                },
+            ),
+        },
+        Command::Run {
+            file,
+            model,
+            sets,
+            weights,
+            inputs,
+            tokenizer,
+            out,
+            interp,
+            target: vlmc_cli::cuda::Target::Cpu,
         } => vlmc_cli::run(
             &file,
             &vlmc_cli::RunArgs {
