@@ -383,7 +383,11 @@ impl CpuPlan {
             ptrs.push(p);
         }
         let table = Ptrs(ptrs.as_ptr());
+        // VLMC_PROFILE=1: time every kernel and print the slowest on stderr.
+        let profile = std::env::var_os("VLMC_PROFILE").is_some();
+        let mut times: Vec<(f64, &str)> = Vec::new();
         for k in &self.program.kernels {
+            let t0 = std::time::Instant::now();
             for step in &k.steps {
                 match step {
                     CpuStep::Loop { f, outer, work } => {
@@ -404,6 +408,17 @@ impl CpuPlan {
                         }
                     }
                 }
+            }
+            if profile {
+                times.push((t0.elapsed().as_secs_f64() * 1e3, &k.name));
+            }
+        }
+        if profile {
+            let total: f64 = times.iter().map(|t| t.0).sum();
+            times.sort_by(|a, b| b.0.total_cmp(&a.0));
+            eprintln!("profile: {total:.2} ms in {} kernels", times.len());
+            for (t, name) in times.iter().take(12) {
+                eprintln!("  {t:8.3} ms  {name}");
             }
         }
         let mut out = BTreeMap::new();
