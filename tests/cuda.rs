@@ -77,6 +77,35 @@ fn nvrtc_models() -> Vec<(String, Plan)> {
     out
 }
 
+/// The interpreter's per-op cases (`tests/interp/*.vlm`: every primitive and dtype), each as a
+/// plan; the ones that cannot be lowered (random ops) are left out.
+fn interp_cases() -> (Vec<(String, Plan)>, Vec<String>) {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir("tests/interp")
+        .expect("tests/interp")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "vlm"))
+        .collect();
+    paths.sort();
+    let (mut plans, mut skipped) = (Vec::new(), Vec::new());
+    for p in paths {
+        let c = vlmc::elab::check_file(&p);
+        let Ok(models) = c.result else {
+            skipped.push(format!("{}: does not check", p.display()));
+            continue;
+        };
+        for m in &models {
+            let compiled = compile(m, &CompileOptions::default()).expect("compiles");
+            let dims = small_dims();
+            let mem = vlmc::passes::memory::plan(&compiled.graph, &compiled.fusion, &dims);
+            match vlmc::kernel::lower(&compiled.graph, &compiled.fusion, &mem, &dims) {
+                Ok(plan) => plans.push((format!("{}:{}", p.display(), m.model), plan)),
+                Err(e) => skipped.push(format!("{}: {e}", p.display())),
+            }
+        }
+    }
+    (plans, skipped)
+}
+
 /// The specs whose generated CUDA C is pinned by snapshots.
 const SNAPSHOT_SPECS: [&str; 5] = [
     "tests/blocks/linear.vlm",
@@ -242,6 +271,31 @@ fn every_zoo_kernel_compiles_with_nvrtc() {
         per_arch.values().all(|(m, f)| *m >= 13 && *f >= 500),
         "{per_arch:?}"
     );
+}
+
+/// Every primitive op and dtype (f16/bf16 rounding, i32 floor division, casts, NaN-propagating
+/// max) as generated code, compiled by NVRTC.
+#[test]
+fn every_interp_case_compiles_with_nvrtc() {
+    load_nvrtc();
+    let (plans, skipped) = interp_cases();
+    let mut failures = Vec::new();
+    let mut functions = 0;
+    for (name, plan) in &plans {
+        let r = bounds::check(plan);
+        failures.extend(r.errors.iter().map(|e| format!("{name}: {e}")));
+        let p = cuda::generate(plan, &Options { cublas: false }).expect("generates");
+        functions += p.function_count();
+        if let Err(e) = nvrtc::compile_program(&p, &no_cache("sm_80")) {
+            failures.push(format!("{name}: {e}"));
+        }
+    }
+    eprintln!(
+        "{} interpreter cases: {functions} kernels compiled for sm_80; left out: {skipped:?}",
+        plans.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    assert!(plans.len() >= 60 && skipped.len() <= 5, "{skipped:?}");
 }
 
 #[test]

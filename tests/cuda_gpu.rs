@@ -172,6 +172,48 @@ fn gpu_matches_the_interpreter() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Every per-op case of `tests/interp` (every primitive and dtype) on the GPU, on generated
+/// inputs, against the interpreter.
+#[test]
+#[ignore = "needs an NVIDIA GPU: tests/gpu/check.sh"]
+fn gpu_matches_the_interpreter_on_every_op() {
+    require_gpu();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir("tests/interp")
+        .expect("tests/interp")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "vlm"))
+        .collect();
+    paths.sort();
+    let (mut failures, mut checked, mut skipped) = (Vec::new(), 0, Vec::new());
+    for p in &paths {
+        let checked_file = vlmc::elab::check_file(p);
+        let Ok(models) = checked_file.result else {
+            continue;
+        };
+        for m in &models {
+            let ins = inputs(m, &[("B", 2), ("T", 5), ("N", 3), ("S", 4)], (0, 0));
+            let params = vlmc_runtime::init::init_params(&m.graph, 5).expect("init");
+            // Cases the interpreter rejects (division by zero) or the compiler cannot lower
+            // (random ops) are left out.
+            if vlmc_runtime::run(&m.graph, &ins, &params).is_err() {
+                skipped.push(p.display().to_string());
+                continue;
+            }
+            match compare(m, &ins, &params) {
+                Ok(e) if e <= TOLERANCE => checked += 1,
+                Err(e) if e.contains("random ops") => skipped.push(p.display().to_string()),
+                other => failures.push(format!("{}: {other:?}", p.display())),
+            }
+        }
+    }
+    println!(
+        "GPU checked {checked} op cases, {} failed, left out {skipped:?}",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(checked >= 60);
+}
+
 /// Median of the timings in milliseconds.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
