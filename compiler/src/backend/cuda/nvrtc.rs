@@ -11,7 +11,7 @@ use super::Program;
 use cudarc::nvrtc::{result, sys};
 use std::ffi::{c_char, CStr, CString};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 /// How to compile.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,9 +82,13 @@ pub fn load_from(path: &Path) -> Result<(), NvrtcError> {
 /// Makes sure NVRTC can be used: loads `$VLMC_NVRTC` when set, then checks that cudarc finds
 /// the library (never panics when it is missing).
 pub fn available() -> Result<(), NvrtcError> {
-    if let Some(p) = std::env::var_os("VLMC_NVRTC") {
-        load_from(Path::new(&p))?;
-    }
+    static FROM_ENV: OnceLock<Result<(), NvrtcError>> = OnceLock::new();
+    FROM_ENV
+        .get_or_init(|| match std::env::var_os("VLMC_NVRTC") {
+            Some(p) => load_from(Path::new(&p)),
+            None => Ok(()),
+        })
+        .clone()?;
     // SAFETY: only probes for the library by name.
     if unsafe { sys::is_culib_present() } {
         Ok(())
