@@ -1,13 +1,18 @@
 // vlmc CUDA prelude: the scalar semantics of the kernel IR (runtime/src/plan.rs) in f32 and i32.
-// Self-contained: no header is included, so NVRTC needs no include path.
+// Self-contained: no header is included, so NVRTC needs no include path. The tests also compile
+// it on the CPU with a host shim (tests/gpu/emulate.hpp).
 
 // Rounding to the storage dtypes held in 4-byte slots (round to nearest even).
 static __device__ __forceinline__ float vlmc_f16(float x) {
+#ifdef __CUDA_ARCH__
   unsigned short h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
   float r;
   asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(h));
   return r;
+#else  // the CPU emulation of the tests (tests/gpu/emulate.hpp)
+  return (float)(_Float16)x;
+#endif
 }
 static __device__ __forceinline__ float vlmc_bf16(float x) {
   unsigned int u = __float_as_uint(x);
