@@ -82,3 +82,21 @@ template <class F> static void vlmc_launch(dim3 grid, unsigned block, F kernel) 
   for (auto& th : threads) th.join();
   vlmc_block_barrier = nullptr;
 }
+
+// cublasSgemmStridedBatched's definition (column-major, alpha = 1, beta = 0), to check the
+// parameters the launch plan passes: C[i + j·ldc] = Σ_p op(A)(i, p) · op(B)(p, j).
+static void vlmc_sgemm_strided_batched(bool ta, bool tb, int m, int n, int k, const float* a,
+                                       int lda, long long sa, const float* b, int ldb,
+                                       long long sb, float* c, int ldc, long long sc, int batch) {
+  for (int z = 0; z < batch; ++z)
+    for (int j = 0; j < n; ++j)
+      for (int i = 0; i < m; ++i) {
+        double acc = 0;
+        for (int p = 0; p < k; ++p) {
+          const float x = ta ? a[z * sa + p + (long long)i * lda] : a[z * sa + i + (long long)p * lda];
+          const float y = tb ? b[z * sb + j + (long long)p * ldb] : b[z * sb + p + (long long)j * ldb];
+          acc += (double)x * y;
+        }
+        c[z * sc + i + (long long)j * ldc] = (float)acc;
+      }
+}
