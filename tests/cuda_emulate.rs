@@ -1,5 +1,5 @@
-//! The generated CUDA C *run*, without a GPU: the kernels of every block and pass test,
-//! llava_tiny, clip_tiny and every per-op interpreter case are compiled on the CPU with g++ and
+//! The generated CUDA C *run*, without a GPU: the kernels of every zoo fixture, every block and
+//! pass test, llava_tiny, clip_tiny and every per-op interpreter case are compiled on the CPU with g++ and
 //! a shim of the CUDA execution model (`tests/gpu/emulate.hpp`: a thread per CUDA thread,
 //! barriers, warp shuffles through memory), launched as the launch plan says, and their outputs
 //! compared with the reference interpreter (relative error <= 1e-4). This checks the index
@@ -86,17 +86,40 @@ fn cases() -> (Vec<Case>, Vec<String>) {
         PathBuf::from("models/llava_tiny.vlm"),
         PathBuf::from("models/clip_tiny.vlm"),
     ];
+    let mut zoo: Vec<PathBuf> = std::fs::read_dir("tests/fixtures/zoo")
+        .expect("zoo")
+        .map(|e| e.expect("entry").path().join("fixture.vlm"))
+        .filter(|p| p.is_file())
+        .collect();
+    zoo.sort();
+    files.extend(zoo);
     for d in ["tests/blocks", "tests/passes", "tests/interp"] {
         files.extend(vlm_files(d));
     }
-    let dims = dims();
     let (mut out, mut skipped) = (Vec::new(), Vec::new());
     for path in files {
         let Ok(models) = vlmc::elab::check_file(&path).result else {
             continue;
         };
+        // Zoo fixtures run on their own inputs (token ids inside their tables), at their sizes.
+        let io = path.with_file_name("io.safetensors");
+        let fixture: Option<BTreeMap<String, Tensor>> = io.is_file().then(|| {
+            let f = vlmc_runtime::weights::WeightFile::open(&io).expect("io");
+            f.names()
+                .into_iter()
+                .filter(|n| !n.starts_with("expect."))
+                .map(|n| {
+                    let t = f.get(&n).expect("tensor");
+                    (n, t)
+                })
+                .collect()
+        });
         for m in models {
             let name = format!("{}:{}", path.display(), m.model);
+            let dims = match &fixture {
+                Some(ins) => vlmc_runtime::interp::bind_dims(&m.graph, ins).expect("fits"),
+                None => dims(),
+            };
             let c = compile(&m, &CompileOptions::default()).expect("compiles");
             let mem = vlmc::passes::memory::plan(&c.graph, &c.fusion, &dims);
             let plan = match vlmc::kernel::lower(&c.graph, &c.fusion, &mem, &dims) {
@@ -106,7 +129,7 @@ fn cases() -> (Vec<Case>, Vec<String>) {
                     continue;
                 }
             };
-            let ins = inputs(&m, &dims);
+            let ins = fixture.clone().unwrap_or_else(|| inputs(&m, &dims));
             let params = vlmc_runtime::init::init_params(&m.graph, 3).expect("init");
             let want = match vlmc_runtime::run(&m.graph, &ins, &params) {
                 Ok(w) => w,
@@ -352,5 +375,5 @@ fn generated_kernels_run_in_an_emulator_and_match_the_interpreter() {
         cases.len()
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert!(cases.len() >= 90, "only {} cases", cases.len());
+    assert!(cases.len() >= 100, "only {} cases", cases.len());
 }
