@@ -14,7 +14,7 @@
 //! - a value used by another kernel (or an output) is materialised in a buffer; nothing that is
 //!   not cheap is computed twice.
 
-use super::load_time;
+use super::load_time_with;
 use crate::ir::{Dim, Graph, NodeId, Op, OpKind, Shape};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
@@ -64,7 +64,13 @@ fn numel(shape: &Shape) -> Option<Dim> {
 
 /// Partitions `graph` into kernels.
 pub fn plan(graph: &Graph) -> FusionPlan {
-    let lt = load_time(graph);
+    plan_with(graph, true)
+}
+
+/// Partitions `graph` into kernels; with `params_fixed` false (a training step, whose
+/// parameters change every run) nothing computed from a parameter is left to load time.
+pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
+    let lt = load_time_with(graph, params_fixed);
     let order = graph.topo_order();
     let mut cheap: HashSet<NodeId> = HashSet::new();
     for &id in &order {
@@ -87,7 +93,10 @@ pub fn plan(graph: &Graph) -> FusionPlan {
     let mut deps: Vec<HashSet<usize>> = Vec::new();
     for &id in &order {
         let node = graph.node(id);
-        if lt.contains(&id) || cheap.contains(&id) || matches!(node.op, Op::Input { .. }) {
+        if lt.contains(&id)
+            || cheap.contains(&id)
+            || matches!(node.op, Op::Input { .. } | Op::Param { .. })
+        {
             continue;
         }
         let ops = graph.operands(id);

@@ -37,7 +37,7 @@ pub trait Pass {
 }
 
 /// What one run of the pipeline did.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct PassLog {
     /// (pass, changed, ops after).
     pub steps: Vec<(&'static str, bool, usize)>,
@@ -115,13 +115,23 @@ impl PassManager {
 /// weight), not per run. (A value whose size depends on `B` or `T`, such as a RoPE table,
 /// is computed per run.)
 pub fn load_time(graph: &Graph) -> std::collections::HashSet<ir::NodeId> {
+    load_time_with(graph, true)
+}
+
+/// [`load_time`], or (`params_fixed` false, for training steps whose parameters change every
+/// run) only the values computed from constants.
+pub fn load_time_with(
+    graph: &Graph,
+    params_fixed: bool,
+) -> std::collections::HashSet<ir::NodeId> {
     let mut out = std::collections::HashSet::new();
     for id in graph.topo_order() {
         let node = graph.node(id);
         let fixed = node.ty.shape.0.iter().all(|d| d.is_const());
         let is = fixed
             && match node.op {
-                ir::Op::Param { .. } | ir::Op::Const { .. } | ir::Op::Iota { .. } => true,
+                ir::Op::Param { .. } => params_fixed,
+                ir::Op::Const { .. } | ir::Op::Iota { .. } => true,
                 ir::Op::Input { .. } | ir::Op::Random { .. } => false,
                 _ => graph.operands(id).iter().all(|o| out.contains(o)),
             };
