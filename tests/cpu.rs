@@ -143,7 +143,7 @@ fn scalar_code_computes_what_the_interpreter_computes() {
     check_all(&CpuOptions {
         vectorize: false,
         merge: false,
-        clif: false,
+        ..CpuOptions::default()
     });
 }
 

@@ -516,7 +516,7 @@ fn check(seed: u64) -> Result<bool, String> {
         CpuOptions {
             vectorize: false,
             merge: false,
-            clif: false,
+            ..CpuOptions::default()
         },
     ] {
         let compiled = vlmc::passes::compile(&model, &vlmc::passes::CompileOptions::default())

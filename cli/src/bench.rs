@@ -19,6 +19,8 @@ pub struct BenchArgs<'a> {
     pub interp_runs: usize,
     /// Also measure the GEMM crate on an n³ product (0: skip).
     pub gemm: usize,
+    /// Compile without the disk cache of CPU kernels (`--no-cache`).
+    pub no_cache: bool,
 }
 
 /// Synthetic inputs: token ids 1..1000, masks of ones, token types of zeros, floats in [-1, 1).
@@ -89,16 +91,32 @@ pub fn bench(file: &Path, args: &BenchArgs<'_>) -> Result<(), u8> {
     let c = vlmc::passes::compile(&m, &vlmc::passes::CompileOptions::default())
         .map_err(|e| fail(&e))?;
     let passes_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let mem = vlmc::passes::memory::plan(&c.graph, &c.fusion, &dims);
-    let flops = vlmc::report::report(&c.graph, &c.fusion, &mem, None, &dims).flops as f64;
     let t1 = Instant::now();
-    let model = vlmc_runtime::cpu::CpuModel::new(c, params.clone(), Default::default());
-    let plan = model.plan_for(&inputs).map_err(|e| fail(&e))?;
-    let codegen_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let mem = vlmc::passes::memory::plan(&c.graph, &c.fusion, &dims);
+    let lowered = vlmc::kernel::lower(&c.graph, &c.fusion, &mem, &dims).map_err(|e| fail(&e))?;
+    let lower_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let flops = vlmc::report::report(&c.graph, &c.fusion, &mem, None, &dims).flops as f64;
+    let t2 = Instant::now();
+    let plan = vlmc_runtime::cpu::CpuPlan::new(
+        lowered,
+        &c.graph,
+        &params,
+        &crate::cpu_options(args.no_cache),
+    )
+    .map_err(|e| fail(&e))?;
+    let prepare_ms = t2.elapsed().as_secs_f64() * 1e3;
+    let p = &plan.program;
+    // codegen: Cranelift (or the disk cache); prepare: codegen, load-time values, buffers.
     println!(
-        "compile model={} size={size} passes_ms={passes_ms:.1} codegen_ms={codegen_ms:.1} kernels={}",
+        "compile model={} size={size} passes_ms={passes_ms:.1} lower_ms={lower_ms:.1} \
+         codegen_ms={:.1} prepare_ms={prepare_ms:.1} kernels={} functions={} cache_hits={} \
+         cache_misses={}",
         m.model,
-        plan.program.kernels.len()
+        p.compile_time.as_secs_f64() * 1e3,
+        p.kernels.len(),
+        p.functions,
+        p.cache.hits,
+        p.cache.misses
     );
     plan.run(&inputs, &params).map_err(|e| fail(&e))?;
     let mut times = Vec::new();

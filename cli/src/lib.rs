@@ -43,6 +43,39 @@ pub struct BuildOptions {
     pub print_after: Vec<String>,
     /// Sizes of the symbolic dims for the report (`--dims B=8,T=128`).
     pub dims: Vec<(String, i64)>,
+    /// Compile CPU kernels without the disk cache (`--no-cache`).
+    pub no_cache: bool,
+}
+
+/// The CPU code generation options of the command line: the disk cache unless `no_cache` (or
+/// `$VLMC_NO_CACHE`) says otherwise.
+pub fn cpu_options(no_cache: bool) -> vlmc::backend::cpu::CpuOptions {
+    match no_cache {
+        true => vlmc::backend::cpu::CpuOptions::default(),
+        false => vlmc::backend::cpu::CpuOptions::with_disk_cache(),
+    }
+}
+
+/// One line about a compiled program: functions, time, what the disk cache did.
+pub fn codegen_summary(p: &vlmc::backend::cpu::CpuProgram) -> String {
+    let c = &p.cache;
+    let cache = match c.hits + c.misses {
+        0 => "no disk cache".to_string(),
+        _ => format!(
+            "{} from the disk cache, {} compiled{}",
+            c.hits,
+            c.misses,
+            match c.rejected {
+                0 => String::new(),
+                n => format!(", {n} invalid entries replaced"),
+            }
+        ),
+    };
+    format!(
+        "{} functions in {:.0} ms ({cache})",
+        p.functions,
+        p.compile_time.as_secs_f64() * 1e3
+    )
 }
 
 /// `vlmc check FILE...`: exit status 0 when every file is valid, 1 otherwise.
@@ -236,6 +269,7 @@ pub fn build_with(
             (Emit::Clif, Some(c)) => {
                 let dims: std::collections::HashMap<String, i64> =
                     opts.dims.iter().cloned().collect();
+                let t0 = Instant::now();
                 let mem = vlmc::passes::memory::plan(&c.graph, &c.fusion, &dims);
                 let plan = vlmc::kernel::lower(&c.graph, &c.fusion, &mem, &dims).map_err(|e| {
                     eprintln!(
@@ -244,8 +278,21 @@ pub fn build_with(
                     );
                     1u8
                 })?;
-                match vlmc::backend::cpu::clif_text(&plan) {
-                    Ok(text) => ("clif", text),
+                eprintln!(
+                    "lowered {} to {} kernels in {:.0} ms",
+                    m.model,
+                    plan.kernels.len(),
+                    ms(t0)
+                );
+                let copts = vlmc::backend::cpu::CpuOptions {
+                    clif: true,
+                    ..cpu_options(opts.no_cache)
+                };
+                match vlmc::backend::cpu::compile(&plan, &copts) {
+                    Ok(mut p) => {
+                        eprintln!("compiled {}", codegen_summary(&p));
+                        ("clif", std::mem::take(&mut p.clif))
+                    }
                     Err(e) => {
                         eprintln!("error: CPU code generation for {}: {e}", m.model);
                         return Err(1);
@@ -360,6 +407,8 @@ pub struct RunArgs<'a> {
     pub out: Option<&'a Path>,
     /// Run the reference interpreter instead of the compiled CPU code (`--interp`).
     pub interp: bool,
+    /// Compile without the disk cache of CPU kernels (`--no-cache`).
+    pub no_cache: bool,
 }
 
 /// `vlmc run FILE --weights W --input ...`: runs the model's forward, compiled to machine code
@@ -409,12 +458,13 @@ pub fn run(file: &Path, args: &RunArgs<'_>) -> Result<(), u8> {
         let t2 = Instant::now();
         let c = vlmc::passes::compile(&m, &vlmc::passes::CompileOptions::default())
             .map_err(|e| fail(&e))?;
-        let model = vlmc_runtime::cpu::CpuModel::new(c, bound.params, Default::default());
+        let model = vlmc_runtime::cpu::CpuModel::new(c, bound.params, cpu_options(args.no_cache));
         let plan = model.plan_for(&inputs).map_err(|e| fail(&e))?;
         eprintln!(
-            "compiled {} kernels to machine code in {:.0} ms",
+            "compiled {} kernels to machine code in {:.0} ms: {}",
             plan.program.kernels.len(),
-            ms(t2)
+            ms(t2),
+            codegen_summary(&plan.program)
         );
         let t3 = Instant::now();
         let o = plan.run(&inputs, &model.params).map_err(|e| fail(&e))?;

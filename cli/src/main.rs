@@ -59,6 +59,9 @@ enum Command {
         /// Output directory (default: build/<model>/).
         #[arg(short, long)]
         out: Option<PathBuf>,
+        /// Do not use the disk cache of compiled CPU kernels (also: VLMC_NO_CACHE=1).
+        #[arg(long)]
+        no_cache: bool,
     },
     /// Initialise every parameter from its declared init rule and save them as safetensors.
     Init {
@@ -106,6 +109,9 @@ enum Command {
         /// Where to run: cpu, or cuda (an NVIDIA GPU).
         #[arg(long, value_enum, default_value = "cpu")]
         target: vlmc_cli::cuda::Target,
+        /// Do not use the disk cache of compiled CPU kernels (also: VLMC_NO_CACHE=1).
+        #[arg(long)]
+        no_cache: bool,
     },
     /// Time a model's compiled forward on synthetic inputs (and the interpreter, and GEMM).
     Bench {
@@ -132,6 +138,9 @@ enum Command {
         /// Also time the GEMM crate on an N×N×N product (0 to skip).
         #[arg(long, default_value_t = 0)]
         gemm: usize,
+        /// Do not use the disk cache of compiled CPU kernels (also: VLMC_NO_CACHE=1).
+        #[arg(long)]
+        no_cache: bool,
     },
 }
 
@@ -166,6 +175,7 @@ fn main() -> ExitCode {
             out,
             target,
             arch,
+            no_cache,
         } => {
             if target == vlmc_cli::cuda::Target::Cuda && !emit.contains(&vlmc_cli::Emit::Cuda) {
                 emit.push(vlmc_cli::Emit::Cuda);
@@ -183,6 +193,7 @@ fn main() -> ExitCode {
                     adapter,
                     print_after,
                     dims,
+                    no_cache,
                 },
             )
             .and_then(|()| match emit.contains(&vlmc_cli::Emit::Cuda) {
@@ -224,6 +235,7 @@ fn main() -> ExitCode {
             out,
             interp,
             target: vlmc_cli::cuda::Target::Cuda,
+            no_cache: _,
         } => match interp {
             true => {
                 eprintln!("error: --interp runs the interpreter on the CPU: drop --target cuda");
@@ -251,6 +263,7 @@ fn main() -> ExitCode {
             out,
             interp,
             target: vlmc_cli::cuda::Target::Cpu,
+            no_cache,
         } => vlmc_cli::run(
             &file,
             &vlmc_cli::RunArgs {
@@ -263,6 +276,7 @@ fn main() -> ExitCode {
                 tokenizer: tokenizer.as_deref(),
                 out: out.as_deref(),
                 interp,
+                no_cache,
             },
         ),
         Command::Bench {
@@ -274,6 +288,7 @@ fn main() -> ExitCode {
             runs,
             interp_runs,
             gemm,
+            no_cache,
         } => vlmc_cli::bench::bench(
             &file,
             &vlmc_cli::bench::BenchArgs {
@@ -286,6 +301,7 @@ fn main() -> ExitCode {
                 runs,
                 interp_runs,
                 gemm,
+                no_cache,
             },
         ),
     };

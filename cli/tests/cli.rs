@@ -6,6 +6,11 @@ fn vlmc(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_vlmc"))
         .args(args)
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        // Compiled kernels are cached here, not in the user's home.
+        .env(
+            "VLMC_CACHE_DIR",
+            std::env::temp_dir().join(format!("vlmc-cli-cache-{}", std::process::id())),
+        )
         .output()
         .expect("vlmc runs")
 }

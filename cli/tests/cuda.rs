@@ -14,6 +14,8 @@ fn vlmc(args: &[&str]) -> std::process::Output {
         .args(args)
         .current_dir(root())
         .env_remove("VLMC_NVRTC")
+        // Compiled kernels are cached here, not in the user's home.
+        .env("VLMC_CACHE_DIR", tmp("cache"))
         .output()
         .expect("vlmc runs")
 }

@@ -6,21 +6,31 @@
 //! pointer per plan buffer (elements of 4 bytes: f32, i32, bools as i32 0/1), `lo..hi` is the
 //! range of outer iterations to run (so the runtime can split them across threads), `err` is an
 //! i32 set non-zero when an index was out of range (bit 0) or an integer divided by zero (bit 1).
+//!
+//! With [`CpuOptions::cache_dir`] set, the machine code of every function is cached on disk
+//! ([`cache`]) under its Cranelift IR and the target, so a second compilation of the same plan
+//! skips Cranelift's code generation.
 
+mod cache;
 mod codegen;
 mod loops;
 pub mod math;
 pub mod nest;
 mod ops;
 
+pub use cache::CacheStats;
+
 use crate::kernel::{MatMul, Plan, Step};
+use cache::DiskCache;
+use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::{types, AbiParam, FuncRef, UserFuncName};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_codegen::Context;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
-use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
+use cranelift_module::{default_libcall_names, FuncId, Linkage, Module, ModuleReloc};
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 /// Something the CPU backend cannot compile.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -39,7 +49,8 @@ impl CpuError {
 }
 
 /// Code generation switches (all on by default; the tests turn them off to check the scalar
-/// paths).
+/// paths). The default has no disk cache; [`CpuOptions::with_disk_cache`] is what the command
+/// line uses.
 #[derive(Clone, Debug)]
 pub struct CpuOptions {
     /// Emit f32x4 inner loops.
@@ -48,6 +59,8 @@ pub struct CpuOptions {
     pub merge: bool,
     /// Keep the Cranelift IR text of every function.
     pub clif: bool,
+    /// The folder of the disk cache of compiled functions (`None`: no cache).
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for CpuOptions {
@@ -56,8 +69,41 @@ impl Default for CpuOptions {
             vectorize: true,
             merge: true,
             clif: false,
+            cache_dir: None,
         }
     }
+}
+
+impl CpuOptions {
+    /// The default options with the disk cache in [`default_cache_dir`], unless `$VLMC_NO_CACHE`
+    /// is set (to anything but `0` or nothing). Without a home for the cache it warns once and
+    /// compiles without one.
+    pub fn with_disk_cache() -> CpuOptions {
+        let off = std::env::var_os("VLMC_NO_CACHE").is_some_and(|v| !v.is_empty() && v != "0");
+        let cache_dir = match off {
+            true => None,
+            false => {
+                let d = default_cache_dir();
+                if d.is_none() {
+                    cache::warn_once(
+                        "no folder for the kernel cache (set VLMC_CACHE_DIR, XDG_CACHE_HOME or HOME)",
+                    );
+                }
+                d
+            }
+        };
+        CpuOptions {
+            cache_dir,
+            ..CpuOptions::default()
+        }
+    }
+}
+
+/// Where compiled CPU functions are cached by default: `cpu/` under
+/// [`crate::backend::cache_root`] (`$VLMC_CACHE_DIR/cpu`, else `$XDG_CACHE_HOME/vlmc/cpu`,
+/// else `~/.cache/vlmc/cpu`).
+pub fn default_cache_dir() -> Option<PathBuf> {
+    super::cache_root().map(|d| d.join("cpu"))
 }
 
 /// A compiled loop nest: `f(bufs, lo, hi, err)`.
@@ -88,6 +134,12 @@ pub struct CpuProgram {
     pub kernels: Vec<CpuKernel>,
     /// The Cranelift IR of every function (when [`CpuOptions::clif`] is set).
     pub clif: String,
+    /// What the disk cache did (all zero without one).
+    pub cache: CacheStats,
+    /// The number of compiled functions (loop nests).
+    pub functions: usize,
+    /// How long [`compile`] took.
+    pub compile_time: std::time::Duration,
 }
 
 // SAFETY: after finalisation the module is only kept to free the code; the functions are plain
@@ -108,6 +160,7 @@ impl std::fmt::Debug for CpuProgram {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CpuProgram")
             .field("kernels", &self.kernels)
+            .field("cache", &self.cache)
             .finish()
     }
 }
@@ -175,6 +228,7 @@ fn check_matmul(plan: &Plan, m: &MatMul) -> Result<(), CpuError> {
 
 /// Compiles every kernel of a plan to machine code.
 pub fn compile(plan: &Plan, opts: &CpuOptions) -> Result<CpuProgram, CpuError> {
+    let t0 = std::time::Instant::now();
     let mut module = new_module()?;
     let mut sigs: HashMap<&'static str, FuncId> = HashMap::new();
     for (name, _, n) in math::symbols() {
@@ -192,6 +246,11 @@ pub fn compile(plan: &Plan, opts: &CpuOptions) -> Result<CpuProgram, CpuError> {
     for _ in 0..4 {
         sig.params.push(AbiParam::new(types::I64));
     }
+    let imports: Vec<(&str, usize)> = math::symbols().iter().map(|s| (s.0, s.2)).collect();
+    let mut cache = opts
+        .cache_dir
+        .as_deref()
+        .map(|d| DiskCache::new(d, module.isa(), &imports));
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
     let mut clif = String::new();
@@ -222,9 +281,7 @@ pub fn compile(plan: &Plan, opts: &CpuOptions) -> Result<CpuProgram, CpuError> {
                     if opts.clif {
                         clif.push_str(&format!("; {name}\n{}\n", ctx.func.display()));
                     }
-                    module
-                        .define_function(id, &mut ctx)
-                        .map_err(|e| CpuError::new(format!("{name}: cranelift: {e:?}")))?;
+                    define(&mut module, &mut ctx, id, &name, cache.as_mut())?;
                     module.clear_context(&mut ctx);
                     let work = nest_work(&nest);
                     pending.push((ki, id, nest.outer_count(), work));
@@ -271,7 +328,56 @@ pub fn compile(plan: &Plan, opts: &CpuOptions) -> Result<CpuProgram, CpuError> {
         module: Some(module),
         kernels: out,
         clif,
+        cache: cache.map(|c| c.stats).unwrap_or_default(),
+        functions: pending.len(),
+        compile_time: t0.elapsed(),
     })
+}
+
+/// Defines the function in `ctx` as `id`: its code from the disk cache when there is a valid
+/// entry, else compiled by Cranelift (and stored).
+fn define(
+    module: &mut JITModule,
+    ctx: &mut Context,
+    id: FuncId,
+    name: &str,
+    cache: Option<&mut DiskCache>,
+) -> Result<(), CpuError> {
+    let Some(cache) = cache else {
+        return module
+            .define_function(id, ctx)
+            .map_err(|e| CpuError::new(format!("{name}: cranelift: {e:?}")));
+    };
+    let key = cache.key(&mut ctx.func);
+    if let Some(entry) = cache.load(&key) {
+        if let Ok(relocs) = entry.module_relocs(&*module, id) {
+            cache.stats.hits += 1;
+            return module
+                .define_function_bytes(id, entry.align, &entry.code, &relocs)
+                .map_err(cerr);
+        }
+        cache.stats.rejected += 1;
+    }
+    cache.stats.misses += 1;
+    ctx.compile(module.isa(), &mut ControlPlane::default())
+        .map_err(|e| CpuError::new(format!("{name}: cranelift: {:?}", e.inner)))?;
+    let code = ctx
+        .compiled_code()
+        .ok_or_else(|| CpuError::new(format!("{name}: cranelift produced no code")))?;
+    let align = u64::from(code.buffer.alignment);
+    let relocs: Vec<ModuleReloc> = code
+        .buffer
+        .relocs()
+        .iter()
+        .map(|r| ModuleReloc::from_mach_reloc(r, &ctx.func, id))
+        .collect();
+    let bytes = code.code_buffer().to_vec();
+    if let Some(entry) = cache::Entry::portable(&*module, id, align, &bytes, &relocs) {
+        cache.store(&key, &entry);
+    }
+    module
+        .define_function_bytes(id, align, &bytes, &relocs)
+        .map_err(cerr)
 }
 
 fn nest_work(n: &nest::Nest) -> usize {
@@ -298,8 +404,9 @@ fn build_function(
 ) -> Result<(), CpuError> {
     let mut b = FunctionBuilder::new(&mut ctx.func, fctx);
     let mut fns: HashMap<&'static str, FuncRef> = HashMap::new();
-    for (name, id) in sigs {
-        fns.insert(name, module.declare_func_in_func(*id, b.func));
+    // In a fixed order, so that the function's IR (the cache key) is the same in every process.
+    for (name, _, _) in math::symbols() {
+        fns.insert(name, module.declare_func_in_func(sigs[name], b.func));
     }
     let entry = b.create_block();
     b.append_block_params_for_function_params(entry);

@@ -123,21 +123,11 @@ pub fn valid_arch(arch: &str) -> bool {
     })
 }
 
-/// The default cache directory: `$VLMC_CACHE/cuda`, else `$XDG_CACHE_HOME/vlmc/cuda`, else
-/// `~/.cache/vlmc/cuda`.
+/// The default cache directory: `cuda/` under [`crate::backend::cache_root`]
+/// (`$VLMC_CACHE_DIR/cuda`, else `$VLMC_CACHE/cuda`, else `$XDG_CACHE_HOME/vlmc/cuda`, else
+/// `~/.cache/vlmc/cuda`).
 pub fn default_cache_dir() -> Option<PathBuf> {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(d) = env("VLMC_CACHE") {
-        return Some(d.join("cuda"));
-    }
-    if let Some(d) = env("XDG_CACHE_HOME") {
-        return Some(d.join("vlmc").join("cuda"));
-    }
-    env("HOME").map(|h| h.join(".cache").join("vlmc").join("cuda"))
+    crate::backend::cache_root().map(|d| d.join("cuda"))
 }
 
 /// The compiler options for `opts`.
