@@ -57,6 +57,8 @@ fn resuming_reproduces_the_uninterrupted_run() {
             resume: resume.as_deref(),
             steps: Some(14),
             stop_after: stop,
+            eval_data: None,
+            skip_finished: false,
         };
         train(&o, &mut |_| {}).expect("trains").losses
     };
@@ -97,6 +99,8 @@ fn a_lora_adapter_round_trips_through_peft_and_merges() {
         resume: None,
         steps: Some(3),
         stop_after: None,
+        eval_data: None,
+        skip_finished: false,
     };
     train(&o, &mut |_| {}).expect("trains");
     let adir = out.join("adapter");

@@ -4,6 +4,10 @@ use std::path::{Path, PathBuf};
 use vlmc::elab::Elaborated;
 
 /// `vlmc train FILE --trainer NAME --data D.jsonl [--weights W] -o DIR`.
+///
+/// A trainer that starts `from` another runs as a chain of stages (each into `DIR/<stage>/`,
+/// each from the weights the previous one finished with) unless `--weights` is given: then it
+/// alone runs, from those weights.
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
     /// The .vlm file.
@@ -15,19 +19,26 @@ pub struct TrainArgs {
     /// `image` paths for vision-language models.
     #[arg(long)]
     pub data: PathBuf,
-    /// Starting weights (safetensors; default: the init rules with the trainer's seed).
+    /// Starting weights (safetensors; default: the init rules with the trainer's seed). With
+    /// them, a trainer that starts `from` another runs alone instead of as a chain of stages.
     #[arg(long)]
     pub weights: Option<PathBuf>,
+    /// Evaluation data (JSONL like --data): the mean loss over it every `eval_every` steps and
+    /// at the end, logged as `eval_loss`.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
     /// The tokenizer.json (default: beside the data, then beside the weights).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Continue from the latest checkpoint in this folder.
+    /// Continue from the latest checkpoint in this folder (for a chain of stages: the chain's
+    /// folder; each unfinished stage continues from its latest checkpoint in DIR/<stage>/).
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Override the trainer's number of steps.
+    /// Override the trainer's number of steps (every stage's, for a chain).
     #[arg(long)]
     pub steps: Option<u64>,
     /// Stop after this many steps in total (a checkpoint is written; resume with --resume).
+    /// In a chain, the stage it stops stays unfinished and the later stages do not run.
     #[arg(long)]
     pub stop_after: Option<u64>,
     /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
@@ -89,6 +100,81 @@ fn bind(m: &Elaborated, weights: &Path) -> Result<vlmc_runtime::weights::Bound, 
     vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint).map_err(fail)
 }
 
+/// A progress bar (or nothing with `--quiet`).
+fn progress(quiet: bool) -> Option<indicatif::ProgressBar> {
+    if quiet {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(0);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Some(b)
+}
+
+/// Shows one step; `eval` keeps the latest evaluation loss on display.
+fn show_step(
+    bar: Option<&indicatif::ProgressBar>,
+    ev: &vlmc_runtime::train_loop::Event<'_>,
+    eval: &mut Option<f64>,
+) {
+    if ev.eval_loss.is_some() {
+        *eval = ev.eval_loss;
+    }
+    let mut msg = format!(
+        "loss {:.4} lr {:.2e} |g| {:.3} {:.1} ex/s",
+        ev.stats.loss, ev.stats.lr, ev.stats.grad_norm, ev.examples_per_s
+    );
+    if let Some(e) = eval {
+        msg.push_str(&format!(" eval {e:.4}"));
+    }
+    match bar {
+        Some(b) => {
+            b.set_length(ev.total);
+            b.set_position(ev.step);
+            b.set_message(msg);
+        }
+        None => eprintln!("step {}/{}: {msg}", ev.step, ev.total),
+    }
+    if let (Some(b), Some(e)) = (bar, ev.eval_loss) {
+        b.println(format!("step {}/{}: eval loss {e:.4}", ev.step, ev.total));
+    }
+}
+
+fn report(name: &str, s: &vlmc_runtime::train_loop::Summary, secs: f64) {
+    if s.skipped {
+        eprintln!(
+            "`{name}` already finished in {} ({}): skipped",
+            s.out.display(),
+            s.last_checkpoint
+                .as_ref()
+                .map_or("no checkpoint".into(), |p| p.display().to_string())
+        );
+        return;
+    }
+    eprintln!(
+        "trained `{}` for {} steps in {:.1} s; wrote {} (log.jsonl, model.safetensors{}; last checkpoint {}){}",
+        name,
+        s.steps,
+        secs,
+        s.out.display(),
+        if s.out.join("adapter").is_dir() {
+            ", adapter/"
+        } else {
+            ""
+        },
+        s.last_checkpoint
+            .as_ref()
+            .map_or("none".into(), |p| p.display().to_string()),
+        s.eval_losses
+            .last()
+            .map_or(String::new(), |(k, l)| format!("; eval loss {l:.4} at step {k}"))
+    );
+}
+
 /// Runs `vlmc train`.
 pub fn train(a: &TrainArgs) -> Result<(), u8> {
     let all = models(&a.file, &a.sets)?;
@@ -111,6 +197,20 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
             }
         )));
     };
+    let stages = if a.weights.is_none() {
+        vlmc_runtime::train_stages::chain(m, &a.trainer).map_err(fail)?
+    } else {
+        vec![a.trainer.clone()]
+    };
+    for name in &stages {
+        let cfg = vlmc::train::TrainConfig::of(m, name).map_err(fail)?;
+        if let Some(w) = vlmc_runtime::train_loop::eval_warning(&cfg, a.eval_data.as_deref()) {
+            eprintln!("warning: {w}");
+        }
+    }
+    if stages.len() > 1 {
+        return train_chain(a, m, &stages);
+    }
     let weights = match &a.weights {
         Some(w) => Some(bind(m, w)?.params),
         None => None,
@@ -129,53 +229,91 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
         resume: a.resume.as_deref(),
         steps: a.steps,
         stop_after: a.stop_after,
+        eval_data: a.eval_data.as_deref(),
+        skip_finished: false,
     };
-    let bar = if a.quiet {
-        None
-    } else {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        Some(b)
-    };
+    let bar = progress(a.quiet);
     let t0 = std::time::Instant::now();
-    let result = vlmc_runtime::train_loop::train(&opts, &mut |ev| {
-        let msg = format!(
-            "loss {:.4} lr {:.2e} |g| {:.3} {:.1} ex/s",
-            ev.stats.loss, ev.stats.lr, ev.stats.grad_norm, ev.examples_per_s
-        );
-        match &bar {
-            Some(b) => {
-                b.set_length(ev.total);
-                b.set_position(ev.step);
-                b.set_message(msg);
-            }
-            None => eprintln!("step {}/{}: {msg}", ev.step, ev.total),
-        }
-    });
+    let mut eval = None;
+    let result =
+        vlmc_runtime::train_loop::train(&opts, &mut |ev| show_step(bar.as_ref(), ev, &mut eval));
     if let Some(b) = &bar {
         b.finish();
     }
     let s = result.map_err(fail)?;
+    report(&a.trainer, &s, t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Runs the stages of a `from` chain in order, each into `OUT/<stage>/`.
+fn train_chain(a: &TrainArgs, m: &Elaborated, stages: &[String]) -> Result<(), u8> {
+    use vlmc_runtime::train_stages::{train_stages, StageEvent, StagesOptions};
     eprintln!(
-        "trained `{}` for {} steps in {:.1} s; wrote {} (log.jsonl, model.safetensors{}; last checkpoint {})",
+        "`{}` starts from earlier stages: running {} stages ({}) into {}/<stage>/",
         a.trainer,
-        s.steps,
-        t0.elapsed().as_secs_f64(),
-        s.out.display(),
-        if s.out.join("adapter").is_dir() {
-            ", adapter/"
-        } else {
-            ""
-        },
-        s.last_checkpoint
-            .as_ref()
-            .map_or("none".into(), |p| p.display().to_string())
+        stages.len(),
+        stages.join(" → "),
+        a.out.display()
     );
+    let opts = StagesOptions {
+        model: m,
+        trainer: &a.trainer,
+        data: &a.data,
+        tokenizer: a.tokenizer.clone(),
+        eval_data: a.eval_data.as_deref(),
+        out: &a.out,
+        resume: a.resume.as_deref(),
+        steps: a.steps,
+        stop_after: a.stop_after,
+    };
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut eval = None;
+    let mut t0 = std::time::Instant::now();
+    let result = train_stages(&opts, &mut |ev| match ev {
+        StageEvent::Start {
+            index,
+            count,
+            name,
+            out,
+            from,
+            resume,
+        } => {
+            eprintln!(
+                "stage {}/{count}: `{name}` into {}, {}",
+                index + 1,
+                out.display(),
+                match (resume, from) {
+                    (Some(r), _) =>
+                        format!("continuing from the latest checkpoint in {}", r.display()),
+                    (None, Some(f)) => format!("from {}", f.join("model.safetensors").display()),
+                    (None, None) => "from the init rules".to_string(),
+                }
+            );
+            bar = progress(a.quiet);
+            eval = None;
+            t0 = std::time::Instant::now();
+        }
+        StageEvent::Step(e) => show_step(bar.as_ref(), e, &mut eval),
+        StageEvent::Done { name, summary, .. } => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            report(name, summary, t0.elapsed().as_secs_f64());
+        }
+    });
+    if let Some(b) = bar.take() {
+        b.finish();
+    }
+    let done = result.map_err(fail)?;
+    if done.len() < stages.len() {
+        let (name, s) = done.last().expect("a stage ran");
+        eprintln!(
+            "stopped in stage `{name}` at step {} of {}; continue with --resume {}",
+            s.steps,
+            s.total_steps,
+            a.out.display()
+        );
+    }
     Ok(())
 }
 

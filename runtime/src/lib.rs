@@ -13,7 +13,10 @@ pub mod tensor;
 pub mod train;
 pub mod train_ckpt;
 pub mod train_data;
+pub mod train_dropout;
+pub mod train_eval;
 pub mod train_loop;
+pub mod train_stages;
 pub mod weights;
 
 pub use interp::{run, RunError};

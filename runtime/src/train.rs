@@ -66,6 +66,9 @@ pub struct Session {
     pub trainable: Vec<String>,
     /// The parameters the adapter added (saved apart, in the PEFT layout).
     pub adapter_params: Vec<String>,
+    /// The inputs of the step graph when it reads LoRA dropout masks (which the step draws,
+    /// see [`crate::train_dropout`]); empty without dropout.
+    pub dropout_inputs: Vec<(String, vlmc::ir::TensorType)>,
 }
 
 impl Session {
@@ -94,6 +97,7 @@ impl Session {
         let (trainable, adapter_params) = (any.trainable.clone(), any.adapter_params.clone());
         // Adapter parameters not given start from their init rules.
         let (adapted, _, _) = train::model_graph(model, &cfg)?;
+        let dropout_inputs = crate::train_dropout::inputs_of(&adapted);
         for (_, path, ty, init) in adapted.params() {
             if !params.contains_key(path) {
                 if !adapter_params.iter().any(|a| a == path) {
@@ -125,6 +129,7 @@ impl Session {
             total_steps,
             trainable,
             adapter_params,
+            dropout_inputs,
         })
     }
 
@@ -157,6 +162,23 @@ impl Session {
         }
     }
 
+    /// The LoRA dropout masks of micro-batch `k` of the next step: a function of (seed, step,
+    /// k) only, so a resumed run draws the same ones. Empty without dropout.
+    pub fn dropout_masks(
+        &self,
+        data: &BTreeMap<String, Tensor>,
+        k: usize,
+    ) -> Result<BTreeMap<String, Tensor>, TrainRunError> {
+        crate::train_dropout::masks(
+            &self.dropout_inputs,
+            data,
+            self.cfg.lora_dropout(),
+            self.cfg.seed,
+            self.step + 1,
+            k,
+        )
+    }
+
     /// Runs one optimiser step over the micro-batches (each a map of the step graph's data
     /// inputs: the model's inputs and `loss_mask`).
     pub fn step(&mut self, micro: &[BTreeMap<String, Tensor>]) -> Result<StepStats, TrainRunError> {
@@ -174,6 +196,7 @@ impl Session {
         let mut loss = 0.0;
         let outs = if let Some(f) = &self.fused {
             let mut inputs = micro[0].clone();
+            inputs.extend(self.dropout_masks(&micro[0], 0)?);
             inputs.extend(control.clone());
             inputs.extend(self.state.clone());
             let o = crate::interp::run(&f.graph, &inputs, &self.params)?;
@@ -184,8 +207,9 @@ impl Session {
                 return terr("no step graph");
             };
             let mut sum: BTreeMap<String, Vec<f32>> = BTreeMap::new();
-            for m in micro {
+            for (k, m) in micro.iter().enumerate() {
                 let mut inputs = m.clone();
+                inputs.extend(self.dropout_masks(m, k)?);
                 inputs.extend(control.clone());
                 let o = crate::interp::run(&gs.graph, &inputs, &self.params)?;
                 loss += o["loss"].to_f64()[0];

@@ -155,6 +155,13 @@ pub struct Loaded {
     pub state: TrainerState,
 }
 
+/// Reads a checkpoint's `trainer_state.json` alone.
+pub fn read_state(ckpt: &Path) -> Result<TrainerState, CkptError> {
+    let path = ckpt.join("trainer_state.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+    TrainerState::from_json(&text)
+}
+
 /// Reads a checkpoint folder.
 pub fn load_checkpoint(ckpt: &Path) -> Result<Loaded, CkptError> {
     let text = std::fs::read_to_string(ckpt.join("trainer_state.json"))

@@ -1,9 +1,11 @@
-//! The training loop behind `vlmc train`: data, steps, the loss log, checkpoints, resume.
+//! The training loop behind `vlmc train`: data, steps, the loss log, evaluation, checkpoints,
+//! resume. Chains of stages (`from`) are in [`crate::train_stages`].
 
 use crate::tensor::Tensor;
 use crate::train::{Session, StepStats, TrainRunError};
 use crate::train_ckpt::{self, TrainerState};
 use crate::train_data::{self, Position, Tok};
+use crate::train_eval::Evaluator;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -28,6 +30,12 @@ pub struct TrainOptions<'a> {
     pub steps: Option<u64>,
     /// Stop (with a checkpoint) after this many steps in total, e.g. to test resuming.
     pub stop_after: Option<u64>,
+    /// Evaluation data (JSONL like the training data): its mean loss is computed every
+    /// `eval_every` steps and at the last step, and logged as `eval_loss`.
+    pub eval_data: Option<&'a Path>,
+    /// Do nothing when `out` already holds this trainer's finished run (its latest checkpoint
+    /// is at the run's total steps, and `model.safetensors` is there): stages re-run this way.
+    pub skip_finished: bool,
 }
 
 /// One finished step, for progress reporting.
@@ -36,14 +44,48 @@ pub struct Event<'a> {
     pub total: u64,
     pub stats: &'a StepStats,
     pub examples_per_s: f64,
+    /// The evaluation loss after this step, when the step evaluated.
+    pub eval_loss: Option<f64>,
 }
 
 /// What a run did.
 pub struct Summary {
+    /// Optimiser steps done (in all, resumed runs included).
     pub steps: u64,
+    /// The steps of the whole run (the schedule's length).
+    pub total_steps: u64,
     pub losses: Vec<f64>,
     pub out: PathBuf,
     pub last_checkpoint: Option<PathBuf>,
+    /// The evaluations: (step, loss).
+    pub eval_losses: Vec<(u64, f64)>,
+    /// Whether the run was already finished in `out` and nothing ran (`skip_finished`).
+    pub skipped: bool,
+}
+
+/// Why a run with these settings evaluates nothing, if it does not: the trainer asks for
+/// `eval_every` but no evaluation data is given.
+pub fn eval_warning(cfg: &TrainConfig, eval_data: Option<&Path>) -> Option<String> {
+    match (cfg.eval_every, eval_data) {
+        (Some(k), None) => Some(format!(
+            "trainer `{}` sets `eval_every {k}` but no evaluation data was given (--eval-data): \
+             it is not evaluated",
+            cfg.name
+        )),
+        _ => None,
+    }
+}
+
+/// The latest checkpoint in `out` when it finishes a run of `trainer` of `total` steps and
+/// the final `model.safetensors` is beside it.
+pub fn finished_run(out: &Path, trainer: &str, total: u64) -> Option<PathBuf> {
+    let ck = train_ckpt::latest_checkpoint(out).ok()?;
+    let st = train_ckpt::read_state(&ck).ok()?;
+    (st.trainer == trainer
+        && st.step == total
+        && st.total_steps == total
+        && out.join("model.safetensors").is_file())
+    .then_some(ck)
 }
 
 fn err(message: impl Into<String>) -> TrainRunError {
@@ -87,6 +129,19 @@ pub fn train(
         .steps
         .or(cfg.steps)
         .unwrap_or_else(|| cfg.epochs.unwrap_or(1) * n.div_ceil(per_step) as u64);
+    if o.skip_finished {
+        if let Some(ck) = finished_run(o.out, &cfg.name, total) {
+            return Ok(Summary {
+                steps: total,
+                total_steps: total,
+                losses: Vec::new(),
+                out: o.out.to_path_buf(),
+                last_checkpoint: Some(ck),
+                eval_losses: Vec::new(),
+                skipped: true,
+            });
+        }
+    }
     let params = match &o.weights {
         Some(w) => w.clone(),
         None => crate::init::init_params(&o.model.graph, cfg.seed).map_err(|e| err(e.message))?,
@@ -94,18 +149,12 @@ pub fn train(
     let seed = cfg.seed;
     let name = cfg.name.clone();
     let lora = cfg.lora();
-    let dropout = cfg
-        .adapter
-        .as_ref()
-        .and_then(|a| a.args.iter().find(|(k, _)| k == "dropout"))
-        .and_then(|(_, v)| match v {
-            vlmc::elab::Setting::Float(f) => Some(*f),
-            vlmc::elab::Setting::Int(i) => Some(*i as f64),
-            _ => None,
-        })
-        .unwrap_or(0.0);
+    let dropout = cfg.lora_dropout();
+    let eval_every = cfg.eval_every;
     let mut session = Session::new(o.model, cfg, params, total)?;
     let mut pos = Position { epoch: 0, index: 0 };
+    // The last good checkpoint: the one resumed from, until a new one is written.
+    let mut last_ckpt: Option<PathBuf> = None;
     if let Some(dir) = o.resume {
         let ck = train_ckpt::latest_checkpoint(dir).map_err(|e| err(e.message))?;
         let l = train_ckpt::load_checkpoint(&ck).map_err(|e| err(e.message))?;
@@ -121,6 +170,7 @@ pub fn train(
         session.step = l.state.step;
         session.total_steps = l.state.total_steps;
         pos = l.state.position;
+        last_ckpt = Some(ck);
     }
     // Image inputs: the model's `pixels` (or declared image preprocessing).
     let images = o
@@ -133,6 +183,21 @@ pub fn train(
             let size = t.shape[3].as_const().unwrap_or(224) as usize;
             train_data::image_preprocess(&o.model.preprocess, size)
         });
+    let eval = match o.eval_data {
+        Some(path) => {
+            let rows = train_data::read_jsonl(path, &tok, prompt_masked, session.cfg.max_len)
+                .map_err(|e| err(e.message))?;
+            Some(Evaluator::new(
+                o.model,
+                &session.cfg,
+                &rows,
+                tok.pad_id,
+                images.as_ref(),
+            )?)
+        }
+        None => None,
+    };
+    let mut eval_losses = Vec::new();
     std::fs::create_dir_all(o.out).map_err(|e| err(format!("{}: {e}", o.out.display())))?;
     let log_path = o.out.join("log.jsonl");
     let mut log = std::fs::OpenOptions::new()
@@ -149,7 +214,6 @@ pub fn train(
         position: pos,
     };
     let mut losses = Vec::new();
-    let mut last_ckpt: Option<PathBuf> = None;
     let stop = o.stop_after.unwrap_or(u64::MAX).min(session.total_steps);
     while session.step < stop {
         let t0 = Instant::now();
@@ -186,11 +250,26 @@ pub fn train(
         });
         writeln!(log, "{line}").map_err(|e| err(format!("{}: {e}", log_path.display())))?;
         losses.push(stats.loss);
+        let mut eval_loss = None;
+        if let Some(ev) = &eval {
+            if eval_every.is_some_and(|k| session.step % k == 0) || session.step == stop {
+                let l = ev.loss(&session.params)?;
+                let line = serde_json::json!({
+                    "step": session.step,
+                    "eval_loss": l,
+                    "eval_items": ev.items,
+                });
+                writeln!(log, "{line}").map_err(|e| err(format!("{}: {e}", log_path.display())))?;
+                eval_losses.push((session.step, l));
+                eval_loss = Some(l);
+            }
+        }
         on_step(&Event {
             step: session.step,
             total: session.total_steps,
             stats: &stats,
             examples_per_s: eps,
+            eval_loss,
         });
         if save_every.is_some_and(|k| session.step % k == 0) {
             last_ckpt = Some(
@@ -228,8 +307,11 @@ pub fn train(
     }
     Ok(Summary {
         steps: session.step,
+        total_steps: session.total_steps,
         losses,
         out: o.out.to_path_buf(),
         last_checkpoint: last_ckpt,
+        eval_losses,
+        skipped: false,
     })
 }

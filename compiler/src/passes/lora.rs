@@ -5,6 +5,12 @@
 //! (kaiming-uniform) and `<layer>.lora_B.weight` `[out, r]` (zeros), `s = alpha / r`
 //! (`alpha / sqrt(r)` for rsLoRA), as PEFT does.
 //!
+//! For training, [`apply_with_dropout`] applies PEFT's LoRA dropout to the adapter branch's
+//! input only: `y = x·Wᵀ + s·((x ⊙ mask)·Aᵀ)·Bᵀ`. The mask is a graph input
+//! (`lora_dropout.<layer>`, the type of `x`) holding `0` or `1 / (1 - p)` (inverted dropout):
+//! the driver draws it per step, so a compiled step serves every step and the masks are a
+//! function of (seed, step) that a resumed run reproduces. Inference and merging never drop.
+//!
 //! [`LoraMerge`] rewrites `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` into `x·(W + s·B·A)ᵀ`. The merged weight depends
 //! only on parameters, so it is computed once when the weights are loaded: per run, the merged
 //! model costs exactly what the base model costs.
@@ -62,8 +68,38 @@ fn dim(g: &Graph, id: NodeId, axis: usize) -> Dim {
 /// Adds a LoRA adapter to each module in `targets` (paths of linear layers). Returns how many
 /// matmuls were adapted.
 pub fn apply(g: &mut Graph, targets: &[String], cfg: &LoraConfig) -> Result<usize, PassError> {
+    apply_with_dropout(g, targets, cfg, 0.0)
+}
+
+/// The prefix of the dropout-mask inputs that [`apply_with_dropout`] adds.
+pub const DROPOUT_INPUT: &str = "lora_dropout.";
+
+/// The name of the dropout-mask input of the `k`-th use of the linear layer `target`:
+/// `lora_dropout.<target>` (and `lora_dropout.<target>.use<k>` for later uses of a shared
+/// weight).
+pub fn dropout_input(target: &str, k: usize) -> String {
+    if k == 0 {
+        format!("{DROPOUT_INPUT}{target}")
+    } else {
+        format!("{DROPOUT_INPUT}{target}.use{k}")
+    }
+}
+
+/// [`apply`] with LoRA dropout of probability `dropout` on the adapter branch's input (for
+/// training): each adapted matmul reads a mask input named by [`dropout_input`], of the type
+/// of its `x`, that multiplies `x` before `Aᵀ`. `dropout = 0` adds no input and no op: the
+/// graph is exactly [`apply`]'s.
+pub fn apply_with_dropout(
+    g: &mut Graph,
+    targets: &[String],
+    cfg: &LoraConfig,
+    dropout: f64,
+) -> Result<usize, PassError> {
     if cfg.rank <= 0 {
         return Err(err(format!("rank must be positive, got {}", cfg.rank)));
+    }
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(err(format!("dropout must be in [0, 1), got {dropout}")));
     }
     let mut adapted = 0;
     for target in targets {
@@ -111,7 +147,22 @@ pub fn apply(g: &mut Graph, targets: &[String], cfg: &LoraConfig) -> Result<usiz
         let bt = g
             .add(Op::Permute { perm: vec![1, 0] }, &[b], &scope)
             .map_err(|e| err(e.to_string()))?;
-        for (m, x) in uses {
+        for (k, (m, x)) in uses.into_iter().enumerate() {
+            let x = if dropout > 0.0 {
+                let mask = g
+                    .add_source(
+                        Op::Input {
+                            name: dropout_input(target, k),
+                        },
+                        g.node(x).ty.clone(),
+                        &scope,
+                    )
+                    .map_err(|e| err(e.to_string()))?;
+                g.add(Op::Binary(BinaryOp::Mul), &[x, mask], &scope)
+                    .map_err(|e| err(e.to_string()))?
+            } else {
+                x
+            };
             let xa = g
                 .add(Op::MatMul, &[x, at], &scope)
                 .map_err(|e| err(e.to_string()))?;

@@ -248,6 +248,13 @@ impl TrainConfig {
                     t.name, a.name, a.method
                 ));
             }
+            let p = adapter_dropout(a);
+            if !(0.0..1.0).contains(&p) {
+                return Err(format!(
+                    "trainer `{}`: adapter `{}` has dropout {p}; it must be in [0, 1)",
+                    t.name, a.name
+                ));
+            }
         }
         Ok(TrainConfig {
             name: t.name.clone(),
@@ -277,6 +284,16 @@ impl TrainConfig {
         let a = self.adapter.as_ref()?;
         Some(lora_config(a))
     }
+
+    /// The adapter's LoRA dropout probability (0 without an adapter or a `dropout` argument).
+    pub fn lora_dropout(&self) -> f64 {
+        self.adapter.as_ref().map_or(0.0, adapter_dropout)
+    }
+}
+
+/// The `dropout` argument of an adapter declaration (PEFT's default: 0).
+pub fn adapter_dropout(a: &AdapterInfo) -> f64 {
+    arg(&a.args, "dropout").and_then(num).unwrap_or(0.0)
 }
 
 /// The LoRA settings of an adapter declaration (PEFT's defaults: rank 8, alpha 8).

@@ -64,18 +64,28 @@ impl From<passes::PassError> for TrainError {
     }
 }
 
-/// The model's forward with the trainer's adapter applied; returns the graph, the trainable
-/// parameter paths and the adapter's parameter paths.
+/// The model's forward with the trainer's adapter applied, as trained: with the adapter's
+/// LoRA dropout (mask inputs `lora_dropout.<layer>`, see [`passes::lora::apply_with_dropout`])
+/// when it has one. Returns the graph, the trainable parameter paths and the adapter's
+/// parameter paths.
 pub fn model_graph(
     model: &Elaborated,
     cfg: &TrainConfig,
+) -> Result<(Graph, Vec<String>, Vec<String>), TrainError> {
+    adapted_graph(model, cfg, cfg.lora_dropout())
+}
+
+fn adapted_graph(
+    model: &Elaborated,
+    cfg: &TrainConfig,
+    dropout: f64,
 ) -> Result<(Graph, Vec<String>, Vec<String>), TrainError> {
     let mut g = model.graph.clone();
     let before: Vec<String> = g.params().iter().map(|p| p.1.to_string()).collect();
     let mut trainable = cfg.trainable.clone();
     let mut added = Vec::new();
     if let (Some(a), Some(lc)) = (&cfg.adapter, cfg.lora()) {
-        passes::lora::apply(&mut g, &a.targets, &lc)?;
+        passes::lora::apply_with_dropout(&mut g, &a.targets, &lc, dropout)?;
         for (_, p, _, _) in g.params() {
             if !before.iter().any(|b| b == p) {
                 added.push(p.to_string());
@@ -131,7 +141,10 @@ fn attach_loss(g: &mut Graph, cfg: &TrainConfig) -> Result<NodeId, TrainError> {
     let (func, _) = cfg.objective.loss_fn();
     let mut params = Vec::new();
     for (_, name, ty) in g.inputs() {
-        params.push(format!("{name}: {ty}"));
+        // The loss reads data inputs; LoRA dropout masks are the forward's business.
+        if !name.starts_with(passes::lora::DROPOUT_INPUT) {
+            params.push(format!("{name}: {ty}"));
+        }
     }
     let out_ty = g.node(out).ty.clone();
     params.push(format!("model_out: {out_ty}"));
@@ -169,6 +182,22 @@ fn attach_loss(g: &mut Graph, cfg: &TrainConfig) -> Result<NodeId, TrainError> {
     let map = splice::splice(g, &lg, &bind, "loss").map_err(TrainError)?;
     let (_, lid) = lg.outputs[0];
     Ok(map[&lid])
+}
+
+/// The evaluation graph of trainer `cfg`: the model's forward (adapter applied, no dropout)
+/// and the objective's loss, nothing else (no gradient, no update). Inputs: the model's inputs
+/// and, for token objectives, `loss_mask`; parameters: the model's and the adapter's. Output
+/// `loss`, unnormalised as in the step graph: the sum over target tokens for token objectives
+/// (divide by the target count), the batch's mean loss otherwise.
+pub fn build_eval(model: &Elaborated, cfg: &TrainConfig) -> Result<Graph, TrainError> {
+    let (mut g, _, _) = adapted_graph(model, cfg, 0.0)?;
+    let loss = attach_loss(&mut g, cfg)?;
+    g.outputs.clear();
+    g.set_output("loss", loss)
+        .map_err(|e| TrainError(e.to_string()))?;
+    g.name = format!("{}.{}.eval", model.model, cfg.name);
+    PassManager::inference().run(&mut g)?;
+    Ok(g)
 }
 
 /// Builds the step graph of trainer `cfg` for `model`.

@@ -1,0 +1,354 @@
+//! `vlmc train` through the binary: the two LLaVA stages (`align`, then `instruct` from it)
+//! run as one chain; a diverging run stops with the step named and its last good checkpoint
+//! untouched; cycles in `from` and unknown trainers are clear errors; `eval_every` without
+//! evaluation data warns.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use vlmc_runtime::weights::WeightFile;
+use vlmc_runtime::Tensor;
+
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+const COLOURS: &str = "tests/fixtures/train/colours";
+const TINY_LM: &str = "tests/fixtures/train/tiny_lm.vlm";
+
+fn vlmc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vlmc"))
+        .args(args)
+        .current_dir(ROOT)
+        .output()
+        .expect("vlmc runs")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vlmc-cli-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn weights(path: &Path) -> BTreeMap<String, Tensor> {
+    let f = WeightFile::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    f.names()
+        .into_iter()
+        .map(|n| {
+            let t = f.get(&n).expect("tensor");
+            (n, t)
+        })
+        .collect()
+}
+
+/// The `loss` of each step and the `eval_loss` lines of a log.
+fn log(dir: &Path) -> (Vec<f64>, Vec<(u64, f64)>) {
+    let text = std::fs::read_to_string(dir.join("log.jsonl")).expect("log.jsonl");
+    let (mut losses, mut evals) = (Vec::new(), Vec::new());
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+        let step = v["step"].as_u64().expect("step");
+        if let Some(e) = v.get("eval_loss") {
+            evals.push((step, e.as_f64().expect("eval_loss")));
+        } else {
+            assert_eq!(step as usize, losses.len() + 1, "steps in order");
+            losses.push(v["loss"].as_f64().expect("loss"));
+        }
+    }
+    (losses, evals)
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+#[test]
+fn the_two_llava_stages_run_in_order_each_from_the_last() {
+    let t0 = std::time::Instant::now();
+    let (a, b) = (tmp("stages"), tmp("stages-resumed"));
+    let data = format!("{COLOURS}/train.jsonl");
+    let held = format!("{COLOURS}/heldout.jsonl");
+    let args = |out: &Path, extra: &[&str]| -> Output {
+        let mut v = vec![
+            "train",
+            "models/llava_tiny.vlm",
+            "--trainer",
+            "instruct",
+            "--data",
+            &data,
+            "--eval-data",
+            &held,
+            "--steps",
+            "30",
+            "--quiet",
+            "-o",
+            s(out),
+        ];
+        v.extend_from_slice(extra);
+        vlmc(&v)
+    };
+    let out = args(&a, &[]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let first = err.find("stage 1/2: `align`").expect("stage 1 announced");
+    let second = err.find("stage 2/2: `instruct`").expect("stage 2 announced");
+    assert!(first < second, "{err}");
+    assert!(
+        err.contains(&format!("from {}", s(&a.join("align/model.safetensors")))),
+        "{err}"
+    );
+
+    // Stage 1 (`align`, from the init rules with its seed 0) changed the projector only.
+    let checked = vlmc::elab::check_file(&Path::new(ROOT).join("models/llava_tiny.vlm"));
+    let model = checked.result.expect("llava_tiny checks").pop().expect("model");
+    let init = vlmc_runtime::init::init_params(&model.graph, 0).expect("init");
+    let w1 = weights(&a.join("align/model.safetensors"));
+    assert_eq!(w1.len(), init.len());
+    let mut moved = 0;
+    for (p, t) in &init {
+        if p.starts_with("multi_modal_projector.") {
+            assert_ne!(&w1[p], t, "{p} did not train in stage 1");
+            moved += 1;
+        } else {
+            assert_eq!(&w1[p], t, "{p} changed in stage 1");
+        }
+    }
+    assert_eq!(moved, 4, "the projector's two linear layers");
+
+    // Stage 2 (`instruct`, LoRA) started from stage 1's weights: its base weights are stage
+    // 1's, bit for bit, and only the adapter's A and B changed.
+    let w2 = weights(&a.join("instruct/model.safetensors"));
+    let lora: Vec<&String> = w2.keys().filter(|p| p.contains(".lora_")).collect();
+    assert_eq!(lora.len(), 8, "{lora:?}");
+    assert_eq!(w2.len(), w1.len() + 8);
+    for (p, t) in &w1 {
+        assert_eq!(&w2[p], t, "{p}: stage 2 does not hold stage 1's weight");
+    }
+    let cfg = vlmc::train::TrainConfig::of(&model, "instruct").expect("trainer");
+    let (adapted, _, _) = vlmc::train::model_graph(&model, &cfg).expect("adapted");
+    for (_, p, ty, rule) in adapted.params() {
+        if !p.contains(".lora_") {
+            continue;
+        }
+        let start = vlmc_runtime::init::init_param(p, ty, rule, cfg.seed).expect("init");
+        assert_ne!(w2[p], start, "{p} did not train in stage 2");
+    }
+    assert!(a.join("instruct/adapter/adapter_model.safetensors").is_file());
+
+    // The losses fall in stage 2: on the held-out set (stage 2 starts where stage 1 ended,
+    // its B being zero) and on the training batches.
+    let (l1, e1) = log(&a.join("align"));
+    let (l2, e2) = log(&a.join("instruct"));
+    assert_eq!((l1.len(), l2.len()), (30, 30));
+    assert_eq!(e1.len(), 1, "no eval_every: evaluated at the end only");
+    assert_eq!(e1[0].0, 30);
+    let (start, end) = (e1[0].1, e2[e2.len() - 1].1);
+    let (head, tail) = (mean(&l2[..5]), mean(&l2[25..]));
+    eprintln!(
+        "stage 1 training loss {:.4} -> {:.4}; stage 2 held-out loss {start:.4} -> {end:.4}, \
+         training loss (mean of 5) {head:.4} -> {tail:.4}",
+        mean(&l1[..5]),
+        mean(&l1[25..])
+    );
+    assert!(end < start - 0.08, "held-out loss {start} -> {end}");
+    assert!(tail < head - 0.08, "training loss {head} -> {tail}");
+
+    // Running it again skips both finished stages and changes nothing.
+    let again = args(&a, &[]);
+    let err = stderr(&again);
+    assert!(again.status.success(), "{err}");
+    assert_eq!(err.matches("already finished").count(), 2, "{err}");
+    assert!(!err.contains("step 1/"), "{err}");
+    assert_eq!(weights(&a.join("instruct/model.safetensors")), w2);
+
+    // Stopped in stage 1 and resumed: the same chain, bit for bit.
+    let stopped = args(&b, &["--stop-after", "12"]);
+    let err = stderr(&stopped);
+    assert!(stopped.status.success(), "{err}");
+    assert!(err.contains("stopped in stage `align` at step 12 of 30"), "{err}");
+    assert!(!b.join("instruct").exists(), "stage 2 ran after an unfinished stage 1");
+    let resumed = args(&b, &["--resume", s(&b)]);
+    let err = stderr(&resumed);
+    assert!(resumed.status.success(), "{err}");
+    assert!(err.contains("continuing from the latest checkpoint in"), "{err}");
+    assert_eq!(weights(&b.join("instruct/model.safetensors")), w2);
+    assert_eq!(log(&b.join("instruct")).0, l2);
+    assert_eq!(log(&b.join("align")).0, l1);
+    eprintln!("whole test {:.1} s", t0.elapsed().as_secs_f64());
+    let _ = std::fs::remove_dir_all(&a);
+    let _ = std::fs::remove_dir_all(&b);
+}
+
+fn text_data(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let p = dir.join("text.jsonl");
+    std::fs::write(
+        &p,
+        "{\"text\": \"red green blue\"}\n{\"text\": \"what colour is the square ? cyan\"}\n\
+         {\"text\": \"yellow cyan magenta red\"}\n{\"text\": \"the square is blue\"}\n",
+    )
+    .expect("write data");
+    p
+}
+
+fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).expect("dir").flatten() {
+        out.insert(
+            e.file_name().to_string_lossy().to_string(),
+            std::fs::read(e.path()).expect("read"),
+        );
+    }
+    out
+}
+
+#[test]
+fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
+    let work = tmp("nan");
+    let data = text_data(&work);
+    let tok = format!("{COLOURS}/tokenizer.json");
+    let run = |out: &Path, extra: &[&str]| -> Output {
+        let mut v = vec![
+            "train",
+            TINY_LM,
+            "--trainer",
+            "diverge",
+            "--data",
+            s(&data),
+            "--tokenizer",
+            &tok,
+            "--quiet",
+            "-o",
+            s(out),
+        ];
+        v.extend_from_slice(extra);
+        vlmc(&v)
+    };
+    // One good step, checkpointed; then the second step, resumed, diverges.
+    let out = work.join("run");
+    let first = run(&out, &["--stop-after", "1"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let ck = out.join("checkpoint-1");
+    let before = files(&ck);
+    assert_eq!(before.len(), 3, "{:?}", before.keys());
+    let second = run(&out, &["--resume", s(&out)]);
+    let err = stderr(&second);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    let want = format!(
+        "error: the loss is NaN at step 2: stopping (the parameters are unchanged); the last good checkpoint is {}",
+        s(&ck)
+    );
+    assert!(err.contains(&want), "{err}");
+    assert_eq!(files(&ck), before, "the last good checkpoint changed");
+    let mut left: Vec<String> = std::fs::read_dir(&out)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    left.sort();
+    // No partial checkpoint (`.checkpoint-2.tmp`), no step 2, no final weights.
+    assert_eq!(left, ["checkpoint-1", "log.jsonl", "model.safetensors"]);
+
+    // Straight through: `save_every 1` writes checkpoint-1, step 2 stops the run; the
+    // checkpoint is the one above, byte for byte.
+    let straight = work.join("straight");
+    let run2 = run(&straight, &[]);
+    let err = stderr(&run2);
+    assert_eq!(run2.status.code(), Some(1), "{err}");
+    assert!(err.contains("the loss is NaN at step 2"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "the last good checkpoint is {}",
+            s(&straight.join("checkpoint-1"))
+        )),
+        "{err}"
+    );
+    assert_eq!(files(&straight.join("checkpoint-1")), before);
+    let mut left: Vec<String> = std::fs::read_dir(&straight)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["checkpoint-1", "log.jsonl"]);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn cycles_and_unknown_trainers_are_clear_errors() {
+    let work = tmp("chains");
+    let data = text_data(&work);
+    let run = |trainer: &str| {
+        vlmc(&[
+            "train",
+            TINY_LM,
+            "--trainer",
+            trainer,
+            "--data",
+            s(&data),
+            "-o",
+            s(&work.join("out")),
+        ])
+    };
+    let out = run("loop_a");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        "error: the `from` chain of trainer `loop_a` is a cycle: loop_a ← loop_b ← loop_a\n"
+    );
+    let out = run("nope");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "error: {TINY_LM} has no trainer `nope` (trainers: evaluated, diverge, loop_a, loop_b)\n"
+        )
+    );
+    assert!(!work.join("out").exists());
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn eval_every_without_eval_data_warns_once() {
+    let work = tmp("eval-warn");
+    let data = text_data(&work);
+    let tok = format!("{COLOURS}/tokenizer.json");
+    let run = |extra: &[&str]| {
+        let out = work.join("out");
+        let _ = std::fs::remove_dir_all(&out);
+        let mut v = vec![
+            "train",
+            TINY_LM,
+            "--trainer",
+            "evaluated",
+            "--data",
+            s(&data),
+            "--tokenizer",
+            &tok,
+            "--steps",
+            "2",
+            "--quiet",
+            "-o",
+            s(&out),
+        ];
+        v.extend_from_slice(extra);
+        let o = vlmc(&v);
+        assert!(o.status.success(), "{}", stderr(&o));
+        (stderr(&o), log(&out).1)
+    };
+    let (err, evals) = run(&[]);
+    let warning = "warning: trainer `evaluated` sets `eval_every 1` but no evaluation data was \
+                   given (--eval-data): it is not evaluated";
+    assert_eq!(err.matches(warning).count(), 1, "{err}");
+    assert!(evals.is_empty());
+    let (err, evals) = run(&["--eval-data", s(&data)]);
+    assert!(!err.contains("warning"), "{err}");
+    assert_eq!(evals.len(), 2);
+    assert!(err.contains("eval loss"), "{err}");
+    let _ = std::fs::remove_dir_all(&work);
+}
