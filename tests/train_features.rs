@@ -1,4 +1,4 @@
-//! LoRA dropout in the training step and evaluation during training.
+//! LoRA dropout in the training step, evaluation during training, `from` chains.
 //!
 //! Dropout: the step graph reads one mask per adapted matmul, multiplying the adapter branch's
 //! input only; with dropout 0 the graph is the one without dropout (no mask, no random op); the
@@ -387,4 +387,40 @@ fn eval_of_a_vision_language_batch_is_its_training_loss() {
     eprintln!("eval after step 3 {e:.6}, training loss of step 4 {l:.6}");
     assert!((e - l).abs() <= 1e-5 * l, "{e} vs {l}");
     let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn from_chains_list_the_stages_in_order_and_name_what_is_wrong() {
+    use vlmc_runtime::train_stages::chain;
+    let llava = load("models/llava_tiny.vlm");
+    assert_eq!(
+        chain(&llava, "instruct").expect("chain"),
+        ["align", "instruct"]
+    );
+    assert_eq!(chain(&llava, "align").expect("chain"), ["align"]);
+    let mut tiny = load("tests/fixtures/train/tiny_lm.vlm");
+    assert_eq!(
+        chain(&tiny, "loop_b").unwrap_err().message,
+        "the `from` chain of trainer `loop_b` is a cycle: loop_b ← loop_a ← loop_b"
+    );
+    // The checker rejects a `from` naming no trainer; a model built otherwise gets this.
+    let t = tiny
+        .trainers
+        .iter_mut()
+        .find(|t| t.name == "loop_a")
+        .expect("loop_a");
+    for (k, v) in t.settings.iter_mut() {
+        if k == "from" {
+            *v = Setting::Symbol("gone".into());
+        }
+    }
+    assert_eq!(
+        chain(&tiny, "loop_a").unwrap_err().message,
+        "trainer `loop_a` starts `from gone`, but model `TinyLm` has no trainer `gone` \
+         (trainers: evaluated, diverge, loop_a, loop_b)"
+    );
+    assert_eq!(
+        chain(&tiny, "nope").unwrap_err().message,
+        "model `TinyLm` has no trainer `nope` (trainers: evaluated, diverge, loop_a, loop_b)"
+    );
 }
