@@ -550,10 +550,12 @@ impl Lowering<'_> {
         let v = self.val(id, &idx, gi, &HashMap::new())?;
         if let Val::Load(buf, at) = &v {
             if !contains_load(at) {
-                let f = |point: &[i64]| eval_idx(at, point);
-                let zero = vec![0i64; rank];
-                let at_point = |b: usize, i: i64, j: i64| -> Vec<i64> {
-                    let mut p = vec![0i64; rank];
+                if let Some(s) = proven_strided(*buf, at, &shape) {
+                    return Ok(s);
+                }
+                let mut p = vec![0i64; rank];
+                // The index at batch b (row-major over the batch dims), row i, column j.
+                let mut f = |b: usize, i: i64, j: i64| -> i64 {
                     let mut rest = b;
                     for d in (0..rank - 2).rev() {
                         p[d] = (rest % batch_shape[d]) as i64;
@@ -561,24 +563,12 @@ impl Lowering<'_> {
                     }
                     p[rank - 2] = i;
                     p[rank - 1] = j;
-                    p
+                    eval_idx(at, &p)
                 };
-                let base = f(&zero);
-                let row = if rows > 1 {
-                    f(&at_point(0, 1, 0)) - base
-                } else {
-                    0
-                };
-                let col = if cols > 1 {
-                    f(&at_point(0, 0, 1)) - base
-                } else {
-                    0
-                };
-                let bstride = if batch > 1 {
-                    f(&at_point(1, 0, 0)) - base
-                } else {
-                    0
-                };
+                let base = f(0, 0, 0);
+                let row = if rows > 1 { f(0, 1, 0) - base } else { 0 };
+                let col = if cols > 1 { f(0, 0, 1) - base } else { 0 };
+                let bstride = if batch > 1 { f(1, 0, 0) - base } else { 0 };
                 // Affine in (b, i, j): checked at every point for operands up to 2^20
                 // elements, else along every row and column edge and a lattice of interior
                 // points (index maps of views are periodic in at most a few divisors).
@@ -596,9 +586,8 @@ impl Lowering<'_> {
                 };
                 let affine = (0..batch).all(|b| {
                     ri.iter().all(|&i| {
-                        rj.iter().all(|&j| {
-                            f(&at_point(b, i, j)) == base + b as i64 * bstride + i * row + j * col
-                        })
+                        rj.iter()
+                            .all(|&j| f(b, i, j) == base + b as i64 * bstride + i * row + j * col)
                     })
                 });
                 if affine && base >= 0 && row >= 0 && col >= 0 && bstride >= 0 {
@@ -638,6 +627,59 @@ impl Lowering<'_> {
     }
 }
 
+/// The strides of a matmul operand read at `at` (over its loop variables, `shape`) when the
+/// simplified index is affine in the variables alone, which makes it exactly
+/// `base + b·batch + i·row + j·col` at every point (`b` row-major over the batch dims) without
+/// evaluating any; `None` when that is not shown (the caller then checks points).
+fn proven_strided(buf: usize, at: &Idx, shape: &[usize]) -> Option<Strided> {
+    let rank = shape.len();
+    if rank < 2 || shape.contains(&0) {
+        return None;
+    }
+    let ranges: Vec<(i64, i64)> = shape.iter().map(|&n| (0, n as i64 - 1)).collect();
+    let a = simplify::Affine::from_idx(at, &ranges);
+    let mut coef = vec![0i64; rank];
+    for (atom, k) in &a.terms {
+        match atom {
+            simplify::Atom::Var(v) if *v < rank => coef[*v] = coef[*v].checked_add(*k)?,
+            _ => return None,
+        }
+    }
+    // A dim of size one never moves the index; the batch dims must flatten to one stride.
+    let mut batch: Option<i64> = None;
+    let mut weight = 1i64;
+    for d in (0..rank - 2).rev() {
+        if shape[d] > 1 {
+            let s = *batch.get_or_insert(coef[d] / weight);
+            if s.checked_mul(weight)? != coef[d] {
+                return None;
+            }
+        }
+        weight = weight.checked_mul(shape[d] as i64)?;
+    }
+    let row = if shape[rank - 2] > 1 {
+        coef[rank - 2]
+    } else {
+        0
+    };
+    let col = if shape[rank - 1] > 1 {
+        coef[rank - 1]
+    } else {
+        0
+    };
+    let batch = batch.unwrap_or(0);
+    if a.c < 0 || row < 0 || col < 0 || batch < 0 {
+        return None;
+    }
+    Some(Strided {
+        buf,
+        offset: a.c as usize,
+        batch: batch as usize,
+        row: row as usize,
+        col: col as usize,
+    })
+}
+
 fn contains_load(i: &Idx) -> bool {
     match i {
         Idx::Load(..) => true,
@@ -658,5 +700,77 @@ pub fn eval_idx(i: &Idx, vars: &[i64]) -> i64 {
         Idx::Rem(a, c) => eval_idx(a, vars).rem_euclid(*c),
         Idx::Clamp(a, lo, hi) => eval_idx(a, vars).clamp(*lo, *hi),
         Idx::Load(..) => 0,
+    }
+}
+
+#[cfg(test)]
+mod strided_tests {
+    use super::*;
+
+    /// Every point of `shape` against the strides (the definition `proven_strided` must meet).
+    fn holds(at: &Idx, shape: &[usize], s: &Strided) -> bool {
+        let rank = shape.len();
+        let batch: usize = shape[..rank - 2].iter().product();
+        (0..batch).all(|b| {
+            (0..shape[rank - 2]).all(|i| {
+                (0..shape[rank - 1]).all(|j| {
+                    let mut p = vec![0i64; rank];
+                    let mut rest = b;
+                    for d in (0..rank - 2).rev() {
+                        p[d] = (rest % shape[d]) as i64;
+                        rest /= shape[d];
+                    }
+                    p[rank - 2] = i as i64;
+                    p[rank - 1] = j as i64;
+                    eval_idx(at, &p) == (s.offset + b * s.batch + i * s.row + j * s.col) as i64
+                })
+            })
+        })
+    }
+
+    fn vars(n: usize) -> Vec<Idx> {
+        (0..n).map(Idx::Var).collect()
+    }
+
+    #[test]
+    fn views_that_fold_to_strides_are_proven_without_points() {
+        // A permuted [3, 2, 4] buffer read as [2, 3, 4]; then a reshape round trip
+        // ([2, 3, 4] -> [24] -> [2, 3, 4]) with an offset of 5; then batch dims [2, 1, 3].
+        let v = vars(4);
+        let permuted = linearize(&[v[1].clone(), v[0].clone(), v[2].clone()], &[3, 2, 4]);
+        let flat = linearize(&v[..3], &[2, 3, 4]);
+        let round = add(
+            linearize(&delinearize(&flat, &[2, 3, 4]), &[2, 3, 4]),
+            Idx::Const(5),
+        );
+        let batched = linearize(&v, &[2, 1, 3, 4]);
+        for (at, shape, want) in [
+            (permuted, vec![2, 3, 4], (0, 4, 8, 1)),
+            (round, vec![2, 3, 4], (5, 12, 4, 1)),
+            (batched, vec![2, 1, 3, 4], (0, 12, 4, 1)),
+        ] {
+            let s = proven_strided(7, &at, &shape).expect("proven");
+            assert_eq!(
+                (s.buf, s.offset, s.batch, s.row, s.col),
+                (7, want.0, want.1, want.2, want.3)
+            );
+            assert!(holds(&at, &shape, &s));
+        }
+    }
+
+    #[test]
+    fn indices_that_are_not_one_stride_per_axis_are_left_to_the_point_check() {
+        let v = vars(4);
+        // A remainder that does not fold, batch dims in the wrong order, a negative stride.
+        let rem = Idx::Rem(Box::new(v[1].clone()), 2);
+        let swapped = linearize(
+            &[v[1].clone(), v[0].clone(), v[2].clone(), v[3].clone()],
+            &[3, 2, 4, 5],
+        );
+        let reversed = add(Idx::Const(3), mul(v[2].clone(), -1));
+        assert!(proven_strided(0, &rem, &[3, 4]).is_none());
+        assert!(proven_strided(0, &swapped, &[2, 3, 4, 5]).is_none());
+        assert!(proven_strided(0, &reversed, &[2, 4, 3]).is_none());
+        assert!(proven_strided(0, &v[0], &[0, 4]).is_none());
     }
 }
