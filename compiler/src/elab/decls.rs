@@ -500,13 +500,19 @@ fn check_trainer(
             SettingValue::Targets(pats) => {
                 let mut hit = Vec::new();
                 for p in pats {
+                    // A parameter matches itself or through a module it lies under.
+                    let under: std::collections::HashSet<&str> = modules
+                        .iter()
+                        .filter(|mp| pattern_matches(p, mp))
+                        .map(String::as_str)
+                        .collect();
                     let matched: Vec<&String> = params
                         .iter()
                         .filter(|path| {
                             pattern_matches(p, path)
-                                || modules.iter().any(|mp| {
-                                    pattern_matches(p, mp) && path.starts_with(&format!("{mp}."))
-                                })
+                                || path
+                                    .match_indices('.')
+                                    .any(|(i, _)| under.contains(&path[..i]))
                         })
                         .collect();
                     if matched.is_empty() {
