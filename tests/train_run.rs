@@ -59,6 +59,7 @@ fn resuming_reproduces_the_uninterrupted_run() {
             stop_after: stop,
             eval_data: None,
             skip_finished: false,
+            backend: Default::default(),
         };
         train(&o, &mut |_| {}).expect("trains").losses
     };
@@ -101,6 +102,7 @@ fn a_lora_adapter_round_trips_through_peft_and_merges() {
         stop_after: None,
         eval_data: None,
         skip_finished: false,
+        backend: Default::default(),
     };
     train(&o, &mut |_| {}).expect("trains");
     let adir = out.join("adapter");

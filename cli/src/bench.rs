@@ -23,13 +23,43 @@ pub struct BenchArgs<'a> {
     pub no_cache: bool,
 }
 
-/// Synthetic inputs: token ids 1..1000, masks of ones, token types of zeros, floats in [-1, 1).
+/// The smallest size of a table that integer input `id` indexes (through gathers it reaches by
+/// views and casts), so that synthetic ids stay in range.
+fn index_bound(g: &vlmc::ir::Graph, id: vlmc::ir::NodeId) -> Option<i64> {
+    use vlmc::ir::{Op, OpKind};
+    let mut bound: Option<i64> = None;
+    let mut stack = vec![id];
+    let mut seen = std::collections::HashSet::new();
+    while let Some(v) = stack.pop() {
+        if !seen.insert(v) {
+            continue;
+        }
+        for u in g.users(v) {
+            let node = g.node(u);
+            match &node.op {
+                Op::Gather { axis } if g.operands(u).get(1) == Some(&v) => {
+                    let table = &g.node(g.operands(u)[0]).ty.shape.0;
+                    if let Some(n) = table.get(*axis).and_then(|d| d.as_const()) {
+                        bound = Some(bound.map_or(n, |b: i64| b.min(n)));
+                    }
+                }
+                Op::Cast { .. } => stack.push(u),
+                op if op.kind() == OpKind::View => stack.push(u),
+                _ => {}
+            }
+        }
+    }
+    bound
+}
+
+/// Synthetic inputs: token ids 1..1000 (below the size of the tables they index), masks of
+/// ones, token types of zeros, floats in [-1, 1).
 pub fn synthetic_inputs(
     g: &vlmc::ir::Graph,
     dims: &HashMap<String, i64>,
 ) -> Result<BTreeMap<String, Tensor>, String> {
     let mut out = BTreeMap::new();
-    for (k, (_, name, ty)) in g.inputs().into_iter().enumerate() {
+    for (k, (id, name, ty)) in g.inputs().into_iter().enumerate() {
         let mut shape = Vec::new();
         for d in &ty.shape.0 {
             match d.eval(&|s| dims.get(s).copied()) {
@@ -41,10 +71,13 @@ pub fn synthetic_inputs(
         let t = match ty.dtype {
             vlmc::ir::DType::I32 if name.contains("mask") => Tensor::i32(shape, vec![1; n]),
             vlmc::ir::DType::I32 if name.contains("type") => Tensor::i32(shape, vec![0; n]),
-            vlmc::ir::DType::I32 => Tensor::i32(
-                shape,
-                (0..n).map(|i| 1 + ((i * 7919 + k) % 999) as i32).collect(),
-            ),
+            vlmc::ir::DType::I32 => {
+                let top = index_bound(g, id).map_or(999, |b| (b - 1).clamp(1, 999)) as usize;
+                Tensor::i32(
+                    shape,
+                    (0..n).map(|i| 1 + ((i * 7919 + k) % top) as i32).collect(),
+                )
+            }
             vlmc::ir::DType::Bool => Tensor::bool(shape, vec![true; n]),
             _ => Tensor::f32(
                 shape,

@@ -2,6 +2,7 @@
 //! artefacts are written to a temporary name and renamed into place.
 
 pub mod bench;
+pub mod bench_train;
 pub mod cuda;
 pub mod train;
 

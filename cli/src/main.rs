@@ -141,6 +141,10 @@ enum Command {
         /// Do not use the disk cache of compiled CPU kernels (also: VLMC_NO_CACHE=1).
         #[arg(long)]
         no_cache: bool,
+        /// Time one training step of this trainer instead of the forward (forward, backward
+        /// and update split, planned memory).
+        #[arg(long)]
+        trainer: Option<String>,
     },
 }
 
@@ -287,8 +291,35 @@ fn main() -> ExitCode {
             dims,
             runs,
             interp_runs,
+            gemm: _,
+            no_cache,
+            trainer: Some(trainer),
+        } => vlmc_cli::bench_train::bench_train(
+            &file,
+            &vlmc_cli::bench_train::TrainBenchArgs {
+                pick: vlmc_cli::Pick {
+                    model: model.as_deref(),
+                    sets: &sets,
+                },
+                weights: weights.as_deref(),
+                trainer: &trainer,
+                dims: &dims,
+                runs,
+                interp_runs,
+                no_cache,
+            },
+        ),
+        Command::Bench {
+            file,
+            model,
+            sets,
+            weights,
+            dims,
+            runs,
+            interp_runs,
             gemm,
             no_cache,
+            trainer: None,
         } => vlmc_cli::bench::bench(
             &file,
             &vlmc_cli::bench::BenchArgs {

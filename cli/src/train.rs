@@ -50,6 +50,12 @@ pub struct TrainArgs {
     /// No progress bar (one line per step on stderr instead).
     #[arg(long)]
     pub quiet: bool,
+    /// Run the training steps on the reference interpreter instead of compiled CPU code.
+    #[arg(long)]
+    pub interp: bool,
+    /// Do not use the disk cache of compiled CPU kernels (also: VLMC_NO_CACHE=1).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 /// `vlmc merge FILE --adapter DIR --weights W -o OUT`.
@@ -175,6 +181,15 @@ fn report(name: &str, s: &vlmc_runtime::train_loop::Summary, secs: f64) {
     );
 }
 
+/// What runs the graphs: compiled CPU code (with the disk cache of kernels), or the
+/// interpreter with `--interp`.
+fn backend(a: &TrainArgs) -> vlmc_runtime::train::Backend {
+    match a.interp {
+        true => vlmc_runtime::train::Backend::Interp,
+        false => vlmc_runtime::train::Backend::Cpu(crate::cpu_options(a.no_cache)),
+    }
+}
+
 /// Runs `vlmc train`.
 pub fn train(a: &TrainArgs) -> Result<(), u8> {
     let all = models(&a.file, &a.sets)?;
@@ -231,6 +246,7 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
         stop_after: a.stop_after,
         eval_data: a.eval_data.as_deref(),
         skip_finished: false,
+        backend: backend(a),
     };
     let bar = progress(a.quiet);
     let t0 = std::time::Instant::now();
@@ -265,6 +281,7 @@ fn train_chain(a: &TrainArgs, m: &Elaborated, stages: &[String]) -> Result<(), u
         resume: a.resume.as_deref(),
         steps: a.steps,
         stop_after: a.stop_after,
+        backend: backend(a),
     };
     let mut bar: Option<indicatif::ProgressBar> = None;
     let mut eval = None;

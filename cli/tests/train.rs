@@ -96,7 +96,9 @@ fn the_two_llava_stages_run_in_order_each_from_the_last() {
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     let first = err.find("stage 1/2: `align`").expect("stage 1 announced");
-    let second = err.find("stage 2/2: `instruct`").expect("stage 2 announced");
+    let second = err
+        .find("stage 2/2: `instruct`")
+        .expect("stage 2 announced");
     assert!(first < second, "{err}");
     assert!(
         err.contains(&format!("from {}", s(&a.join("align/model.safetensors")))),
@@ -105,7 +107,11 @@ fn the_two_llava_stages_run_in_order_each_from_the_last() {
 
     // Stage 1 (`align`, from the init rules with its seed 0) changed the projector only.
     let checked = vlmc::elab::check_file(&Path::new(ROOT).join("models/llava_tiny.vlm"));
-    let model = checked.result.expect("llava_tiny checks").pop().expect("model");
+    let model = checked
+        .result
+        .expect("llava_tiny checks")
+        .pop()
+        .expect("model");
     let init = vlmc_runtime::init::init_params(&model.graph, 0).expect("init");
     let w1 = weights(&a.join("align/model.safetensors"));
     assert_eq!(w1.len(), init.len());
@@ -138,7 +144,9 @@ fn the_two_llava_stages_run_in_order_each_from_the_last() {
         let start = vlmc_runtime::init::init_param(p, ty, rule, cfg.seed).expect("init");
         assert_ne!(w2[p], start, "{p} did not train in stage 2");
     }
-    assert!(a.join("instruct/adapter/adapter_model.safetensors").is_file());
+    assert!(a
+        .join("instruct/adapter/adapter_model.safetensors")
+        .is_file());
 
     // The losses fall in stage 2: on the held-out set (stage 2 starts where stage 1 ended,
     // its B being zero) and on the training batches.
@@ -170,12 +178,21 @@ fn the_two_llava_stages_run_in_order_each_from_the_last() {
     let stopped = args(&b, &["--stop-after", "12"]);
     let err = stderr(&stopped);
     assert!(stopped.status.success(), "{err}");
-    assert!(err.contains("stopped in stage `align` at step 12 of 30"), "{err}");
-    assert!(!b.join("instruct").exists(), "stage 2 ran after an unfinished stage 1");
+    assert!(
+        err.contains("stopped in stage `align` at step 12 of 30"),
+        "{err}"
+    );
+    assert!(
+        !b.join("instruct").exists(),
+        "stage 2 ran after an unfinished stage 1"
+    );
     let resumed = args(&b, &["--resume", s(&b)]);
     let err = stderr(&resumed);
     assert!(resumed.status.success(), "{err}");
-    assert!(err.contains("continuing from the latest checkpoint in"), "{err}");
+    assert!(
+        err.contains("continuing from the latest checkpoint in"),
+        "{err}"
+    );
     assert_eq!(weights(&b.join("instruct/model.safetensors")), w2);
     assert_eq!(log(&b.join("instruct")).0, l2);
     assert_eq!(log(&b.join("align")).0, l1);

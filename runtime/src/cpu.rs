@@ -386,6 +386,8 @@ impl CpuPlan {
         // VLMC_PROFILE=1: time every kernel and print the slowest on stderr.
         let profile = std::env::var_os("VLMC_PROFILE").is_some();
         let mut times: Vec<(f64, &str)> = Vec::new();
+        // Time in matmuls and their GFLOP/s, when profiling.
+        let (mut mm_ms, mut mm_flops) = (0f64, 0f64);
         for k in &self.program.kernels {
             let t0 = std::time::Instant::now();
             for step in &k.steps {
@@ -395,8 +397,13 @@ impl CpuPlan {
                         check_err(e, &k.name)?;
                     }
                     CpuStep::MatMul(m) => {
+                        let t = profile.then(std::time::Instant::now);
                         // SAFETY: the backend checked the matmul against the buffers.
                         unsafe { matmul(m, &ptrs, self.threads) };
+                        if let Some(t) = t {
+                            mm_ms += t.elapsed().as_secs_f64() * 1e3;
+                            mm_flops += 2.0 * (m.batch * m.m * m.n * m.k) as f64;
+                        }
                         let d = self.plan.buffers[m.out].dtype;
                         if matches!(d, DType::F16 | DType::BF16) {
                             let n = m.batch * m.m * m.n;
@@ -416,8 +423,15 @@ impl CpuPlan {
         if profile {
             let total: f64 = times.iter().map(|t| t.0).sum();
             times.sort_by(|a, b| b.0.total_cmp(&a.0));
-            eprintln!("profile: {total:.2} ms in {} kernels", times.len());
-            for (t, name) in times.iter().take(12) {
+            eprintln!(
+                "profile: {total:.2} ms in {} kernels; matmuls {mm_ms:.2} ms ({:.1} GFLOP/s), \
+                 loops {:.2} ms",
+                times.len(),
+                mm_flops / mm_ms.max(1e-9) / 1e6,
+                total - mm_ms
+            );
+            let all = std::env::var("VLMC_PROFILE").is_ok_and(|v| v == "all");
+            for (t, name) in times.iter().take(if all { usize::MAX } else { 12 }) {
                 eprintln!("  {t:8.3} ms  {name}");
             }
         }

@@ -1,12 +1,15 @@
 //! Running training steps: a [`Session`] holds a trainer's step graphs, the parameters, the
-//! optimiser state and the step count, and runs one optimiser step per call with the
-//! reference interpreter (micro-batches accumulate gradients when the trainer asks for it).
+//! optimiser state and the step count, and runs one optimiser step per call, compiled for the
+//! CPU (or on the reference interpreter); micro-batches accumulate gradients when the trainer
+//! asks for it.
 //! Data loading is in [`crate::train_data`]; checkpoints in [`crate::checkpoint`].
 
 use crate::interp::RunError;
 use crate::tensor::{Data, Tensor};
 use std::collections::BTreeMap;
+use vlmc::backend::cpu::CpuOptions;
 use vlmc::elab::Elaborated;
+use vlmc::ir::Graph;
 use vlmc::train::{self, StepGraph, StepKind, TrainConfig};
 
 /// A failure while training.
@@ -47,13 +50,91 @@ pub struct StepStats {
     pub items: f64,
 }
 
+/// What runs training graphs (steps, evaluation).
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// Machine code from the CPU backend (fusion, memory plan, Cranelift kernels, `gemm`).
+    Cpu(CpuOptions),
+    /// The reference interpreter.
+    Interp,
+}
+
+impl Default for Backend {
+    fn default() -> Backend {
+        Backend::Cpu(CpuOptions::default())
+    }
+}
+
+/// A training graph and what runs it. On the CPU its kernels are compiled on the first run
+/// at each set of sizes (a new sequence length compiles once more) and kept; the parameters
+/// change between runs, so nothing is computed from them at load time.
+pub struct GraphRunner {
+    cpu: Option<crate::cpu::CpuModel>,
+    graph: Graph,
+}
+
+impl GraphRunner {
+    /// A runner of `graph` on `backend`.
+    pub fn new(graph: Graph, backend: &Backend) -> GraphRunner {
+        let cpu = match backend {
+            Backend::Cpu(opts) => Some(crate::cpu::CpuModel::new(
+                vlmc::passes::Compiled::training(graph.clone()),
+                BTreeMap::new(),
+                opts.clone(),
+            )),
+            Backend::Interp => None,
+        };
+        GraphRunner { cpu, graph }
+    }
+
+    /// The graph run.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// Runs the graph on named inputs with the current parameters.
+    pub fn run(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+        params: &BTreeMap<String, Tensor>,
+    ) -> Result<BTreeMap<String, Tensor>, RunError> {
+        match &self.cpu {
+            Some(m) => m.plan_for(inputs)?.run(inputs, params),
+            None => crate::interp::run(&self.graph, inputs, params),
+        }
+    }
+}
+
+/// A step graph and its runner.
+pub struct StepRunner {
+    pub step: StepGraph,
+    runner: GraphRunner,
+}
+
+impl StepRunner {
+    /// A runner of `step` on `backend`.
+    pub fn new(step: StepGraph, backend: &Backend) -> StepRunner {
+        let runner = GraphRunner::new(step.graph.clone(), backend);
+        StepRunner { step, runner }
+    }
+
+    /// Runs the step on named inputs with the current parameters.
+    pub fn run(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+        params: &BTreeMap<String, Tensor>,
+    ) -> Result<BTreeMap<String, Tensor>, RunError> {
+        self.runner.run(inputs, params)
+    }
+}
+
 /// A trainer being run.
 pub struct Session {
     pub cfg: TrainConfig,
     /// The fused step (no accumulation), or the gradient and update graphs.
-    pub fused: Option<StepGraph>,
-    pub grad: Option<StepGraph>,
-    pub update: Option<StepGraph>,
+    pub fused: Option<StepRunner>,
+    pub grad: Option<StepRunner>,
+    pub update: Option<StepRunner>,
     /// Every parameter of the (adapted) model, by path.
     pub params: BTreeMap<String, Tensor>,
     /// The optimiser state `optim.<slot>.<path>`.
@@ -72,28 +153,43 @@ pub struct Session {
 }
 
 impl Session {
-    /// Compiles the trainer's step graphs. `params` holds the base model's parameters;
-    /// the adapter's (LoRA A and B) are initialised from their rules with `seed` unless given.
+    /// Compiles the trainer's step graphs for the CPU backend. `params` holds the base model's
+    /// parameters; the adapter's (LoRA A and B) are initialised from their rules with `seed`
+    /// unless given.
     pub fn new(
+        model: &Elaborated,
+        cfg: TrainConfig,
+        params: BTreeMap<String, Tensor>,
+        total_steps: u64,
+    ) -> Result<Session, TrainRunError> {
+        Session::with_backend(model, cfg, params, total_steps, &Backend::default())
+    }
+
+    /// [`Session::new`] with the step graphs run by `backend`.
+    pub fn with_backend(
         model: &Elaborated,
         cfg: TrainConfig,
         mut params: BTreeMap<String, Tensor>,
         total_steps: u64,
+        backend: &Backend,
     ) -> Result<Session, TrainRunError> {
+        let runner = |kind| -> Result<StepRunner, TrainRunError> {
+            Ok(StepRunner::new(train::build(model, &cfg, kind)?, backend))
+        };
         let (fused, grad, update) = if cfg.grad_accum > 1 {
             (
                 None,
-                Some(train::build(model, &cfg, StepKind::Grad)?),
-                Some(train::build(model, &cfg, StepKind::Update)?),
+                Some(runner(StepKind::Grad)?),
+                Some(runner(StepKind::Update)?),
             )
         } else {
-            (
-                Some(train::build(model, &cfg, StepKind::Fused)?),
-                None,
-                None,
-            )
+            (Some(runner(StepKind::Fused)?), None, None)
         };
-        let any = fused.as_ref().or(update.as_ref()).expect("a step graph");
+        let any = &fused
+            .as_ref()
+            .or(update.as_ref())
+            .expect("a step graph")
+            .step;
         let (trainable, adapter_params) = (any.trainable.clone(), any.adapter_params.clone());
         // Adapter parameters not given start from their init rules.
         let (adapted, _, _) = train::model_graph(model, &cfg)?;
@@ -199,7 +295,7 @@ impl Session {
             inputs.extend(self.dropout_masks(&micro[0], 0)?);
             inputs.extend(control.clone());
             inputs.extend(self.state.clone());
-            let o = crate::interp::run(&f.graph, &inputs, &self.params)?;
+            let o = f.run(&inputs, &self.params)?;
             loss += o["loss"].to_f64()[0];
             o
         } else {
@@ -211,7 +307,7 @@ impl Session {
                 let mut inputs = m.clone();
                 inputs.extend(self.dropout_masks(m, k)?);
                 inputs.extend(control.clone());
-                let o = crate::interp::run(&gs.graph, &inputs, &self.params)?;
+                let o = gs.run(&inputs, &self.params)?;
                 loss += o["loss"].to_f64()[0];
                 for p in &self.trainable {
                     let g = o[&format!("grad.{p}")].to_f64();
@@ -227,7 +323,7 @@ impl Session {
                 let shape = self.params[&p].shape.clone();
                 inputs.insert(format!("grad.{p}"), Tensor::f32(shape, v));
             }
-            crate::interp::run(&us.graph, &inputs, &self.params)?
+            us.run(&inputs, &self.params)?
         };
         if !loss.is_finite() {
             return terr(format!(

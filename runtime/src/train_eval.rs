@@ -7,17 +7,16 @@
 //! the set's rows in file order, `batch` at a time (the last one may be shorter).
 
 use crate::tensor::Tensor;
-use crate::train::TrainRunError;
+use crate::train::{Backend, GraphRunner, TrainRunError};
 use crate::train_data::{self, Example};
 use std::collections::BTreeMap;
 use vlmc::elab::{Elaborated, Preprocess};
-use vlmc::ir::Graph;
 use vlmc::train::TrainConfig;
 
 /// An evaluation set, batched, and the graph that scores it.
 pub struct Evaluator {
-    /// The forward and loss ([`vlmc::train::build_eval`]).
-    pub graph: Graph,
+    /// The forward and loss ([`vlmc::train::build_eval`]) and what runs it.
+    pub runner: GraphRunner,
     token_loss: bool,
     batches: Vec<BTreeMap<String, Tensor>>,
     /// Rows per batch.
@@ -55,6 +54,7 @@ impl Evaluator {
         examples: &[Example],
         pad_id: i32,
         images: Option<&Preprocess>,
+        backend: &Backend,
     ) -> Result<Evaluator, TrainRunError> {
         if examples.is_empty() {
             return Err(err("the evaluation data has no rows"));
@@ -82,7 +82,7 @@ impl Evaluator {
             ));
         }
         Ok(Evaluator {
-            graph,
+            runner: GraphRunner::new(graph, backend),
             token_loss,
             batches,
             rows,
@@ -94,7 +94,9 @@ impl Evaluator {
     pub fn loss(&self, params: &BTreeMap<String, Tensor>) -> Result<f64, TrainRunError> {
         let mut sum = 0.0;
         for (b, &n) in self.batches.iter().zip(&self.rows) {
-            let out = crate::interp::run(&self.graph, b, params)
+            let out = self
+                .runner
+                .run(b, params)
                 .map_err(|e| err(format!("evaluation: {}", e.message)))?;
             let l = out["loss"].to_f64()[0];
             sum += if self.token_loss { l } else { l * n as f64 };

@@ -36,6 +36,8 @@ pub struct TrainOptions<'a> {
     /// Do nothing when `out` already holds this trainer's finished run (its latest checkpoint
     /// is at the run's total steps, and `model.safetensors` is there): stages re-run this way.
     pub skip_finished: bool,
+    /// What runs the step and evaluation graphs (default: compiled for the CPU).
+    pub backend: crate::train::Backend,
 }
 
 /// One finished step, for progress reporting.
@@ -151,7 +153,7 @@ pub fn train(
     let lora = cfg.lora();
     let dropout = cfg.lora_dropout();
     let eval_every = cfg.eval_every;
-    let mut session = Session::new(o.model, cfg, params, total)?;
+    let mut session = Session::with_backend(o.model, cfg, params, total, &o.backend)?;
     let mut pos = Position { epoch: 0, index: 0 };
     // The last good checkpoint: the one resumed from, until a new one is written.
     let mut last_ckpt: Option<PathBuf> = None;
@@ -193,6 +195,7 @@ pub fn train(
                 &rows,
                 tok.pad_id,
                 images.as_ref(),
+                &o.backend,
             )?)
         }
         None => None,

@@ -116,6 +116,8 @@ pub struct StagesOptions<'a> {
     pub steps: Option<u64>,
     /// Stop each stage after this many steps (the chain stops at a stage left unfinished).
     pub stop_after: Option<u64>,
+    /// What runs the graphs.
+    pub backend: crate::train::Backend,
 }
 
 /// Progress of a chain.
@@ -186,6 +188,7 @@ pub fn train_stages(
             stop_after: o.stop_after,
             eval_data: o.eval_data,
             skip_finished: true,
+            backend: o.backend.clone(),
         };
         let summary = train(&opts, &mut |ev| on_event(&StageEvent::Step(ev))).map_err(|e| {
             err(format!(

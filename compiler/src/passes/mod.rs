@@ -120,10 +120,7 @@ pub fn load_time(graph: &Graph) -> std::collections::HashSet<ir::NodeId> {
 
 /// [`load_time`], or (`params_fixed` false, for training steps whose parameters change every
 /// run) only the values computed from constants.
-pub fn load_time_with(
-    graph: &Graph,
-    params_fixed: bool,
-) -> std::collections::HashSet<ir::NodeId> {
+pub fn load_time_with(graph: &Graph, params_fixed: bool) -> std::collections::HashSet<ir::NodeId> {
     let mut out = std::collections::HashSet::new();
     for id in graph.topo_order() {
         let node = graph.node(id);
@@ -157,6 +154,19 @@ pub struct Compiled {
     pub graph: Graph,
     pub log: PassLog,
     pub fusion: fusion::FusionPlan,
+}
+
+impl Compiled {
+    /// A training graph (a step, an evaluation) partitioned into kernels: its parameters
+    /// change every run, so nothing computed from them is left to load time.
+    pub fn training(graph: Graph) -> Compiled {
+        let fusion = fusion::plan_with(&graph, false);
+        Compiled {
+            graph,
+            log: PassLog::default(),
+            fusion,
+        }
+    }
 }
 
 /// Runs the pipeline on a model: adapter (if any), simplify, CSE, DCE, LoRA merge, simplify,

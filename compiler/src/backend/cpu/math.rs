@@ -122,17 +122,30 @@ impl Poly<'_, '_> {
         }
     }
 
+    /// `x` clamped to `[lo, hi]` by comparisons (a NaN stays NaN): cheaper than IEEE
+    /// `fmin`/`fmax`, whose signed-zero and NaN rules cost several instructions on x86.
+    fn clamp(&mut self, x: Value, lo: Value, hi: Value) -> Value {
+        use cranelift_codegen::ir::condcodes::FloatCC;
+        let above = self.b.ins().fcmp(FloatCC::GreaterThan, x, hi);
+        let x = self.sel(above, hi, x);
+        let below = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
+        self.sel(below, lo, x)
+    }
+
     /// `exp(x)` (Cephes expf: range reduction by ln 2, degree-5 polynomial, two-step scaling
     /// so that results down to the subnormals and up to f32::MAX are right; inf above).
+    /// `n = round(x·log2 e)` comes from adding and subtracting 1.5·2²³, whose sum also holds
+    /// `n` as an integer in its low mantissa bits (no rounding or conversion instruction).
     pub fn exp(&mut self, x: Value) -> Value {
         use cranelift_codegen::ir::condcodes::FloatCC;
         let hi = self.c(88.722_84);
         let lo = self.c(-104.0);
-        let xc = self.b.ins().fmin(x, hi);
-        let xc = self.b.ins().fmax(xc, lo);
+        let xc = self.clamp(x, lo, hi);
         let log2e = self.c(std::f32::consts::LOG2_E);
         let t = self.b.ins().fmul(xc, log2e);
-        let n = self.b.ins().nearest(t);
+        let magic = self.c(12_582_912.0);
+        let shifted = self.b.ins().fadd(t, magic);
+        let n = self.b.ins().fsub(shifted, magic);
         let c1 = self.c(-0.693_359_375_f64 as f32);
         let c2 = self.c(2.121_944_4e-4_f64 as f32);
         let r = self.mul_add(n, c1, xc);
@@ -153,7 +166,15 @@ impl Poly<'_, '_> {
         let one = self.c(1.0);
         let y = self.b.ins().fadd(y, one);
         let ity = self.int_ty();
-        let ni = self.b.ins().fcvt_to_sint_sat(ity, n);
+        let le = MemFlagsData::new().with_endianness(Endianness::Little);
+        let bits = self.b.ins().bitcast(ity, le, shifted);
+        let magic_bits = if self.ty.is_vector() {
+            let s = self.b.ins().iconst(types::I32, 0x4B40_0000);
+            self.b.ins().splat(types::I32X4, s)
+        } else {
+            self.b.ins().iconst(types::I32, 0x4B40_0000)
+        };
+        let ni = self.b.ins().isub(bits, magic_bits);
         let n1 = self.b.ins().sshr_imm_s(ni, 1);
         let n2 = self.b.ins().isub(ni, n1);
         let s1 = self.pow2(n1);
@@ -169,8 +190,7 @@ impl Poly<'_, '_> {
     pub fn erf(&mut self, x: Value) -> Value {
         let four = self.c(4.0);
         let mfour = self.c(-4.0);
-        let xc = self.b.ins().fmin(x, four);
-        let xc = self.b.ins().fmax(xc, mfour);
+        let xc = self.clamp(x, mfour, four);
         let x2 = self.b.ins().fmul(xc, xc);
         let p = self.horner(
             x2,
