@@ -550,8 +550,10 @@ impl Lowering<'_> {
         let v = self.val(id, &idx, gi, &HashMap::new())?;
         if let Val::Load(buf, at) = &v {
             if !contains_load(at) {
-                if let Some(s) = proven_strided(*buf, at, &shape) {
-                    return Ok(s);
+                match linear_strides(*buf, at, &shape) {
+                    Linear::Strided(s) => return Ok(s),
+                    Linear::NotStrided => return Ok(self.copy_operand(id, shape, idx, v, pre)),
+                    Linear::Unknown => {}
                 }
                 let mut p = vec![0i64; rank];
                 // The index at batch b (row-major over the batch dims), row i, column j.
@@ -601,7 +603,20 @@ impl Lowering<'_> {
                 }
             }
         }
-        // Not a plain strided view: copy it into a contiguous scratch buffer.
+        Ok(self.copy_operand(id, shape, idx, v, pre))
+    }
+
+    /// Not a plain strided view: a loop copies the operand (`v` at `idx`) into a contiguous
+    /// scratch buffer.
+    fn copy_operand(
+        &mut self,
+        id: NodeId,
+        shape: Vec<usize>,
+        idx: Vec<Idx>,
+        v: Val,
+        pre: &mut Vec<Step>,
+    ) -> Strided {
+        let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
         let b = self.buffers.len();
         self.buffers.push(Buffer {
             kind: BufferKind::Scratch,
@@ -617,32 +632,47 @@ impl Lowering<'_> {
                 value: v,
             }],
         }));
-        Ok(Strided {
+        Strided {
             buf: b,
             offset: 0,
             batch: rows * cols,
             row: cols,
             col: 1,
-        })
+        }
     }
 }
 
-/// The strides of a matmul operand read at `at` (over its loop variables, `shape`) when the
-/// simplified index is affine in the variables alone, which makes it exactly
-/// `base + b·batch + i·row + j·col` at every point (`b` row-major over the batch dims) without
-/// evaluating any; `None` when that is not shown (the caller then checks points).
-fn proven_strided(buf: usize, at: &Idx, shape: &[usize]) -> Option<Strided> {
+/// What the simplified index of a matmul operand shows.
+#[derive(Debug, PartialEq)]
+enum Linear {
+    /// Affine in the loop variables with one stride per axis of (batch, row, column).
+    Strided(Strided),
+    /// Affine in the loop variables, but not a strided view (batch dims that do not flatten to
+    /// one stride, or a negative stride): it must be copied.
+    NotStrided,
+    /// Not shown affine (division, remainder or clamp atoms remain): points must be checked.
+    Unknown,
+}
+
+/// The strides of a matmul operand read at `at` (over its loop variables, `shape`). When the
+/// simplified index is affine in the variables alone it is exactly
+/// `base + Σ coefᵥ·v` at every point, so whether it is `base + b·batch + i·row + j·col`
+/// (`b` row-major over the batch dims) is decided without evaluating any point.
+fn linear_strides(buf: usize, at: &Idx, shape: &[usize]) -> Linear {
     let rank = shape.len();
     if rank < 2 || shape.contains(&0) {
-        return None;
+        return Linear::Unknown;
     }
     let ranges: Vec<(i64, i64)> = shape.iter().map(|&n| (0, n as i64 - 1)).collect();
     let a = simplify::Affine::from_idx(at, &ranges);
     let mut coef = vec![0i64; rank];
     for (atom, k) in &a.terms {
         match atom {
-            simplify::Atom::Var(v) if *v < rank => coef[*v] = coef[*v].checked_add(*k)?,
-            _ => return None,
+            simplify::Atom::Var(v) if *v < rank => match coef[*v].checked_add(*k) {
+                Some(c) => coef[*v] = c,
+                None => return Linear::Unknown,
+            },
+            _ => return Linear::Unknown,
         }
     }
     // A dim of size one never moves the index; the batch dims must flatten to one stride.
@@ -651,11 +681,16 @@ fn proven_strided(buf: usize, at: &Idx, shape: &[usize]) -> Option<Strided> {
     for d in (0..rank - 2).rev() {
         if shape[d] > 1 {
             let s = *batch.get_or_insert(coef[d] / weight);
-            if s.checked_mul(weight)? != coef[d] {
-                return None;
+            match s.checked_mul(weight) {
+                Some(x) if x == coef[d] => {}
+                Some(_) => return Linear::NotStrided,
+                None => return Linear::Unknown,
             }
         }
-        weight = weight.checked_mul(shape[d] as i64)?;
+        match weight.checked_mul(shape[d] as i64) {
+            Some(w) => weight = w,
+            None => return Linear::Unknown,
+        }
     }
     let row = if shape[rank - 2] > 1 {
         coef[rank - 2]
@@ -669,9 +704,9 @@ fn proven_strided(buf: usize, at: &Idx, shape: &[usize]) -> Option<Strided> {
     };
     let batch = batch.unwrap_or(0);
     if a.c < 0 || row < 0 || col < 0 || batch < 0 {
-        return None;
+        return Linear::NotStrided;
     }
-    Some(Strided {
+    Linear::Strided(Strided {
         buf,
         offset: a.c as usize,
         batch: batch as usize,
@@ -707,7 +742,7 @@ pub fn eval_idx(i: &Idx, vars: &[i64]) -> i64 {
 mod strided_tests {
     use super::*;
 
-    /// Every point of `shape` against the strides (the definition `proven_strided` must meet).
+    /// Every point of `shape` against the strides (the definition `linear_strides` must meet).
     fn holds(at: &Idx, shape: &[usize], s: &Strided) -> bool {
         let rank = shape.len();
         let batch: usize = shape[..rank - 2].iter().product();
@@ -749,7 +784,9 @@ mod strided_tests {
             (round, vec![2, 3, 4], (5, 12, 4, 1)),
             (batched, vec![2, 1, 3, 4], (0, 12, 4, 1)),
         ] {
-            let s = proven_strided(7, &at, &shape).expect("proven");
+            let Linear::Strided(s) = linear_strides(7, &at, &shape) else {
+                panic!("{at} is a strided view of {shape:?}");
+            };
             assert_eq!(
                 (s.buf, s.offset, s.batch, s.row, s.col),
                 (7, want.0, want.1, want.2, want.3)
@@ -759,18 +796,22 @@ mod strided_tests {
     }
 
     #[test]
-    fn indices_that_are_not_one_stride_per_axis_are_left_to_the_point_check() {
+    fn linear_indices_without_one_stride_per_axis_are_copied_and_the_rest_checked() {
         let v = vars(4);
-        // A remainder that does not fold, batch dims in the wrong order, a negative stride.
+        // A remainder that does not fold (unknown), batch dims in the wrong order and a
+        // negative stride (linear, but no strided view), an empty operand.
         let rem = Idx::Rem(Box::new(v[1].clone()), 2);
         let swapped = linearize(
             &[v[1].clone(), v[0].clone(), v[2].clone(), v[3].clone()],
             &[3, 2, 4, 5],
         );
         let reversed = add(Idx::Const(3), mul(v[2].clone(), -1));
-        assert!(proven_strided(0, &rem, &[3, 4]).is_none());
-        assert!(proven_strided(0, &swapped, &[2, 3, 4, 5]).is_none());
-        assert!(proven_strided(0, &reversed, &[2, 4, 3]).is_none());
-        assert!(proven_strided(0, &v[0], &[0, 4]).is_none());
+        assert_eq!(linear_strides(0, &rem, &[3, 4]), Linear::Unknown);
+        assert_eq!(
+            linear_strides(0, &swapped, &[2, 3, 4, 5]),
+            Linear::NotStrided
+        );
+        assert_eq!(linear_strides(0, &reversed, &[2, 4, 3]), Linear::NotStrided);
+        assert_eq!(linear_strides(0, &v[0], &[0, 4]), Linear::Unknown);
     }
 }

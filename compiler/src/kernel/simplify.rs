@@ -240,6 +240,10 @@ impl Affine {
         if g > 1 {
             return q.add(&rest.exact_div(g).div(n / g, r));
         }
+        if let Some((big, d)) = rest.split_below(n, r) {
+            // (d·X + s) / (d·m) = X / m when 0 ≤ s < d.
+            return q.add(&big.div(n / d, r));
+        }
         if rest.c == 0 && rest.terms.len() == 1 && rest.terms[0].1 == 1 {
             if let Atom::Div(x, m) = &rest.terms[0].0 {
                 if let Some(mn) = m.checked_mul(n) {
@@ -284,6 +288,11 @@ impl Affine {
         if g > 1 {
             return rest.exact_div(g).rem(n / g, r).scale(g);
         }
+        if let Some((big, d)) = rest.split_below(n, r) {
+            // (d·X + s) % (d·m) = d·(X % m) + s when 0 ≤ s < d.
+            let small = rest.add(&big.scale(d).scale(-1));
+            return big.rem(n / d, r).scale(d).add(&small);
+        }
         if rest.c == 0 && rest.terms.len() == 1 && rest.terms[0].1 == 1 {
             if let Atom::Rem(x, m) = &rest.terms[0].0 {
                 if *m > 0 && m % n == 0 {
@@ -312,6 +321,32 @@ impl Affine {
     }
 
     /// Divides every coefficient by `g`, which divides them all.
+    /// `self = d·X + s` with `d` a divisor of `n` (the largest that works, `1 < d < n`) and
+    /// `0 ≤ s < d` over the ranges, where `X` gathers the terms whose coefficients `d` divides:
+    /// `(X, d)` (a reshape's `(384·i + j) / 49152` is `i / 128` when `0 ≤ j < 384`).
+    fn split_below(&self, n: i64, r: &Ranges) -> Option<(Affine, i64)> {
+        let mut ds: Vec<i64> = self
+            .terms
+            .iter()
+            .map(|(_, k)| gcd(n, *k))
+            .filter(|&d| d > 1 && d < n)
+            .collect();
+        ds.sort_unstable_by(|a, b| b.cmp(a));
+        ds.dedup();
+        ds.into_iter().find_map(|d| {
+            let mut big = Affine::constant(self.c.div_euclid(d));
+            let mut small = Affine::constant(self.c.rem_euclid(d));
+            for (a, k) in &self.terms {
+                match k % d {
+                    0 => big.terms.push((a.clone(), k / d)),
+                    _ => small.terms.push((a.clone(), *k)),
+                }
+            }
+            let (lo, hi) = small.range(r);
+            (lo >= 0 && hi < d as i128).then(|| (big.normalized(), d))
+        })
+    }
+
     fn exact_div(&self, g: i64) -> Affine {
         Affine {
             c: self.c / g,

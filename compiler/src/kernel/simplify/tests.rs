@@ -117,3 +117,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn divisions_by_a_multiple_of_a_stride_split_off_the_small_part() {
+    // MiniLM at B=8, T=128: a [1024, 384] matmul operand read through a [8, 128, 384] view:
+    // j + 49152·((384·i + j) / 49152) + 384·(i % 128) is the plain 384·i + j.
+    let r = [(0, 1023), (0, 383)];
+    let x = Idx::Add(Box::new(Idx::Mul(v(0), 384)), v(1));
+    let e = Idx::Add(
+        Box::new(Idx::Add(
+            v(1),
+            Box::new(Idx::Mul(
+                Box::new(Idx::Div(Box::new(x.clone()), 49152)),
+                49152,
+            )),
+        )),
+        Box::new(Idx::Mul(Box::new(Idx::Rem(v(0), 128)), 384)),
+    );
+    assert_eq!(simplify(&e, &r).to_string(), "(i0*384 + i1)");
+    assert_eq!(
+        simplify(&Idx::Div(Box::new(x.clone()), 49152), &r).to_string(),
+        "(i0 / 128)"
+    );
+    assert_eq!(
+        simplify(&Idx::Rem(Box::new(x.clone()), 49152), &r).to_string(),
+        "(i1 + (i0 % 128)*384)"
+    );
+    // Without the range (j may reach 384) nothing splits.
+    let wide = [(0, 1023), (0, 384)];
+    assert_eq!(
+        simplify(&Idx::Div(Box::new(x), 49152), &wide).to_string(),
+        "((i0*384 + i1) / 49152)"
+    );
+}
