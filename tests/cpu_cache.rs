@@ -140,12 +140,21 @@ fn a_second_compilation_takes_every_function_from_the_cache() {
         assert!(rel_err(&plain, &c.want) <= 1e-4, "{path}: vs interpreter");
 
         let (cold, s1, _) = c.run(&with_cache(&dir));
-        // A function whose IR repeats an earlier one of the same plan already hits.
+        assert_eq!(
+            s1,
+            CacheStats {
+                hits: 0,
+                misses: functions,
+                rejected: 0
+            },
+            "{path}"
+        );
+        // One file per distinct function (the same IR twice in one plan is one entry).
         let stored = entries(&dir).len();
-        assert_eq!(s1.misses, stored, "{path}: {s1:?}");
-        assert_eq!(s1.hits + s1.misses, functions, "{path}: {s1:?}");
-        assert_eq!(s1.rejected, 0, "{path}");
-        assert!(stored > functions / 2, "{path}: {stored} entries");
+        assert!(
+            stored <= functions && stored > functions / 2,
+            "{path}: {stored} entries"
+        );
         assert!(entries(&dir)
             .iter()
             .all(|p| p.extension().is_some_and(|e| e == "fn")));

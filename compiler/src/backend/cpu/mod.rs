@@ -23,7 +23,8 @@ pub use cache::CacheStats;
 use crate::kernel::{MatMul, Plan, Step};
 use cache::DiskCache;
 use cranelift_codegen::control::ControlPlane;
-use cranelift_codegen::ir::{types, AbiParam, FuncRef, UserFuncName};
+use cranelift_codegen::ir::{types, AbiParam, FuncRef, Function, UserFuncName};
+use cranelift_codegen::isa::TargetIsa;
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_codegen::Context;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
@@ -31,6 +32,7 @@ use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, FuncId, Linkage, Module, ModuleReloc};
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Something the CPU backend cannot compile.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -255,6 +257,8 @@ pub fn compile(plan: &Plan, opts: &CpuOptions) -> Result<CpuProgram, CpuError> {
     let mut fctx = FunctionBuilderContext::new();
     let mut clif = String::new();
     let mut pending: Vec<(usize, FuncId, usize, usize)> = Vec::new();
+    // Functions for Cranelift (the cache missed), compiled together at the end.
+    let mut jobs: Vec<Job> = Vec::new();
     let mut kernels = Vec::new();
     for (ki, k) in plan.kernels.iter().enumerate() {
         let mut steps = Vec::new();
@@ -281,8 +285,28 @@ pub fn compile(plan: &Plan, opts: &CpuOptions) -> Result<CpuProgram, CpuError> {
                     if opts.clif {
                         clif.push_str(&format!("; {name}\n{}\n", ctx.func.display()));
                     }
-                    define(&mut module, &mut ctx, id, &name, cache.as_mut())?;
+                    let mut func = std::mem::replace(&mut ctx.func, Function::new());
                     module.clear_context(&mut ctx);
+                    let key = match cache.as_mut() {
+                        Some(c) => {
+                            let key = c.key(&mut func);
+                            if from_cache(&mut module, c, &key, id)? {
+                                None
+                            } else {
+                                c.stats.misses += 1;
+                                Some(Some(key))
+                            }
+                        }
+                        None => Some(None),
+                    };
+                    if let Some(key) = key {
+                        jobs.push(Job {
+                            id,
+                            name,
+                            func,
+                            key,
+                        });
+                    }
                     let work = nest_work(&nest);
                     pending.push((ki, id, nest.outer_count(), work));
                     steps.push(Some(pending.len() - 1));
@@ -290,6 +314,19 @@ pub fn compile(plan: &Plan, opts: &CpuOptions) -> Result<CpuProgram, CpuError> {
             }
         }
         kernels.push(steps);
+    }
+    let code = compile_all(module.isa(), &jobs)?;
+    for (job, c) in jobs.iter().zip(&code) {
+        if let (Some(cache), Some(key)) = (cache.as_mut(), &job.key) {
+            if let Some(entry) =
+                cache::Entry::portable(&module, job.id, c.align, &c.bytes, &c.relocs)
+            {
+                cache.store(key, &entry);
+            }
+        }
+        module
+            .define_function_bytes(job.id, c.align, &c.bytes, &c.relocs)
+            .map_err(cerr)?;
     }
     module.finalize_definitions().map_err(cerr)?;
     let fns: Vec<CpuStep> = pending
@@ -334,50 +371,103 @@ pub fn compile(plan: &Plan, opts: &CpuOptions) -> Result<CpuProgram, CpuError> {
     })
 }
 
-/// Defines the function in `ctx` as `id`: its code from the disk cache when there is a valid
-/// entry, else compiled by Cranelift (and stored).
-fn define(
+/// Defines `id` from the disk cache when it holds a valid entry for `key`; whether it did.
+fn from_cache(
     module: &mut JITModule,
-    ctx: &mut Context,
+    cache: &mut DiskCache,
+    key: &[u8],
     id: FuncId,
-    name: &str,
-    cache: Option<&mut DiskCache>,
-) -> Result<(), CpuError> {
-    let Some(cache) = cache else {
-        return module
-            .define_function(id, ctx)
-            .map_err(|e| CpuError::new(format!("{name}: cranelift: {e:?}")));
+) -> Result<bool, CpuError> {
+    let Some(entry) = cache.load(key) else {
+        return Ok(false);
     };
-    let key = cache.key(&mut ctx.func);
-    if let Some(entry) = cache.load(&key) {
-        if let Ok(relocs) = entry.module_relocs(&*module, id) {
-            cache.stats.hits += 1;
-            return module
-                .define_function_bytes(id, entry.align, &entry.code, &relocs)
-                .map_err(cerr);
-        }
+    let Ok(relocs) = entry.module_relocs(&*module, id) else {
         cache.stats.rejected += 1;
+        return Ok(false);
+    };
+    cache.stats.hits += 1;
+    module
+        .define_function_bytes(id, entry.align, &entry.code, &relocs)
+        .map_err(cerr)?;
+    Ok(true)
+}
+
+/// A function for Cranelift: its id, name (for errors), IR and cache key (when cached).
+struct Job {
+    id: FuncId,
+    name: String,
+    func: Function,
+    key: Option<Vec<u8>>,
+}
+
+/// The machine code of a job.
+struct Code {
+    align: u64,
+    bytes: Vec<u8>,
+    relocs: Vec<ModuleReloc>,
+}
+
+/// Compiles the jobs with Cranelift on every core (each thread takes the next job); the code
+/// in job order.
+fn compile_all(isa: &dyn TargetIsa, jobs: &[Job]) -> Result<Vec<Code>, CpuError> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(jobs.len())
+        .max(1);
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut ctx = Context::new();
+        let mut out = Vec::new();
+        while let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+            let i = out.len();
+            out.push((job.id, compile_one(isa, &mut ctx, job)));
+            if out[i].1.is_err() {
+                break;
+            }
+        }
+        out
+    };
+    let mut done: Vec<(FuncId, Result<Code, CpuError>)> = std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        let mut all = work();
+        for h in helpers {
+            match h.join() {
+                Ok(v) => all.extend(v),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        all
+    });
+    done.sort_by_key(|(id, _)| *id);
+    let mut code = Vec::with_capacity(jobs.len());
+    for (_, c) in done {
+        code.push(c?);
     }
-    cache.stats.misses += 1;
-    ctx.compile(module.isa(), &mut ControlPlane::default())
-        .map_err(|e| CpuError::new(format!("{name}: cranelift: {:?}", e.inner)))?;
+    if code.len() != jobs.len() {
+        return Err(CpuError::new("a function was not compiled"));
+    }
+    Ok(code)
+}
+
+/// Compiles one function.
+fn compile_one(isa: &dyn TargetIsa, ctx: &mut Context, job: &Job) -> Result<Code, CpuError> {
+    ctx.clear();
+    ctx.func = job.func.clone();
+    ctx.compile(isa, &mut ControlPlane::default())
+        .map_err(|e| CpuError::new(format!("{}: cranelift: {:?}", job.name, e.inner)))?;
     let code = ctx
         .compiled_code()
-        .ok_or_else(|| CpuError::new(format!("{name}: cranelift produced no code")))?;
-    let align = u64::from(code.buffer.alignment);
-    let relocs: Vec<ModuleReloc> = code
-        .buffer
-        .relocs()
-        .iter()
-        .map(|r| ModuleReloc::from_mach_reloc(r, &ctx.func, id))
-        .collect();
-    let bytes = code.code_buffer().to_vec();
-    if let Some(entry) = cache::Entry::portable(&*module, id, align, &bytes, &relocs) {
-        cache.store(&key, &entry);
-    }
-    module
-        .define_function_bytes(id, align, &bytes, &relocs)
-        .map_err(cerr)
+        .ok_or_else(|| CpuError::new(format!("{}: cranelift produced no code", job.name)))?;
+    Ok(Code {
+        align: u64::from(code.buffer.alignment),
+        bytes: code.code_buffer().to_vec(),
+        relocs: code
+            .buffer
+            .relocs()
+            .iter()
+            .map(|r| ModuleReloc::from_mach_reloc(r, &ctx.func, job.id))
+            .collect(),
+    })
 }
 
 fn nest_work(n: &nest::Nest) -> usize {
