@@ -459,6 +459,7 @@ impl Lowering<'_> {
                         }
                     }
                 }
+                store_reduced_once(&mut body, &self.buffers);
                 steps.push(Step::Loop(LoopNest {
                     shape: outer,
                     inner_var: Some(r),
@@ -639,6 +640,141 @@ impl Lowering<'_> {
             row: cols,
             col: 1,
         }
+    }
+}
+
+/// Whether a value costs a transcendental function (worth computing once).
+fn is_costly(v: &Val) -> bool {
+    use crate::ir::UnaryOp as U;
+    match v {
+        Val::Unary(op, a) => {
+            matches!(op, U::Exp | U::Log | U::Tanh | U::Erf | U::Sin | U::Cos) || is_costly(a)
+        }
+        Val::Binary(_, a, b) => is_costly(a) || is_costly(b),
+        Val::Select(c, a, b) => is_costly(c) || is_costly(a) || is_costly(b),
+        Val::Cast { value, .. } => is_costly(value),
+        Val::Load(..) | Val::Const(..) | Val::Index(_) | Val::InRange(..) | Val::Acc(_) => false,
+    }
+}
+
+/// Whether `v` is `part` or contains it.
+fn contains_val(v: &Val, part: &Val) -> bool {
+    v == part
+        || match v {
+            Val::Unary(_, a) | Val::Cast { value: a, .. } => contains_val(a, part),
+            Val::Binary(_, a, b) => contains_val(a, part) || contains_val(b, part),
+            Val::Select(c, a, b) => {
+                contains_val(c, part) || contains_val(a, part) || contains_val(b, part)
+            }
+            _ => false,
+        }
+}
+
+/// `v` with every occurrence of `part` replaced by `by`.
+fn replace_val(v: &Val, part: &Val, by: &Val) -> Val {
+    if v == part {
+        return by.clone();
+    }
+    let r = |x: &Val| Box::new(replace_val(x, part, by));
+    match v {
+        Val::Unary(op, a) => Val::Unary(*op, r(a)),
+        Val::Cast { to, from, value } => Val::Cast {
+            to: *to,
+            from: *from,
+            value: r(value),
+        },
+        Val::Binary(op, a, b) => Val::Binary(*op, r(a), r(b)),
+        Val::Select(c, a, b) => Val::Select(r(c), r(a), r(b)),
+        other => other.clone(),
+    }
+}
+
+/// Whether statements load from or store to buffer `buf`.
+fn touches(stmts: &[Stmt], buf: usize) -> bool {
+    fn in_val(v: &Val, buf: usize) -> bool {
+        match v {
+            Val::Load(b, _) => *b == buf,
+            Val::Unary(_, a) | Val::Cast { value: a, .. } => in_val(a, buf),
+            Val::Binary(_, a, b) => in_val(a, buf) || in_val(b, buf),
+            Val::Select(c, a, b) => in_val(c, buf) || in_val(a, buf) || in_val(b, buf),
+            _ => false,
+        }
+    }
+    stmts.iter().any(|s| match s {
+        Stmt::Store { buf: b, value, .. } => *b == buf || in_val(value, buf),
+        Stmt::Reduce { value, .. } => in_val(value, buf),
+        Stmt::Inner { body, .. } => touches(body, buf),
+    })
+}
+
+/// A row kernel whose reduction sums a costly value that a later store of the same row
+/// recomputes (softmax: `sum(exp(x - max))`, then `exp(x - max) / sum`) computes it once: a
+/// pass stores the value into the later store's buffer, the reduction reads it from there and
+/// the store reads it back. Only for f32 values and buffers (no rounding on the way), and
+/// when nothing else in the kernel touches that buffer.
+fn store_reduced_once(body: &mut Vec<Stmt>, buffers: &[Buffer]) {
+    let mut i = 0;
+    while i < body.len() {
+        let Stmt::Reduce {
+            len, value, dtype, ..
+        } = &body[i]
+        else {
+            i += 1;
+            continue;
+        };
+        let (len, v) = (*len, value.clone());
+        if *dtype != DType::F32 || !is_costly(&v) {
+            i += 1;
+            continue;
+        }
+        // The first later row store that recomputes the value.
+        let found = body
+            .iter()
+            .enumerate()
+            .skip(i + 1)
+            .find_map(|(j, s)| match s {
+                Stmt::Inner {
+                    len: l,
+                    body: inner,
+                } if *l == len && inner.len() == 1 => match &inner[0] {
+                    Stmt::Store { buf, at, value } if contains_val(value, &v) => {
+                        Some((j, *buf, at.clone()))
+                    }
+                    _ => None,
+                },
+                _ => None,
+            });
+        let Some((j, buf, at)) = found else {
+            i += 1;
+            continue;
+        };
+        let others: Vec<Stmt> = body
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| *k != j)
+            .map(|(_, s)| s.clone())
+            .collect();
+        if buffers[buf].dtype != DType::F32 || touches(&others, buf) {
+            i += 1;
+            continue;
+        }
+        let load = Val::Load(buf, at.clone());
+        if let Stmt::Inner { body: inner, .. } = &mut body[j] {
+            if let Stmt::Store { value, .. } = &mut inner[0] {
+                *value = replace_val(value, &v, &load);
+            }
+        }
+        if let Stmt::Reduce { value, .. } = &mut body[i] {
+            *value = load;
+        }
+        body.insert(
+            i,
+            Stmt::Inner {
+                len,
+                body: vec![Stmt::Store { buf, at, value: v }],
+            },
+        );
+        i += 2;
     }
 }
 
