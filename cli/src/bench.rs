@@ -126,7 +126,14 @@ pub fn bench(file: &Path, args: &BenchArgs<'_>) -> Result<(), u8> {
     let passes_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
     let mem = vlmc::passes::memory::plan(&c.graph, &c.fusion, &dims);
-    let lowered = vlmc::kernel::lower(&c.graph, &c.fusion, &mem, &dims).map_err(|e| fail(&e))?;
+    let lowered = vlmc::kernel::lower_with(
+        &c.graph,
+        &c.fusion,
+        &mem,
+        &dims,
+        vlmc::kernel::LowerOptions::cpu(),
+    )
+    .map_err(|e| fail(&e))?;
     let lower_ms = t1.elapsed().as_secs_f64() * 1e3;
     let flops = vlmc::report::report(&c.graph, &c.fusion, &mem, None, &dims).flops as f64;
     let t2 = Instant::now();

@@ -272,13 +272,15 @@ pub fn build_with(
                     opts.dims.iter().cloned().collect();
                 let t0 = Instant::now();
                 let mem = vlmc::passes::memory::plan(&c.graph, &c.fusion, &dims);
-                let plan = vlmc::kernel::lower(&c.graph, &c.fusion, &mem, &dims).map_err(|e| {
-                    eprintln!(
+                let cpu = vlmc::kernel::LowerOptions::cpu();
+                let plan = vlmc::kernel::lower_with(&c.graph, &c.fusion, &mem, &dims, cpu)
+                    .map_err(|e| {
+                        eprintln!(
                         "error: cannot lower {} to kernels: {e} (are all dims given with --dims?)",
                         m.model
                     );
-                    1u8
-                })?;
+                        1u8
+                    })?;
                 eprintln!(
                     "lowered {} to {} kernels in {:.0} ms",
                     m.model,

@@ -17,6 +17,11 @@ fn vlmc(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vlmc"))
         .args(args)
         .current_dir(ROOT)
+        // Compiled kernels are cached here, not in the user's home.
+        .env(
+            "VLMC_CACHE_DIR",
+            std::env::temp_dir().join(format!("vlmc-cli-train-cache-{}", std::process::id())),
+        )
         .output()
         .expect("vlmc runs")
 }

@@ -505,9 +505,11 @@ impl CpuModel {
         }
         let fusion = &self.compiled.fusion;
         let mem = vlmc::passes::memory::plan(g, fusion, &dims);
-        let plan = vlmc::kernel::lower(g, fusion, &mem, &dims).map_err(|e| RunError {
-            message: format!("lowering: {e}"),
-        })?;
+        let plan =
+            vlmc::kernel::lower_with(g, fusion, &mem, &dims, vlmc::kernel::LowerOptions::cpu())
+                .map_err(|e| RunError {
+                    message: format!("lowering: {e}"),
+                })?;
         let p = Arc::new(CpuPlan::new(plan, g, &self.params, &self.opts)?);
         if let Ok(mut c) = self.cache.lock() {
             c.insert(key, p.clone());

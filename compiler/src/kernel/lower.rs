@@ -32,6 +32,59 @@ struct Lowering<'g> {
     dims: &'g HashMap<String, i64>,
     buffers: Vec<Buffer>,
     buffer_of: HashMap<NodeId, usize>,
+    /// Load-time views stored in their own layout (see [`weights_to_materialise`]).
+    materialised: std::collections::HashSet<NodeId>,
+}
+
+/// The right operands of matmuls that are permuted (and reshaped) parameters, such as the
+/// transposed weight of `x · Wᵀ`: they are copied once at load time in row-major order. The
+/// GEMM packs a row-major right operand much faster than the column-major view: on this
+/// machine's AVX-512 kernels 1.5-3.4× on 32-row products and up to 1.2× on 1024-row ones
+/// (`docs/performance.md`). It costs a second copy of those weights. Only views that keep
+/// every element once (permutes and reshapes of one parameter) qualify.
+fn weights_to_materialise(g: &Graph, fusion: &FusionPlan) -> std::collections::HashSet<NodeId> {
+    let mut out = std::collections::HashSet::new();
+    for grp in &fusion.groups {
+        let Some(&m) = grp.nodes.first() else {
+            continue;
+        };
+        if !matches!(g.node(m).op, Op::MatMul) {
+            continue;
+        }
+        let b = g.operands(m)[1];
+        let mut v = b;
+        let mut permuted = false;
+        let plain = loop {
+            match &g.node(v).op {
+                Op::Permute { .. } => permuted = true,
+                Op::Reshape { .. } => {}
+                Op::Param { .. } => break true,
+                _ => break false,
+            }
+            v = g.operands(v)[0];
+        };
+        if plain && permuted && fusion.load_time.contains(&b) {
+            out.insert(b);
+        }
+    }
+    out
+}
+
+/// Choices of the lowering that depend on the backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LowerOptions {
+    /// Copy transposed weights into row-major load-time buffers ([`weights_to_materialise`]):
+    /// for the CPU's GEMM; cuBLAS reads the transposed view as fast, so the GPU keeps one copy.
+    pub row_major_weights: bool,
+}
+
+impl LowerOptions {
+    /// What the CPU backend wants.
+    pub fn cpu() -> LowerOptions {
+        LowerOptions {
+            row_major_weights: true,
+        }
+    }
 }
 
 /// Lowers a compiled graph at the sizes `dims` (every symbolic dim must be bound).
@@ -41,12 +94,27 @@ pub fn lower(
     memory: &MemoryPlan,
     dims: &HashMap<String, i64>,
 ) -> R<Plan> {
+    lower_with(g, fusion, memory, dims, LowerOptions::default())
+}
+
+/// [`lower`] with backend-specific choices.
+pub fn lower_with(
+    g: &Graph,
+    fusion: &FusionPlan,
+    memory: &MemoryPlan,
+    dims: &HashMap<String, i64>,
+    opts: LowerOptions,
+) -> R<Plan> {
     let mut l = Lowering {
         g,
         fusion,
         dims,
         buffers: Vec::new(),
         buffer_of: HashMap::new(),
+        materialised: match opts.row_major_weights {
+            true => weights_to_materialise(g, fusion),
+            false => Default::default(),
+        },
     };
     // Temporaries: every value a kernel writes for others, at its planned offset (the plan
     // counts 4-byte slots: every dtype is stored in one).
@@ -178,7 +246,9 @@ impl Lowering<'_> {
             Op::Input { name } => BufferKind::Input(name.clone()),
             Op::Param { path, .. } => BufferKind::Param(path.clone()),
             Op::Const { .. } | Op::Iota { .. } => return Ok(None),
-            op if self.fusion.load_time.contains(&id) && op.kind() != OpKind::View => {
+            op if self.fusion.load_time.contains(&id)
+                && (op.kind() != OpKind::View || self.materialised.contains(&id)) =>
+            {
                 BufferKind::LoadTime(id.index())
             }
             _ => return Ok(None),

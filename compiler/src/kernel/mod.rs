@@ -9,7 +9,7 @@
 mod lower;
 pub mod simplify;
 
-pub use lower::{lower, LowerError};
+pub use lower::{lower, lower_with, LowerError, LowerOptions};
 
 use crate::ir::{BinaryOp, DType, ReduceOp, UnaryOp};
 use std::fmt;
