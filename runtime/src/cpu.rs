@@ -324,6 +324,20 @@ impl CpuPlan {
         inputs: &BTreeMap<String, Tensor>,
         params: &BTreeMap<String, Tensor>,
     ) -> Result<BTreeMap<String, Tensor>, RunError> {
+        let mut out = BTreeMap::new();
+        self.run_into(inputs, params, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`CpuPlan::run`] writing each f32 output into the tensor of that name in `out` when it
+    /// has the output's shape (its memory is reused: a training step returns every parameter
+    /// and optimiser state, and fresh allocations of that size cost more than the copy).
+    pub fn run_into(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+        params: &BTreeMap<String, Tensor>,
+        out: &mut BTreeMap<String, Tensor>,
+    ) -> Result<(), RunError> {
         let mut guard = self.mem.lock().map_err(|_| RunError {
             message: "a previous run panicked".into(),
         })?;
@@ -435,7 +449,7 @@ impl CpuPlan {
                 eprintln!("  {t:8.3} ms  {name}");
             }
         }
-        let mut out = BTreeMap::new();
+        let t_out = std::time::Instant::now();
         for (name, b) in &self.plan.outputs {
             let buf = &self.plan.buffers[*b];
             let n = buf.len();
@@ -452,7 +466,20 @@ impl CpuPlan {
             let data = match buf.dtype {
                 DType::I32 => Data::I32(raw.iter().map(|&x| x as i32).collect()),
                 DType::Bool => Data::Bool(raw.iter().map(|&x| x != 0).collect()),
-                _ => Data::F32(raw.iter().map(|&x| f32::from_bits(x)).collect()),
+                _ => match out.get_mut(name) {
+                    Some(Tensor {
+                        shape,
+                        data: Data::F32(v),
+                    }) if *shape == buf.shape => {
+                        copy_f32(raw, v);
+                        continue;
+                    }
+                    _ => {
+                        let mut v = vec![0f32; n];
+                        copy_f32(raw, &mut v);
+                        Data::F32(v)
+                    }
+                },
             };
             out.insert(
                 name.clone(),
@@ -463,7 +490,32 @@ impl CpuPlan {
             );
         }
         drop(converted);
-        Ok(out)
+        if profile {
+            eprintln!(
+                "profile: outputs copied in {:.2} ms",
+                t_out.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        Ok(())
+    }
+}
+
+/// 4-byte storage as f32 values; large buffers are copied on every thread (a training step
+/// returns every parameter and optimiser state: hundreds of MB).
+fn copy_f32(raw: &[u32], out: &mut [f32]) {
+    const CHUNK: usize = 1 << 18;
+    if raw.len() < 2 * CHUNK {
+        for (o, &x) in out.iter_mut().zip(raw) {
+            *o = f32::from_bits(x);
+        }
+    } else {
+        out.par_chunks_mut(CHUNK)
+            .zip(raw.par_chunks(CHUNK))
+            .for_each(|(o, r)| {
+                for (a, &x) in o.iter_mut().zip(r) {
+                    *a = f32::from_bits(x);
+                }
+            });
     }
 }
 

@@ -98,9 +98,25 @@ impl GraphRunner {
         inputs: &BTreeMap<String, Tensor>,
         params: &BTreeMap<String, Tensor>,
     ) -> Result<BTreeMap<String, Tensor>, RunError> {
+        let mut out = BTreeMap::new();
+        self.run_into(inputs, params, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`GraphRunner::run`] into `out`, reusing the memory of the tensors there that have an
+    /// output's name and shape (on the CPU).
+    pub fn run_into(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+        params: &BTreeMap<String, Tensor>,
+        out: &mut BTreeMap<String, Tensor>,
+    ) -> Result<(), RunError> {
         match &self.cpu {
-            Some(m) => m.plan_for(inputs)?.run(inputs, params),
-            None => crate::interp::run(&self.graph, inputs, params),
+            Some(m) => m.plan_for(inputs)?.run_into(inputs, params, out),
+            None => {
+                out.extend(crate::interp::run(&self.graph, inputs, params)?);
+                Ok(())
+            }
         }
     }
 }
@@ -126,6 +142,16 @@ impl StepRunner {
     ) -> Result<BTreeMap<String, Tensor>, RunError> {
         self.runner.run(inputs, params)
     }
+
+    /// [`StepRunner::run`] into `out` (see [`GraphRunner::run_into`]).
+    pub fn run_into(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+        params: &BTreeMap<String, Tensor>,
+        out: &mut BTreeMap<String, Tensor>,
+    ) -> Result<(), RunError> {
+        self.runner.run_into(inputs, params, out)
+    }
 }
 
 /// A trainer being run.
@@ -145,6 +171,9 @@ pub struct Session {
     pub total_steps: u64,
     /// The parameters that train.
     pub trainable: Vec<String>,
+    /// Tensors the last step replaced (parameters as `param.<path>`, optimiser state), whose
+    /// memory the next step's outputs reuse.
+    spare: BTreeMap<String, Tensor>,
     /// The parameters the adapter added (saved apart, in the PEFT layout).
     pub adapter_params: Vec<String>,
     /// The inputs of the step graph when it reads LoRA dropout masks (which the step draws,
@@ -224,6 +253,7 @@ impl Session {
             step: 0,
             total_steps,
             trainable,
+            spare: BTreeMap::new(),
             adapter_params,
             dropout_inputs,
         })
@@ -290,14 +320,13 @@ impl Session {
         control.insert("lr".to_string(), scalar(lr));
         control.insert("step".to_string(), scalar((self.step + 1) as f64));
         let mut loss = 0.0;
-        let outs = if let Some(f) = &self.fused {
+        // The graph that updates (the fused step, or the update after accumulation) and its
+        // inputs but the optimiser state.
+        let (last, mut inputs) = if let Some(f) = &self.fused {
             let mut inputs = micro[0].clone();
             inputs.extend(self.dropout_masks(&micro[0], 0)?);
             inputs.extend(control.clone());
-            inputs.extend(self.state.clone());
-            let o = f.run(&inputs, &self.params)?;
-            loss += o["loss"].to_f64()[0];
-            o
+            (f, inputs)
         } else {
             let (Some(gs), Some(us)) = (&self.grad, &self.update) else {
                 return terr("no step graph");
@@ -318,14 +347,33 @@ impl Session {
                 }
             }
             let mut inputs = control.clone();
-            inputs.extend(self.state.clone());
             for (p, v) in sum {
                 let shape = self.params[&p].shape.clone();
                 inputs.insert(format!("grad.{p}"), Tensor::f32(shape, v));
             }
-            us.run(&inputs, &self.params)?
+            (us, inputs)
         };
+        // The state goes in by move, and the outputs reuse the memory of the parameters and
+        // state that the previous step replaced (`spare`): no copy or fresh allocation of
+        // the model's size per step.
+        inputs.extend(std::mem::take(&mut self.state));
+        let mut outs = std::mem::take(&mut self.spare);
+        let ran = last.run_into(&inputs, &self.params, &mut outs);
+        let old_state: BTreeMap<String, Tensor> = inputs
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("optim."))
+            .collect();
+        if let Err(e) = ran {
+            self.state = old_state;
+            self.spare = outs;
+            return Err(e.into());
+        }
+        if self.fused.is_some() {
+            loss += outs["loss"].to_f64()[0];
+        }
         if !loss.is_finite() {
+            self.state = old_state;
+            self.spare = outs;
             return terr(format!(
                 "the loss is {loss} at step {}: stopping (the parameters are unchanged)",
                 self.step + 1
@@ -338,11 +386,14 @@ impl Session {
                     Data::F64(_) => t.to_f32_tensor(),
                     _ => t,
                 };
-                self.params.insert(p.to_string(), t);
+                if let Some(old) = self.params.insert(p.to_string(), t) {
+                    self.spare.insert(name, old);
+                }
             } else if name.starts_with("optim.") {
                 self.state.insert(name, t);
             }
         }
+        self.spare.extend(old_state);
         self.step += 1;
         Ok(StepStats {
             loss,
