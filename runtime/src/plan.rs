@@ -30,8 +30,66 @@ pub fn load_time_values(
             _ => None,
         })
         .collect();
-    let values = crate::interp::run_nodes(graph, &BTreeMap::new(), params, &wanted)?;
-    Ok(values.into_iter().map(|(id, t)| (id.index(), t)).collect())
+    // Transposed weights (the CPU's row-major copies of `Wᵀ`) directly; the rest through the
+    // interpreter.
+    let mut out = HashMap::new();
+    let mut rest = Vec::new();
+    for id in wanted {
+        match transposed_param(graph, id, params) {
+            Some(t) => {
+                out.insert(id.index(), t);
+            }
+            None => rest.push(id),
+        }
+    }
+    let values = crate::interp::run_nodes(graph, &BTreeMap::new(), params, &rest)?;
+    out.extend(values.into_iter().map(|(id, t)| (id.index(), t)));
+    Ok(out)
+}
+
+/// `permute(W, [.., r-1, r-2])` of an f32 parameter (a batch of matrix transposes), computed
+/// directly: the interpreter's general permute takes seconds on a model's weights.
+fn transposed_param(
+    graph: &Graph,
+    id: NodeId,
+    params: &BTreeMap<String, Tensor>,
+) -> Option<Tensor> {
+    let vlmc::ir::Op::Permute { perm } = &graph.node(id).op else {
+        return None;
+    };
+    let src = graph.operands(id)[0];
+    let vlmc::ir::Op::Param { path, .. } = &graph.node(src).op else {
+        return None;
+    };
+    let t = params.get(path.as_str())?;
+    let r = perm.len();
+    let swaps_last = r >= 2
+        && perm[r - 2] == r - 1
+        && perm[r - 1] == r - 2
+        && perm[..r - 2].iter().enumerate().all(|(i, &p)| i == p);
+    let Data::F32(v) = &t.data else {
+        return None;
+    };
+    if !swaps_last || t.shape.len() != r || v.is_empty() {
+        return None;
+    }
+    let (rows, cols) = (t.shape[r - 2], t.shape[r - 1]);
+    let mut out = vec![0f32; v.len()];
+    const B: usize = 32;
+    for (src, dst) in v.chunks(rows * cols).zip(out.chunks_mut(rows * cols)) {
+        for i0 in (0..rows).step_by(B) {
+            for j0 in (0..cols).step_by(B) {
+                for i in i0..(i0 + B).min(rows) {
+                    for j in j0..(j0 + B).min(cols) {
+                        dst[j * rows + i] = src[i * cols + j];
+                    }
+                }
+            }
+        }
+    }
+    let mut shape = t.shape.clone();
+    shape.swap(r - 2, r - 1);
+    Some(Tensor::f32(shape, out))
 }
 
 fn round(dtype: DType, v: f64) -> f64 {
