@@ -2,89 +2,19 @@
 //! fixture size), compiled to machine code with Cranelift and run by the runtime, computes what
 //! the reference interpreter computes (relative error ≤ 1e-4), vectorised and scalar.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+mod common;
+
+use std::collections::BTreeMap;
 use vlmc::backend::cpu::CpuOptions;
 use vlmc::passes::{compile, CompileOptions};
 use vlmc_runtime::Tensor;
 
-/// The small models: the same list as tests/kernels.rs.
-fn files() -> Vec<PathBuf> {
-    let mut out = vec![
-        PathBuf::from("models/llava_tiny.vlm"),
-        PathBuf::from("models/clip_tiny.vlm"),
-    ];
-    let mut zoo: Vec<PathBuf> = std::fs::read_dir("tests/fixtures/zoo")
-        .expect("zoo")
-        .map(|e| e.expect("entry").path().join("fixture.vlm"))
-        .filter(|p| p.is_file())
-        .collect();
-    zoo.sort();
-    out.extend(zoo);
-    for dir in ["tests/blocks", "tests/passes"] {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-            .expect("dir")
-            .map(|e| e.expect("entry").path())
-            .filter(|p| p.extension().is_some_and(|x| x == "vlm"))
-            .collect();
-        v.sort();
-        out.extend(v);
-    }
-    out
-}
-
-/// Inputs at small sizes; ids 1..7 stay inside every table of the test models.
-fn inputs(g: &vlmc::ir::Graph, dims: &HashMap<String, i64>) -> BTreeMap<String, Tensor> {
-    let mut out = BTreeMap::new();
-    for (k, (_, name, ty)) in g.inputs().into_iter().enumerate() {
-        let shape: Vec<usize> = ty
-            .shape
-            .0
-            .iter()
-            .map(|d| d.eval(&|s| dims.get(s).copied()).expect("size") as usize)
-            .collect();
-        let n: usize = shape.iter().product();
-        let t = match ty.dtype {
-            vlmc::ir::DType::I32 if name.contains("mask") || name.contains("type") => {
-                Tensor::i32(shape, (0..n).map(|i| i32::from(i % 5 != 3)).collect())
-            }
-            vlmc::ir::DType::I32 => Tensor::i32(
-                shape,
-                (0..n).map(|i| ((i * 7 + k) % 7) as i32 + 1).collect(),
-            ),
-            vlmc::ir::DType::Bool => Tensor::bool(shape, (0..n).map(|i| i % 3 != 0).collect()),
-            _ => Tensor::f32(
-                shape,
-                (0..n)
-                    .map(|i| (((i * 7919 + k * 31) % 1000) as f32 / 500.0) - 1.0)
-                    .collect(),
-            ),
-        };
-        out.insert(name.to_string(), t);
-    }
-    out
-}
-
-/// max |got - want| / max |want|.
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    let (a, b) = (got.to_f64(), want.to_f64());
-    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| if x == y { 0.0 } else { (x - y).abs() })
-        .fold(0f64, f64::max)
-        / scale
-}
-
 fn check_all(opts: &CpuOptions) {
-    let dims: HashMap<String, i64> = [("B", 2), ("T", 5), ("N", 3), ("S", 4)]
-        .iter()
-        .map(|(k, v)| (k.to_string(), *v))
-        .collect();
+    let dims = common::small_dims();
     let mut failures = Vec::new();
     let mut checked = 0;
     let mut worst = 0f64;
-    for path in files() {
+    for path in common::small_models(&["tests/blocks", "tests/passes"]) {
         let c = vlmc::elab::check_file(&path);
         let Ok(models) = c.result else { continue };
         for m in models {
@@ -100,7 +30,7 @@ fn check_all(opts: &CpuOptions) {
                     })
                     .collect()
             } else {
-                inputs(&m.graph, &dims)
+                common::small_inputs(&m.graph, &dims)
             };
             let params = vlmc_runtime::init::init_params(&m.graph, 3).expect("init");
             let want = vlmc_runtime::run(&m.graph, &ins, &params).expect("interpreter");
@@ -115,7 +45,7 @@ fn check_all(opts: &CpuOptions) {
             };
             for (name, w) in &want {
                 let g = &got[name];
-                let err = rel_err(g, w);
+                let err = common::rel_err(g, w);
                 worst = worst.max(err);
                 if g.shape != w.shape || err > 1e-4 || err.is_nan() {
                     failures.push(format!(

@@ -8,11 +8,12 @@
 //! `cublasSgemmStridedBatched`; the per-op cases use the generated tiled kernels instead); only
 //! the real hardware and library are left to `tests/gpu/check.sh`.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use vlmc::backend::cuda::{self, expr, Launch, Options, Program};
-use vlmc::elab::Elaborated;
 use vlmc::kernel::{BufferKind, Plan};
 use vlmc::passes::{compile, CompileOptions};
 use vlmc_runtime::cuda::{from_slots, to_slots};
@@ -32,70 +33,12 @@ struct Case {
 }
 
 fn dims() -> HashMap<String, i64> {
-    [("B", 2), ("T", 5), ("N", 3), ("S", 4)]
-        .iter()
-        .map(|(k, v)| (k.to_string(), *v))
-        .collect()
-}
-
-/// Inputs as tests/kernels.rs makes them (ids 1..7 stay inside every table).
-fn inputs(m: &Elaborated, dims: &HashMap<String, i64>) -> BTreeMap<String, Tensor> {
-    let mut out = BTreeMap::new();
-    for (k, (_, name, ty)) in m.graph.inputs().into_iter().enumerate() {
-        let shape: Vec<usize> = ty
-            .shape
-            .0
-            .iter()
-            .map(|d| d.eval(&|s| dims.get(s).copied()).expect("size") as usize)
-            .collect();
-        let n: usize = shape.iter().product();
-        let t = match ty.dtype {
-            vlmc::ir::DType::I32 if name.contains("mask") || name.contains("type") => {
-                Tensor::i32(shape, (0..n).map(|i| i32::from(i % 5 != 3)).collect())
-            }
-            vlmc::ir::DType::I32 => Tensor::i32(
-                shape,
-                (0..n).map(|i| ((i * 7 + k) % 7) as i32 + 1).collect(),
-            ),
-            vlmc::ir::DType::Bool => Tensor::bool(shape, (0..n).map(|i| i % 3 != 0).collect()),
-            _ => Tensor::f32(
-                shape,
-                (0..n)
-                    .map(|i| (((i * 7919 + k * 31) % 1000) as f32 / 500.0) - 1.0)
-                    .collect(),
-            ),
-        };
-        out.insert(name.to_string(), t);
-    }
-    out
-}
-
-fn vlm_files(dir: &str) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .expect("dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "vlm"))
-        .collect();
-    v.sort();
-    v
+    common::small_dims()
 }
 
 /// Every case that lowers and that the interpreter runs on these inputs.
 fn cases() -> (Vec<Case>, Vec<String>) {
-    let mut files = vec![
-        PathBuf::from("models/llava_tiny.vlm"),
-        PathBuf::from("models/clip_tiny.vlm"),
-    ];
-    let mut zoo: Vec<PathBuf> = std::fs::read_dir("tests/fixtures/zoo")
-        .expect("zoo")
-        .map(|e| e.expect("entry").path().join("fixture.vlm"))
-        .filter(|p| p.is_file())
-        .collect();
-    zoo.sort();
-    files.extend(zoo);
-    for d in ["tests/blocks", "tests/passes", "tests/interp"] {
-        files.extend(vlm_files(d));
-    }
+    let files = common::small_models(&["tests/blocks", "tests/passes", "tests/interp"]);
     let (mut out, mut skipped) = (Vec::new(), Vec::new());
     for path in files {
         let Ok(models) = vlmc::elab::check_file(&path).result else {
@@ -129,7 +72,9 @@ fn cases() -> (Vec<Case>, Vec<String>) {
                     continue;
                 }
             };
-            let ins = fixture.clone().unwrap_or_else(|| inputs(&m, &dims));
+            let ins = fixture
+                .clone()
+                .unwrap_or_else(|| common::small_inputs(&m.graph, &dims));
             let params = vlmc_runtime::init::init_params(&m.graph, 3).expect("init");
             let want = match vlmc_runtime::run(&m.graph, &ins, &params) {
                 Ok(w) => w,

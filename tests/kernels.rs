@@ -3,78 +3,17 @@
 //! Temporaries share one arena as the memory plan places them, so an overlap of two live
 //! values would show up as a wrong result.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+mod common;
+
+use std::collections::HashMap;
 use vlmc::passes::{compile, CompileOptions};
-use vlmc_runtime::Tensor;
-
-/// The small models: the tiny examples, the block and pass tests, and the zoo at fixture size.
-fn files() -> Vec<PathBuf> {
-    let mut out = vec![
-        PathBuf::from("models/llava_tiny.vlm"),
-        PathBuf::from("models/clip_tiny.vlm"),
-    ];
-    let mut zoo: Vec<PathBuf> = std::fs::read_dir("tests/fixtures/zoo")
-        .expect("zoo")
-        .map(|e| e.expect("entry").path().join("fixture.vlm"))
-        .filter(|p| p.is_file())
-        .collect();
-    zoo.sort();
-    out.extend(zoo);
-    for dir in ["tests/blocks", "tests/passes"] {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-            .expect("dir")
-            .map(|e| e.expect("entry").path())
-            .filter(|p| p.extension().is_some_and(|x| x == "vlm"))
-            .collect();
-        v.sort();
-        out.extend(v);
-    }
-    out
-}
-
-/// Inputs at small sizes; ids 1..7 stay inside every table of the test models.
-fn inputs(g: &vlmc::ir::Graph, dims: &HashMap<String, i64>) -> BTreeMap<String, Tensor> {
-    let mut out = BTreeMap::new();
-    for (k, (_, name, ty)) in g.inputs().into_iter().enumerate() {
-        let shape: Vec<usize> = ty
-            .shape
-            .0
-            .iter()
-            .map(|d| d.eval(&|s| dims.get(s).copied()).expect("size") as usize)
-            .collect();
-        let n: usize = shape.iter().product();
-        let t = match ty.dtype {
-            // Masks and token types are 0/1 (with a 1 first: no fully masked row).
-            vlmc::ir::DType::I32 if name.contains("mask") || name.contains("type") => {
-                Tensor::i32(shape, (0..n).map(|i| i32::from(i % 5 != 3)).collect())
-            }
-            vlmc::ir::DType::I32 => Tensor::i32(
-                shape,
-                (0..n).map(|i| ((i * 7 + k) % 7) as i32 + 1).collect(),
-            ),
-            vlmc::ir::DType::Bool => Tensor::bool(shape, (0..n).map(|i| i % 3 != 0).collect()),
-            _ => Tensor::f32(
-                shape,
-                (0..n)
-                    .map(|i| (((i * 7919 + k * 31) % 1000) as f32 / 500.0) - 1.0)
-                    .collect(),
-            ),
-        };
-        out.insert(name.to_string(), t);
-    }
-    out
-}
 
 #[test]
 fn lowered_kernels_compute_what_the_interpreter_computes() {
-    let dims: HashMap<String, i64> = [("B", 2), ("T", 5), ("N", 3), ("S", 4)]
-        .iter()
-        .map(|(k, v)| (k.to_string(), *v))
-        .collect();
+    let dims = common::small_dims();
     let mut failures = Vec::new();
     let mut checked = 0;
-    for path in files() {
+    for path in common::small_models(&["tests/blocks", "tests/passes"]) {
         eprintln!("{}", path.display());
         let c = vlmc::elab::check_file(&path);
         let Ok(models) = c.result else { continue };
@@ -92,7 +31,7 @@ fn lowered_kernels_compute_what_the_interpreter_computes() {
                     })
                     .collect()
             } else {
-                inputs(&m.graph, &dims)
+                common::small_inputs(&m.graph, &dims)
             };
             let dims: HashMap<String, i64> =
                 vlmc_runtime::interp::bind_dims(&m.graph, &ins).expect("inputs fit");

@@ -1,0 +1,90 @@
+//! Helpers shared by the test files that run every small model (`mod common;` in each): the
+//! list of models, their synthetic inputs, and relative errors.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use vlmc_runtime::Tensor;
+
+/// The `.vlm` files of a folder, sorted.
+pub fn vlm_files(dir: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "vlm"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The small models: the tiny examples, the zoo at fixture size, and the `.vlm` files of
+/// `dirs` (e.g. the block and pass tests).
+pub fn small_models(dirs: &[&str]) -> Vec<PathBuf> {
+    let mut out = vec![
+        PathBuf::from("models/llava_tiny.vlm"),
+        PathBuf::from("models/clip_tiny.vlm"),
+    ];
+    let mut zoo: Vec<PathBuf> = std::fs::read_dir("tests/fixtures/zoo")
+        .expect("zoo")
+        .map(|e| e.expect("entry").path().join("fixture.vlm"))
+        .filter(|p| p.is_file())
+        .collect();
+    zoo.sort();
+    out.extend(zoo);
+    for dir in dirs {
+        out.extend(vlm_files(dir));
+    }
+    out
+}
+
+/// The sizes the small models run at.
+pub fn small_dims() -> HashMap<String, i64> {
+    [("B", 2), ("T", 5), ("N", 3), ("S", 4)]
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect()
+}
+
+/// Inputs at small sizes; ids 1..7 stay inside every table of the test models; masks and
+/// token types are 0/1 with a 1 first (no fully masked row).
+pub fn small_inputs(g: &vlmc::ir::Graph, dims: &HashMap<String, i64>) -> BTreeMap<String, Tensor> {
+    let mut out = BTreeMap::new();
+    for (k, (_, name, ty)) in g.inputs().into_iter().enumerate() {
+        let shape: Vec<usize> = ty
+            .shape
+            .0
+            .iter()
+            .map(|d| d.eval(&|s| dims.get(s).copied()).expect("size") as usize)
+            .collect();
+        let n: usize = shape.iter().product();
+        let t = match ty.dtype {
+            vlmc::ir::DType::I32 if name.contains("mask") || name.contains("type") => {
+                Tensor::i32(shape, (0..n).map(|i| i32::from(i % 5 != 3)).collect())
+            }
+            vlmc::ir::DType::I32 => Tensor::i32(
+                shape,
+                (0..n).map(|i| ((i * 7 + k) % 7) as i32 + 1).collect(),
+            ),
+            vlmc::ir::DType::Bool => Tensor::bool(shape, (0..n).map(|i| i % 3 != 0).collect()),
+            _ => Tensor::f32(
+                shape,
+                (0..n)
+                    .map(|i| (((i * 7919 + k * 31) % 1000) as f32 / 500.0) - 1.0)
+                    .collect(),
+            ),
+        };
+        out.insert(name.to_string(), t);
+    }
+    out
+}
+
+/// max |got - want| / max |want| (equal values, infinities included, count as no error).
+pub fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    let (a, b) = (got.to_f64(), want.to_f64());
+    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| if x == y { 0.0 } else { (x - y).abs() })
+        .fold(0f64, f64::max)
+        / scale
+}
