@@ -91,7 +91,26 @@ pub fn synthetic_inputs(
     Ok(out)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The parameters of a benchmark: from `weights` (bound by the model's checkpoint rules), or
+/// from the init rules with `seed`.
+pub fn bench_params(
+    m: &vlmc::elab::Elaborated,
+    weights: Option<&Path>,
+    seed: u64,
+) -> Result<BTreeMap<String, Tensor>, String> {
+    match weights {
+        Some(w) => {
+            let wf = vlmc_runtime::weights::WeightFile::open(w).map_err(|e| e.to_string())?;
+            Ok(vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint)
+                .map_err(|e| e.to_string())?
+                .params)
+        }
+        None => vlmc_runtime::init::init_params(&m.graph, seed).map_err(|e| e.to_string()),
+    }
+}
+
+/// The median of timings.
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => f64::NAN,
@@ -107,15 +126,7 @@ pub fn bench(file: &Path, args: &BenchArgs<'_>) -> Result<(), u8> {
         1u8
     };
     let m = crate::load_model(file, &args.pick)?;
-    let params = match args.weights {
-        Some(w) => {
-            let wf = vlmc_runtime::weights::WeightFile::open(w).map_err(|e| fail(&e))?;
-            vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint)
-                .map_err(|e| fail(&e))?
-                .params
-        }
-        None => vlmc_runtime::init::init_params(&m.graph, 0).map_err(|e| fail(&e))?,
-    };
+    let params = bench_params(&m, args.weights, 0).map_err(|e| fail(&e))?;
     let dims: HashMap<String, i64> = args.dims.iter().cloned().collect();
     let inputs = synthetic_inputs(&m.graph, &dims).map_err(|e| fail(&e))?;
     let size: Vec<String> = args.dims.iter().map(|(k, v)| format!("{k}={v}")).collect();

@@ -27,15 +27,6 @@ pub struct TrainBenchArgs<'a> {
     pub no_cache: bool,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 /// The step's inputs: the model's synthetic inputs (`vlmc bench`'s, in the model's input
 /// order), every token a target, the loss scaled by 1 / targets (or 1), learning rate 1e-4 at
 /// step 1, zero optimiser state, dropout keeping everything.
@@ -116,7 +107,7 @@ fn time_graph(
     }
     Ok(Timed {
         compile_ms,
-        median_ms: median(times),
+        median_ms: crate::bench::median(times),
         outputs,
     })
 }
@@ -134,15 +125,7 @@ pub fn bench_train(file: &Path, args: &TrainBenchArgs<'_>) -> Result<(), u8> {
     let m = crate::load_model(file, &args.pick)?;
     let mut cfg = TrainConfig::of(&m, args.trainer).map_err(|e| fail(&e))?;
     cfg.grad_accum = 1;
-    let base = match args.weights {
-        Some(w) => {
-            let wf = vlmc_runtime::weights::WeightFile::open(w).map_err(|e| fail(&e))?;
-            vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint)
-                .map_err(|e| fail(&e))?
-                .params
-        }
-        None => vlmc_runtime::init::init_params(&m.graph, cfg.seed).map_err(|e| fail(&e))?,
-    };
+    let base = crate::bench::bench_params(&m, args.weights, cfg.seed).map_err(|e| fail(&e))?;
     // The session adds the adapter's parameters (from their init rules).
     let session = vlmc_runtime::train::Session::with_backend(
         &m,
@@ -217,7 +200,7 @@ pub fn bench_train(file: &Path, args: &TrainBenchArgs<'_>) -> Result<(), u8> {
             "train-interpreter model={} trainer={} size={size} step_ms={:.1}",
             m.model,
             args.trainer,
-            median(times)
+            crate::bench::median(times)
         );
     }
     Ok(())

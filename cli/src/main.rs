@@ -291,50 +291,41 @@ fn main() -> ExitCode {
             dims,
             runs,
             interp_runs,
-            gemm: _,
-            no_cache,
-            trainer: Some(trainer),
-        } => vlmc_cli::bench_train::bench_train(
-            &file,
-            &vlmc_cli::bench_train::TrainBenchArgs {
-                pick: vlmc_cli::Pick {
-                    model: model.as_deref(),
-                    sets: &sets,
-                },
-                weights: weights.as_deref(),
-                trainer: &trainer,
-                dims: &dims,
-                runs,
-                interp_runs,
-                no_cache,
-            },
-        ),
-        Command::Bench {
-            file,
-            model,
-            sets,
-            weights,
-            dims,
-            runs,
-            interp_runs,
             gemm,
             no_cache,
-            trainer: None,
-        } => vlmc_cli::bench::bench(
-            &file,
-            &vlmc_cli::bench::BenchArgs {
-                pick: vlmc_cli::Pick {
-                    model: model.as_deref(),
-                    sets: &sets,
-                },
-                weights: weights.as_deref(),
-                dims: &dims,
-                runs,
-                interp_runs,
-                gemm,
-                no_cache,
-            },
-        ),
+            trainer,
+        } => {
+            let pick = vlmc_cli::Pick {
+                model: model.as_deref(),
+                sets: &sets,
+            };
+            match trainer {
+                Some(trainer) => vlmc_cli::bench_train::bench_train(
+                    &file,
+                    &vlmc_cli::bench_train::TrainBenchArgs {
+                        pick,
+                        weights: weights.as_deref(),
+                        trainer: &trainer,
+                        dims: &dims,
+                        runs,
+                        interp_runs,
+                        no_cache,
+                    },
+                ),
+                None => vlmc_cli::bench::bench(
+                    &file,
+                    &vlmc_cli::bench::BenchArgs {
+                        pick,
+                        weights: weights.as_deref(),
+                        dims: &dims,
+                        runs,
+                        interp_runs,
+                        gemm,
+                        no_cache,
+                    },
+                ),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
