@@ -5,6 +5,9 @@
 //! models (`models/llava_tiny.vlm`, `models/clip_tiny.vlm`) are promoted to f64 and checked
 //! on a sample of parameter elements.
 
+mod common;
+use common::load;
+
 use std::collections::BTreeMap;
 use vlmc::ir::{BinaryOp, DType, Dim, Graph, Init, NodeId, Op, ReduceOp, TensorType, UnaryOp};
 use vlmc::passes::{self, Pass};
@@ -529,13 +532,6 @@ fn frozen_parameters_get_no_backward_ops() {
 
 // ---------------------------------------------------------------------------------------
 // Whole models.
-
-fn load(path: &str) -> vlmc::elab::Elaborated {
-    let checked = vlmc::elab::check_file(std::path::Path::new(path));
-    let text = checked.render();
-    let mut models = checked.result.unwrap_or_else(|_| panic!("{text}"));
-    models.pop().expect("a model")
-}
 
 /// Promotes a model to f64, adds loss = Σ_outputs mean(out * r_out) and checks `samples`
 /// elements of every parameter against finite differences.

@@ -3,18 +3,14 @@
 //! of PyTorch's AdamW / SGD, gradient accumulation against one large batch (TRL's
 //! normalisation by the target tokens of the whole accumulated batch), freezing and LoRA.
 
+mod common;
+use common::load;
+
 use std::collections::BTreeMap;
 use vlmc::train::{self, StepKind, TrainConfig};
 use vlmc_runtime::rng::uniform01;
 use vlmc_runtime::train::Session;
 use vlmc_runtime::Tensor;
-
-fn load(path: &str) -> vlmc::elab::Elaborated {
-    let checked = vlmc::elab::check_file(std::path::Path::new(path));
-    let text = checked.render();
-    let mut models = checked.result.unwrap_or_else(|_| panic!("{text}"));
-    models.pop().expect("a model")
-}
 
 fn values(n: usize, seed: u64, lo: f64, hi: f64) -> Vec<f32> {
     (0..n)

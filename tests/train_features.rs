@@ -7,6 +7,9 @@
 //! training batch equals the training loss of the next step (same parameters, same data), and
 //! it falls.
 
+mod common;
+use common::load;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use vlmc::elab::Setting;
@@ -18,13 +21,6 @@ use vlmc_runtime::train_loop::{train, TrainOptions};
 use vlmc_runtime::Tensor;
 
 const COLOURS: &str = "tests/fixtures/train/colours";
-
-fn load(path: &str) -> vlmc::elab::Elaborated {
-    let checked = vlmc::elab::check_file(Path::new(path));
-    let text = checked.render();
-    let mut models = checked.result.unwrap_or_else(|_| panic!("{text}"));
-    models.pop().expect("a model")
-}
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("vlmc-trainf-{}-{name}", std::process::id()));

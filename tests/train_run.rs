@@ -3,6 +3,9 @@
 //! outputs; llava_tiny learns the synthetic colour-naming task (held-out accuracy well above
 //! chance); clip_tiny's contrastive loss falls on synthetic pairs.
 
+mod common;
+use common::load;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use vlmc::train::TrainConfig;
@@ -12,13 +15,6 @@ use vlmc_runtime::train_loop::{train, TrainOptions};
 use vlmc_runtime::Tensor;
 
 const COLOURS: &str = "tests/fixtures/train/colours";
-
-fn load(path: &str) -> vlmc::elab::Elaborated {
-    let checked = vlmc::elab::check_file(Path::new(path));
-    let text = checked.render();
-    let mut models = checked.result.unwrap_or_else(|_| panic!("{text}"));
-    models.pop().expect("a model")
-}
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("vlmc-train-{}-{name}", std::process::id()));

@@ -6,6 +6,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use vlmc_runtime::Tensor;
 
+/// The last model of a `.vlm` file, or a panic with its diagnostics.
+pub fn load(path: &str) -> vlmc::elab::Elaborated {
+    let checked = vlmc::elab::check_file(std::path::Path::new(path));
+    let text = checked.render();
+    let mut models = checked.result.unwrap_or_else(|_| panic!("{text}"));
+    models.pop().expect("a model")
+}
+
 /// The `.vlm` files of a folder, sorted.
 pub fn vlm_files(dir: &str) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
