@@ -30,7 +30,11 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn small() -> Elaborated {
-    let path = tmp("small.vlm");
+    // One file per call: tests run in parallel threads, and a file rewritten while another
+    // test reads it can be seen empty.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = tmp(&format!("small{n}.vlm"));
     std::fs::write(&path, SMALL).expect("write");
     let checked = vlmc::elab::check_file(&path);
     let text = checked.render();
