@@ -3,7 +3,7 @@
 //! Each case builds a well-typed graph through `Graph::add` from a seed: inputs of random
 //! shapes (size-1 and odd sizes included), elementwise chains, broadcasts (reduce, then expand
 //! back), reductions over random axes, views (reshape, permute, slice, pad, concat, expand),
-//! matmuls, comparisons with selects, casts, gathers and iotas. It is then optimised, fused,
+//! matmuls, comparisons with selects, casts, gathers, scatter-adds and iotas. It is then optimised, fused,
 //! lowered at its sizes and compiled with Cranelift (vectorised, and scalar without loop
 //! merging), and every output is compared with the interpreter's (relative error ≤ 1e-4).
 //! Discontinuous ops (floor, mod, casts to integers, comparisons) only see exact values
@@ -142,7 +142,7 @@ impl Gen {
     fn step(&mut self) -> Option<Item> {
         let x = self.pick();
         let rank = x.shape.len();
-        match self.rng.below(22) {
+        match self.rng.below(23) {
             0..=2 => {
                 let op = [
                     UnaryOp::Neg,
@@ -431,6 +431,24 @@ impl Gen {
                 let f = self.add(Op::Cast { dtype: DType::F32 }, &[i], true)?;
                 self.add(Op::Binary(BinaryOp::Add), &[x.id, f.id], x.exact)
             }
+            22 if rank > 0 => {
+                // Scatter-add along an axis into a new size, with repeated indices.
+                let axis = self.rng.below(rank);
+                let size = self.rng.size();
+                let k = x.shape[axis];
+                let idx = self.input(vec![k], DType::I32)?;
+                let name = format!("x{}", self.inputs.len() - 1);
+                let mut r = Rng(self.rng.next());
+                self.inputs.insert(
+                    name,
+                    Tensor::i32(vec![k], (0..k).map(|_| r.below(size) as i32).collect()),
+                );
+                let op = Op::ScatterAdd {
+                    axis,
+                    size: Dim::c(size as i64),
+                };
+                self.add(op, &[x.id, idx.id], false)
+            }
             _ => None,
         }
     }
@@ -583,15 +601,29 @@ proptest! {
 
 #[test]
 fn most_random_graphs_are_checked() {
-    let mut checked = 0;
+    let (mut checked, mut scatters) = (0, 0);
     for seed in 0..200u64 {
         match check(seed) {
-            Ok(true) => checked += 1,
+            Ok(true) => {
+                checked += 1;
+                let has = |g: &Graph| {
+                    g.node_ids()
+                        .iter()
+                        .any(|&n| matches!(g.node(n).op, Op::ScatterAdd { .. }))
+                };
+                if random_graph(seed).is_some_and(|(g, _)| has(&g)) {
+                    scatters += 1;
+                }
+            }
             Ok(false) => {}
             Err(e) => panic!("{e}"),
         }
     }
-    println!("{checked} of 200 random graphs checked");
+    println!("{checked} of 200 random graphs checked, {scatters} with a scatter-add");
+    assert!(
+        scatters >= 10,
+        "only {scatters} checked graphs have a scatter-add"
+    );
     assert!(
         checked >= 150,
         "only {checked} of 200 random graphs were checked"

@@ -360,6 +360,37 @@ fn gather_rule() {
     expect_ok("gather last axis", c);
 }
 
+#[test]
+fn scatter_add_rule() {
+    // Rows added into a table of 5 with repeated and unused indices (gather's transpose).
+    let mut c = Case::new();
+    let x = c.param("x", "[2, 3, 4]", -1.0, 1.0);
+    let idx = c.input(
+        "idx",
+        Tensor::i32(vec![2, 3], vec![0, 4, 4, 1, 0, 4]),
+        "i32[2, 3]",
+    );
+    let op = Op::ScatterAdd {
+        axis: 0,
+        size: Dim::c(5),
+    };
+    let s = c.op(op, &[x, idx]);
+    c.finish(s);
+    expect_ok("scatter_add axis 0", c);
+
+    // A middle axis.
+    let mut c = Case::new();
+    let x = c.param("x", "[2, 3, 2]", -1.0, 1.0);
+    let idx = c.input("idx", Tensor::i32(vec![3], vec![1, 3, 1]), "i32[3]");
+    let op = Op::ScatterAdd {
+        axis: 1,
+        size: Dim::c(4),
+    };
+    let s = c.op(op, &[x, idx]);
+    c.finish(s);
+    expect_ok("scatter_add axis 1", c);
+}
+
 fn shape(dims: &[i64]) -> vlmc::ir::Shape {
     dims.iter().map(|&d| Dim::c(d)).collect()
 }

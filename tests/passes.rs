@@ -214,6 +214,7 @@ fn fusion_of_minilm_and_llava_tiny() {
                     fusion::Anchor::Pointwise => "pointwise".to_string(),
                     fusion::Anchor::Rows { axis, .. } => format!("rows{axis}"),
                     fusion::Anchor::Contraction => "matmul".to_string(),
+                    fusion::Anchor::Scatter => "scatter".to_string(),
                 };
                 format!("{kind}:{}", g.nodes.len())
             })

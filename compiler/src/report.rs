@@ -31,7 +31,8 @@ fn size(g: &Graph, id: crate::ir::NodeId, dims: &HashMap<String, i64>) -> u64 {
     })
 }
 
-/// FLOPs of one op: 2·M·N·K for a matmul, one per input element for a reduction, one per
+/// FLOPs of one op: 2·M·N·K for a matmul, one per input element for a reduction or a
+/// scatter-add, one per
 /// output element for other arithmetic; views and sources are free.
 fn op_flops(g: &Graph, id: crate::ir::NodeId, dims: &HashMap<String, i64>) -> u64 {
     let node = g.node(id);
@@ -48,7 +49,7 @@ fn op_flops(g: &Graph, id: crate::ir::NodeId, dims: &HashMap<String, i64>) -> u6
                 .unwrap_or(1);
             2 * size(g, id, dims) * k.max(0) as u64
         }
-        OpKind::Reduction => size(g, g.operands(id)[0], dims),
+        OpKind::Reduction | OpKind::Scatter => size(g, g.operands(id)[0], dims),
         OpKind::Elementwise => size(g, id, dims),
         _ => 0,
     }

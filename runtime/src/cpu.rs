@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use vlmc::backend::cpu::{self as backend, CpuOptions, CpuProgram, CpuStep, KernelFn};
 use vlmc::ir::{DType, Graph};
-use vlmc::kernel::{BufferKind, Idx, MatMul, Plan, Step, Stmt, Val};
+use vlmc::kernel::{BufferKind, Idx, MatMul, Plan, ScatterAdd, Step, Stmt, Val};
 
 fn fail<T>(message: impl Into<String>) -> Result<T, RunError> {
     Err(RunError {
@@ -119,6 +119,7 @@ fn place_scratch(plan: &Plan) -> (HashMap<usize, usize>, usize) {
             match s {
                 Step::Loop(l) => l.body.iter().for_each(|s| stmt_buffers(s, &mut used)),
                 Step::MatMul(m) => used.extend([m.a.buf, m.b.buf, m.out]),
+                Step::ScatterAdd(s) => used.extend([s.src.buf, s.idx.buf, s.out]),
             }
         }
         used.sort_unstable();
@@ -252,6 +253,58 @@ unsafe fn matmul(m: &MatMul, ptrs: &[*mut u8], threads: usize) {
     }
 }
 
+/// Runs a scatter-add: the output zeroed, then every source row added to the output row its
+/// index names, in index order. Threads split the columns (`p` and chunks of `s`), so no two
+/// write one element.
+///
+/// # Safety
+/// `s` must have passed [`ScatterAdd::check`] against the buffers that `ptrs` point to.
+unsafe fn scatter_add(s: &ScatterAdd, ptrs: &[*mut u8], threads: usize) {
+    let (out, src, idx) = (
+        ptrs[s.out] as usize,
+        ptrs[s.src.buf] as usize,
+        ptrs[s.idx.buf] as usize,
+    );
+    std::ptr::write_bytes(out as *mut f32, 0, s.outer * s.n * s.inner);
+    if s.k == 0 || s.inner == 0 {
+        return;
+    }
+    let parallel = threads > 1 && s.outer * s.k * s.inner >= PARALLEL_MIN;
+    let chunks = if parallel {
+        threads.min(s.inner.div_ceil(16))
+    } else {
+        1
+    };
+    let width = s.inner.div_ceil(chunks);
+    let column = |task: usize| {
+        let (p, c) = (task / chunks, task % chunks);
+        let (lo, hi) = (c * width, ((c + 1) * width).min(s.inner));
+        let (out, src, idx) = (out as *mut f32, src as *const f32, idx as *const i32);
+        for q in 0..s.k {
+            let j = *idx.add(s.idx.offset + q * s.idx.col);
+            if j < 0 || j as usize >= s.n {
+                continue;
+            }
+            let to = out.add((p * s.n + j as usize) * s.inner);
+            let from = src.add(s.src.offset + p * s.src.batch + q * s.src.row);
+            if s.src.col == 1 {
+                let to = std::slice::from_raw_parts_mut(to.add(lo), hi - lo);
+                let from = std::slice::from_raw_parts(from.add(lo), hi - lo);
+                to.iter_mut().zip(from).for_each(|(a, b)| *a += b);
+            } else {
+                for c in lo..hi {
+                    *to.add(c) += *from.add(c * s.src.col);
+                }
+            }
+        }
+    };
+    if parallel {
+        (0..s.outer * chunks).into_par_iter().for_each(column);
+    } else {
+        (0..s.outer * chunks).for_each(column);
+    }
+}
+
 fn round_buffer(d: DType, v: &mut [f32]) {
     match d {
         DType::F16 => v
@@ -265,6 +318,16 @@ fn round_buffer(d: DType, v: &mut [f32]) {
 }
 
 impl CpuPlan {
+    /// Rounds the `n` f32 elements of buffer `b` to its dtype (f16 and bf16 are stored as f32).
+    fn round_output(&self, b: usize, n: usize, ptrs: &[*mut u8]) {
+        let d = self.plan.buffers[b].dtype;
+        if matches!(d, DType::F16 | DType::BF16) {
+            // SAFETY: the output buffer holds n f32 elements.
+            let v = unsafe { std::slice::from_raw_parts_mut(ptrs[b] as *mut f32, n) };
+            round_buffer(d, v);
+        }
+    }
+
     /// Compiles a plan and computes its load-time values from the graph and parameters.
     pub fn new(
         plan: Plan,
@@ -418,15 +481,12 @@ impl CpuPlan {
                             mm_ms += t.elapsed().as_secs_f64() * 1e3;
                             mm_flops += 2.0 * (m.batch * m.m * m.n * m.k) as f64;
                         }
-                        let d = self.plan.buffers[m.out].dtype;
-                        if matches!(d, DType::F16 | DType::BF16) {
-                            let n = m.batch * m.m * m.n;
-                            // SAFETY: the output buffer holds n f32 elements.
-                            let v = unsafe {
-                                std::slice::from_raw_parts_mut(ptrs[m.out] as *mut f32, n)
-                            };
-                            round_buffer(d, v);
-                        }
+                        self.round_output(m.out, m.batch * m.m * m.n, &ptrs);
+                    }
+                    CpuStep::ScatterAdd(s) => {
+                        // SAFETY: the backend checked the step against the buffers.
+                        unsafe { scatter_add(s, &ptrs, self.threads) };
+                        self.round_output(s.out, s.outer * s.n * s.inner, &ptrs);
                     }
                 }
             }

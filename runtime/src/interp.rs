@@ -301,6 +301,7 @@ fn eval(
         Op::Reduce { op, axis } => Ok(reduce(*op, *axis, dtype, args[0])),
         Op::MatMul => matmul(args[0], args[1], dtype, shape),
         Op::Gather { axis } => gather(args[0], args[1], *axis, shape),
+        Op::ScatterAdd { axis, .. } => scatter_add(args[0], args[1], *axis, dtype, shape),
         Op::Reshape { .. } => Ok(Tensor {
             shape: shape.to_vec(),
             data: args[0].data.clone(),
@@ -696,6 +697,39 @@ fn gather(table: &Tensor, idx: &Tensor, axis: usize, shape: &[usize]) -> R<Tenso
         src[axis] = ids[flat] as usize;
         src[axis + 1..].copy_from_slice(&o[axis + ir..]);
     }))
+}
+
+/// `out[p, idx[k], s] += src[p, k, s]` into zeros of `shape`, summed in f64 in index order.
+fn scatter_add(
+    src: &Tensor,
+    idx: &Tensor,
+    axis: usize,
+    dtype: DType,
+    shape: &[usize],
+) -> R<Tensor> {
+    let ids = idx.as_i32().ok_or_else(|| RunError {
+        message: "scatter-add indices are not i32".into(),
+    })?;
+    let size = shape[axis];
+    if let Some(bad) = ids.iter().find(|&&i| i < 0 || i as usize >= size) {
+        return fail(format!(
+            "index {bad} is out of range for an axis of size {size}"
+        ));
+    }
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product();
+    let x = src.to_f64();
+    let mut out = vec![0f64; outer * size * inner];
+    for p in 0..outer {
+        for (k, &j) in ids.iter().enumerate() {
+            let from = (p * ids.len() + k) * inner;
+            let to = (p * size + j as usize) * inner;
+            for s in 0..inner {
+                out[to + s] += x[from + s];
+            }
+        }
+    }
+    Ok(from_f64(dtype, shape, &out))
 }
 
 fn cast(x: &Tensor, to: DType) -> Tensor {

@@ -7,7 +7,7 @@ use crate::interp::RunError;
 use crate::tensor::{Data, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use vlmc::ir::{BinaryOp, DType, Graph, NodeId, ReduceOp, UnaryOp};
-use vlmc::kernel::{BufferKind, Idx, MatMul, Plan, Step, Stmt, Val};
+use vlmc::kernel::{BufferKind, Idx, MatMul, Plan, ScatterAdd, Step, Stmt, Val};
 
 fn fail<T>(message: impl Into<String>) -> Result<T, RunError> {
     Err(RunError {
@@ -320,6 +320,27 @@ impl Exec<'_> {
         Ok(())
     }
 
+    fn scatter_add(&mut self, s: &ScatterAdd) -> Result<(), RunError> {
+        let mut out = vec![0f64; s.outer * s.n * s.inner];
+        for q in 0..s.k {
+            let j = self.load(s.idx.buf, (s.idx.offset + q * s.idx.col) as i64)?;
+            if j < 0.0 || j >= s.n as f64 {
+                continue;
+            }
+            for p in 0..s.outer {
+                for c in 0..s.inner {
+                    let at = s.src.offset + p * s.src.batch + q * s.src.row + c * s.src.col;
+                    out[(p * s.n + j as usize) * s.inner + c] += self.load(s.src.buf, at as i64)?;
+                }
+            }
+        }
+        let d = self.plan.buffers[s.out].dtype;
+        for (i, v) in out.into_iter().enumerate() {
+            self.store(s.out, i as i64, round(d, v))?;
+        }
+        Ok(())
+    }
+
     fn matmul(&mut self, m: &MatMul) -> Result<(), RunError> {
         let mut out = vec![0f64; m.batch * m.m * m.n];
         for bi in 0..m.batch {
@@ -402,6 +423,7 @@ pub fn execute(
         for step in &k.steps {
             match step {
                 Step::MatMul(m) => ex.matmul(m)?,
+                Step::ScatterAdd(s) => ex.scatter_add(s)?,
                 Step::Loop(l) => {
                     let n: usize = l.shape.iter().product();
                     let r = l.inner_var.unwrap_or(l.shape.len());

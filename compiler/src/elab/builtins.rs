@@ -44,6 +44,7 @@ const SIGS: &[(&str, &[&str])] = &[
     ("stack", &["xs", "axis=0"]),
     ("pad", &["x", "axis", "before=0", "after=0", "value=0.0"]),
     ("gather", &["table", "idx", "axis=0"]),
+    ("scatter_add", &["src", "idx", "size", "axis=0"]),
     ("cast", &["x", "dtype"]),
     ("full", &["shape", "value", "dtype=f32"]),
     ("zeros", &["shape", "dtype=f32"]),
@@ -89,6 +90,7 @@ pub const NAMES: &[&str] = &[
     "stack",
     "pad",
     "gather",
+    "scatter_add",
     "cast",
     "full",
     "zeros",
@@ -577,6 +579,18 @@ impl Elaborator<'_> {
                     cx,
                     Op::Gather { axis: ax },
                     &[table, idx],
+                    span,
+                )?))
+            }
+            "scatter_add" => {
+                let (src, idx) = (t(self, "src")?, t(self, "idx")?);
+                let r = self.ty(src).rank();
+                let ax = self.axis(cx, int(self, "axis")?, r, a.span("axis"))?;
+                let size = self.size_arg(cx, a.get("size"), a.span("size"))?;
+                Ok(Value::Tensor(self.op(
+                    cx,
+                    Op::ScatterAdd { axis: ax, size },
+                    &[src, idx],
                     span,
                 )?))
             }

@@ -32,6 +32,7 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, IrError> {
         Op::Reduce { axis, .. } => rule.reduce(*axis, operands[0]),
         Op::MatMul => rule.matmul(operands[0], operands[1]),
         Op::Gather { axis } => rule.gather(*axis, operands[0], operands[1]),
+        Op::ScatterAdd { axis, size } => rule.scatter_add(*axis, size, operands[0], operands[1]),
         Op::Reshape { shape } => rule.reshape(shape, operands[0]),
         Op::Permute { perm } => rule.permute(perm, operands[0]),
         Op::Expand { shape } => rule.expand(shape, operands[0]),
@@ -279,6 +280,26 @@ impl Rule<'_> {
             .cloned()
             .collect::<Shape>();
         Ok(TensorType::new(table.dtype, shape))
+    }
+
+    fn scatter_add(&self, axis: usize, size: &Dim, src: &TensorType, idx: &TensorType) -> Infer {
+        if idx.dtype != DType::I32 {
+            return Err(self.fail(format!("indices must be i32, found {idx}")));
+        }
+        let ir = idx.rank();
+        if axis + ir > src.rank() || src.shape[axis..axis + ir] != idx.shape[..] {
+            return Err(self.fail(format!(
+                "{src} does not hold the indices {idx} at axis {axis}"
+            )));
+        }
+        self.given_shape(&Shape(vec![size.clone()]))?;
+        let shape = src.shape[..axis]
+            .iter()
+            .chain(std::iter::once(size))
+            .chain(&src.shape[axis + ir..])
+            .cloned()
+            .collect::<Shape>();
+        Ok(TensorType::new(src.dtype, shape))
     }
 
     fn reshape(&self, shape: &Shape, x: &TensorType) -> Infer {

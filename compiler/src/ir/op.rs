@@ -62,6 +62,15 @@ pub enum Op {
         /// The axis of `table` that `idx` indexes.
         axis: usize,
     },
+    /// `scatter_add(src, idx)`, the transpose of `gather`: `src` has the shape
+    /// `out[:axis] ++ idx.shape ++ out[axis+1:]`, and each slice `src[.., k, ..]` is added into
+    /// `out[.., idx[k], ..]` of a zero tensor whose `axis` has `size` elements.
+    ScatterAdd {
+        /// The axis of the result that `idx` indexes.
+        axis: usize,
+        /// The size of that axis.
+        size: Dim,
+    },
     /// The same elements in row-major order, in a new shape.
     Reshape {
         /// The new shape; its element count equals the operand's.
@@ -203,6 +212,8 @@ pub enum OpKind {
     View,
     /// Data-dependent indexing (gather).
     Opaque,
+    /// Data-dependent accumulation (scatter-add): a kernel of its own over materialised operands.
+    Scatter,
 }
 
 /// A parameter initialiser, printed `normal(std=0.02)` or `zeros`.
@@ -351,6 +362,7 @@ impl Op {
             Op::Reduce { op, .. } => op.name(),
             Op::MatMul => "matmul",
             Op::Gather { .. } => "gather",
+            Op::ScatterAdd { .. } => "scatter_add",
             Op::Reshape { .. } => "reshape",
             Op::Permute { .. } => "permute",
             Op::Expand { .. } => "expand",
@@ -379,6 +391,7 @@ impl Op {
             | Op::Concat { .. }
             | Op::Pad { .. } => OpKind::View,
             Op::Gather { .. } => OpKind::Opaque,
+            Op::ScatterAdd { .. } => OpKind::Scatter,
         }
     }
 
@@ -391,7 +404,7 @@ impl Op {
     pub fn arity(&self) -> Option<usize> {
         match self {
             Op::Concat { .. } => None,
-            Op::Binary(_) | Op::MatMul | Op::Gather { .. } => Some(2),
+            Op::Binary(_) | Op::MatMul | Op::Gather { .. } | Op::ScatterAdd { .. } => Some(2),
             Op::Select => Some(3),
             _ if self.is_source() => Some(0),
             _ => Some(1),
@@ -486,7 +499,14 @@ mod tests {
     fn names_are_unique() {
         let mut names: Vec<&str> = UnaryOp::ALL.iter().map(|op| op.name()).collect();
         names.extend(BinaryOp::ALL.iter().map(|op| op.name()));
-        names.extend(["reduce_sum", "reduce_max", "matmul", "gather", "select"]);
+        names.extend([
+            "reduce_sum",
+            "reduce_max",
+            "matmul",
+            "gather",
+            "scatter_add",
+            "select",
+        ]);
         let count = names.len();
         names.sort_unstable();
         names.dedup();

@@ -253,6 +253,15 @@ fn operand_op(c: &mut Cursor, name: &str, at: usize) -> Result<Op> {
             c.key("axis")?;
             Op::Gather { axis: c.uint()? }
         }
+        "scatter_add" => {
+            c.key("axis")?;
+            let axis = c.uint()?;
+            c.key("size")?;
+            Op::ScatterAdd {
+                axis,
+                size: c.dim()?,
+            }
+        }
         "reshape" => {
             c.key("shape")?;
             Op::Reshape { shape: c.shape()? }

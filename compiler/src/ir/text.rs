@@ -102,6 +102,7 @@ pub(crate) fn op_text(op: &Op, operands: &[String]) -> String {
             float_text(*value)
         ),
         Op::Cast { dtype } => format!(" dtype={dtype}"),
+        Op::ScatterAdd { axis, size } => format!(" axis={axis} size={size}"),
         _ => String::new(),
     };
     head + &attrs

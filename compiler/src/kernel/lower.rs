@@ -423,7 +423,7 @@ impl Lowering<'_> {
             Op::Random { .. } => {
                 return lerr("random ops (dropout) are not supported by compiled kernels yet")
             }
-            Op::Reduce { .. } | Op::MatMul => {
+            Op::Reduce { .. } | Op::MatMul | Op::ScatterAdd { .. } => {
                 return lerr(format!(
                     "internal: `{}` read inside another kernel without a buffer",
                     node.op.name()
@@ -546,16 +546,7 @@ impl Lowering<'_> {
                 let batch: usize = out_shape[..rank - 2].iter().product();
                 let out = match self.buffer_of.get(&m) {
                     Some(&b) => b,
-                    None => {
-                        let b = self.buffers.len();
-                        self.buffers.push(Buffer {
-                            kind: BufferKind::Scratch,
-                            dtype: self.g.node(m).ty.dtype,
-                            shape: out_shape.clone(),
-                        });
-                        self.buffer_of.insert(m, b);
-                        b
-                    }
+                    None => self.scratch(m, out_shape.clone()),
                 };
                 let mut pre = Vec::new();
                 let a = self.strided(ops[0], gi, &mut pre)?;
@@ -590,8 +581,85 @@ impl Lowering<'_> {
                     }));
                 }
             }
+            Anchor::Scatter => steps.extend(self.scatter(grp.nodes[0], gi)?),
         }
         Ok(Kernel { name, steps })
+    }
+
+    /// A scatter-add: its operands as strided views (copied first when they are not), the
+    /// output in its group buffer.
+    fn scatter(&mut self, node: NodeId, gi: usize) -> R<Vec<Step>> {
+        let Op::ScatterAdd { axis, .. } = self.g.node(node).op else {
+            return lerr("internal: a scatter kernel without a scatter-add");
+        };
+        let ops = self.g.operands(node);
+        let src_shape = self.shape(ops[0])?;
+        let idx_shape = self.shape(ops[1])?;
+        let ir = idx_shape.len();
+        let outer: usize = src_shape[..axis].iter().product();
+        let k: usize = idx_shape.iter().product();
+        let inner: usize = src_shape[axis + ir..].iter().product();
+        let n = self.shape(node)?[axis];
+        let out = match self.buffer_of.get(&node) {
+            Some(&b) => b,
+            None => {
+                let shape = self.shape(node)?;
+                self.scratch(node, shape)
+            }
+        };
+        let mut pre = Vec::new();
+        // Source (p, k, s) -> its multi-index.
+        let vars: Vec<Idx> = (0..3).map(Idx::Var).collect();
+        let mut at = delinearize(&vars[0], &src_shape[..axis]);
+        at.extend(delinearize(&vars[1], &idx_shape));
+        at.extend(delinearize(&vars[2], &src_shape[axis + ir..]));
+        let src = self.view3(ops[0], &at, [outer, k, inner], gi, &mut pre)?;
+        let at = delinearize(&vars[2], &idx_shape);
+        let idx = self.view3(ops[1], &at, [1, 1, k], gi, &mut pre)?;
+        pre.push(Step::ScatterAdd(ScatterAdd {
+            src,
+            idx,
+            out,
+            outer,
+            k,
+            n,
+            inner,
+        }));
+        Ok(pre)
+    }
+
+    /// Node `id` read at `at` (over three variables of extents `shape`) as a strided view, or
+    /// a contiguous copy of it made by a loop added to `pre`.
+    fn view3(
+        &mut self,
+        id: NodeId,
+        at: &[Idx],
+        shape: [usize; 3],
+        gi: usize,
+        pre: &mut Vec<Step>,
+    ) -> R<Strided> {
+        let v = self.val(id, at, gi, &HashMap::new())?;
+        if let Val::Load(buf, i) = &v {
+            if !contains_load(i) {
+                if let Linear::Strided(s) = linear_strides(*buf, i, &shape) {
+                    return Ok(s);
+                }
+            }
+        }
+        let vars: Vec<Idx> = (0..3).map(Idx::Var).collect();
+        Ok(self.copy_operand(id, shape.to_vec(), vars, v, pre))
+    }
+
+    /// A scratch buffer of `id`'s dtype, private to the kernel.
+    fn scratch(&mut self, id: NodeId, shape: Vec<usize>) -> usize {
+        let b = self.buffers.len();
+        self.buffers.push(Buffer {
+            kind: BufferKind::Scratch,
+            dtype: self.g.node(id).ty.dtype,
+            shape,
+        });
+        self.buffer_of.insert(id, b);
+        b
     }
 
     fn dims_of(&self, shape: &crate::ir::Shape) -> R<Vec<usize>> {

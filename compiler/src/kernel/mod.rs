@@ -103,11 +103,68 @@ pub struct Strided {
     pub col: usize,
 }
 
+/// A scatter-add into a contiguous `[outer, n, inner]` output: it is zeroed, then for every
+/// `(p, k, s)` the source element is added at `out[p, idx[k], s]`, `k` in increasing order (so
+/// the sums are deterministic). An index outside `0..n` adds nothing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScatterAdd {
+    /// The source, viewed as `[outer, k, inner]` (`batch`, `row`, `col` strides).
+    pub src: Strided,
+    /// The i32 indices: element `k` at `idx.offset + k·idx.col`.
+    pub idx: Strided,
+    pub out: usize,
+    pub outer: usize,
+    pub k: usize,
+    pub n: usize,
+    pub inner: usize,
+}
+
+impl Strided {
+    /// The last element index that a `[batch, rows, cols]` view reaches (`None` when it
+    /// overflows; `Some(0)` for an empty view).
+    pub fn last(&self, batch: usize, rows: usize, cols: usize) -> Option<usize> {
+        if batch == 0 || rows == 0 || cols == 0 {
+            return Some(0);
+        }
+        self.offset
+            .checked_add((batch - 1).checked_mul(self.batch)?)?
+            .checked_add((rows - 1).checked_mul(self.row)?)?
+            .checked_add((cols - 1).checked_mul(self.col)?)
+    }
+}
+
+impl ScatterAdd {
+    /// Checks the step against the plan's buffers: every access in bounds, a float source and
+    /// output of one dtype, i32 indices.
+    pub fn check(&self, buffers: &[Buffer]) -> Result<(), String> {
+        let len = |b: usize| buffers.get(b).map(Buffer::len);
+        let fits = |s: &Strided, batch: usize, rows: usize, cols: usize| match (
+            s.last(batch, rows, cols),
+            len(s.buf),
+        ) {
+            (Some(l), Some(n)) => batch * rows * cols == 0 || l < n,
+            _ => false,
+        };
+        if !fits(&self.src, self.outer, self.k, self.inner) || !fits(&self.idx, 1, 1, self.k) {
+            return Err("a scatter-add operand reaches outside its buffer".into());
+        }
+        if len(self.out) != Some(self.outer * self.n * self.inner) {
+            return Err("a scatter-add output has the wrong size".into());
+        }
+        let (src, out) = (buffers[self.src.buf].dtype, buffers[self.out].dtype);
+        if !src.is_float() || src != out || buffers[self.idx.buf].dtype != DType::I32 {
+            return Err("a scatter-add takes float values and i32 indices".into());
+        }
+        Ok(())
+    }
+}
+
 /// One step of a kernel.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Step {
     Loop(LoopNest),
     MatMul(MatMul),
+    ScatterAdd(ScatterAdd),
 }
 
 /// One fused kernel.
@@ -231,6 +288,12 @@ impl fmt::Display for Kernel {
                     "  b{}[{}, {}, {}] = b{}(+{}, strides {} {} {}) @ b{}(+{}, strides {} {} {}) over k = {}",
                     m.out, m.batch, m.m, m.n, m.a.buf, m.a.offset, m.a.batch, m.a.row, m.a.col, m.b.buf, m.b.offset,
                     m.b.batch, m.b.row, m.b.col, m.k
+                )?,
+                Step::ScatterAdd(s) => writeln!(
+                    f,
+                    "  b{}[{}, {}, {}] = scatter_add b{}(+{}, strides {} {} {}) at b{}(+{}, stride {}) over k = {}",
+                    s.out, s.outer, s.n, s.inner, s.src.buf, s.src.offset, s.src.batch, s.src.row, s.src.col,
+                    s.idx.buf, s.idx.offset, s.idx.col, s.k
                 )?,
             }
         }

@@ -19,7 +19,7 @@
 
 use super::emit::Emit;
 use super::{Pass, PassError};
-use crate::ir::{BinaryOp, DType, Dim, Graph, NodeId, Op, ReduceOp, TensorType, UnaryOp};
+use crate::ir::{BinaryOp, Dim, Graph, NodeId, Op, ReduceOp, UnaryOp};
 use std::collections::{HashMap, HashSet};
 
 const PASS: &str = "autodiff";
@@ -237,7 +237,15 @@ fn vjp(
             };
             vec![a, b]
         }
-        Op::Gather { axis } => vec![Some(gather_grad(e, xs[0], xs[1], axis, gy)?), None],
+        // gather and scatter-add are each other's transpose.
+        Op::Gather { axis } => {
+            let size = e.shape(xs[0])[axis].clone();
+            vec![
+                Some(e.op(Op::ScatterAdd { axis, size }, &[gy, xs[1]])?),
+                None,
+            ]
+        }
+        Op::ScatterAdd { axis, .. } => vec![Some(e.op(Op::Gather { axis }, &[gy, xs[1]])?), None],
         Op::Reshape { .. } => {
             let shape = e.shape(xs[0]).0;
             vec![Some(e.reshape(gy, shape)?)]
@@ -481,69 +489,6 @@ fn binary(
         | BinaryOp::And
         | BinaryOp::Or => vec![None, None],
     })
-}
-
-/// The gradient of `gather(table, idx, axis)`: a scatter-add of `gy` into the table's shape,
-/// written as a matmul with the one-hot matrix of the indices.
-fn gather_grad(
-    e: &mut Emit,
-    table: NodeId,
-    idx: NodeId,
-    axis: usize,
-    gy: NodeId,
-) -> Result<NodeId, PassError> {
-    let tshape = e.shape(table).0;
-    let ishape = e.shape(idx).0;
-    let dt = e.ty(table).dtype;
-    let n = tshape[axis].clone();
-    let k = ishape
-        .iter()
-        .try_fold(Dim::c(1), |acc, d| acc.checked_mul(d))
-        .ok_or_else(|| err("dimension overflow"))?;
-    // onehot[k, n] = (idx[k] == n)
-    let flat = e.reshape(idx, vec![k.clone(), Dim::c(1)])?;
-    let wide = e.expand(flat, vec![k.clone(), n.clone()])?;
-    let cols = e.source(
-        Op::Iota { axis: 1 },
-        TensorType::new(DType::I32, vec![k.clone(), n.clone()]),
-    )?;
-    let hit = e.bin(BinaryOp::Eq, wide, cols)?;
-    let onehot = e.cast(hit, dt)?;
-    let prefix = &tshape[..axis];
-    let suffix = &tshape[axis + 1..];
-    let prod = |ds: &[Dim]| {
-        ds.iter()
-            .try_fold(Dim::c(1), |acc, d| acc.checked_mul(d))
-            .ok_or_else(|| err("dimension overflow"))
-    };
-    let (p, s) = (prod(prefix)?, prod(suffix)?);
-    let ir = ishape.len();
-    if prefix.is_empty() {
-        // [N, K] @ [K, S] -> [N, S]
-        let g2 = e.reshape(gy, vec![k, s])?;
-        let oht = e.transpose(onehot)?;
-        let m = e.matmul(oht, g2)?;
-        return e.reshape(m, tshape);
-    }
-    // gy is prefix ++ idx ++ suffix: move the index axes last, [P*S, K] @ [K, N] -> [P*S, N].
-    let r = prefix.len() + ir + suffix.len();
-    let mut perm: Vec<usize> = (0..axis).collect();
-    perm.extend(axis + ir..r);
-    perm.extend(axis..axis + ir);
-    let moved = e.permute(gy, perm)?;
-    let ps = p.checked_mul(&s).ok_or_else(|| err("dimension overflow"))?;
-    let g2 = e.reshape(moved, vec![ps, k])?;
-    let m = e.matmul(g2, onehot)?;
-    let mut unflat: Vec<Dim> = prefix.to_vec();
-    unflat.extend(suffix.iter().cloned());
-    unflat.push(n);
-    let m = e.reshape(m, unflat)?;
-    // prefix ++ suffix ++ [N] -> prefix ++ [N] ++ suffix
-    let rt = tshape.len();
-    let mut back: Vec<usize> = (0..axis).collect();
-    back.push(rt - 1);
-    back.extend(axis..rt - 1);
-    e.permute(m, back)
 }
 
 /// The gradient of a slice: `gy` put back at its positions, zeros elsewhere. With a step,

@@ -11,6 +11,7 @@
 //!   kernel*: softmax and layer norm become one kernel each);
 //! - a matmul starts a kernel and takes an elementwise epilogue of its size (bias, activation,
 //!   residual, scale), through reshapes that only relabel its rows;
+//! - a scatter-add is a kernel of its own over materialised operands;
 //! - a value used by another kernel (or an output) is materialised in a buffer; nothing that is
 //!   not cheap is computed twice.
 
@@ -28,6 +29,8 @@ pub enum Anchor {
     Rows { rows: Shape, axis: usize },
     /// A matmul with its epilogue.
     Contraction,
+    /// A scatter-add, alone.
+    Scatter,
 }
 
 /// One kernel: its ops in order, and the values it writes for others.
@@ -120,7 +123,7 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
                 .all(|&h| h == g || !depends_on(&deps, h, g))
         };
         let joined = match node.op.kind() {
-            OpKind::Contraction | OpKind::Opaque | OpKind::Source => None,
+            OpKind::Contraction | OpKind::Opaque | OpKind::Scatter | OpKind::Source => None,
             OpKind::Reduction => match node.op {
                 Op::Reduce { axis, .. } => {
                     let rows = &graph.node(ops[0]).ty.shape;
@@ -134,7 +137,7 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
                                 .iter()
                                 .all(|&n| graph.node(n).ty.shape == *rows),
                             Anchor::Rows { rows: r, axis: a } => r == rows && *a == axis,
-                            Anchor::Contraction => false,
+                            Anchor::Contraction | Anchor::Scatter => false,
                         })
                 }
                 _ => None,
@@ -166,6 +169,7 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
                                 || node.op.kind() == OpKind::Elementwise;
                             relabel && out.is_some_and(|o| numel(&o) == numel(shape))
                         }
+                        Anchor::Scatter => false,
                     }
                 }),
         };
@@ -194,6 +198,7 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
             None => {
                 let anchor = match node.op {
                     Op::MatMul => Anchor::Contraction,
+                    Op::ScatterAdd { .. } => Anchor::Scatter,
                     Op::Reduce { axis, .. } => Anchor::Rows {
                         rows: graph.node(ops[0]).ty.shape.clone(),
                         axis,
@@ -377,6 +382,7 @@ pub fn print_grouped(graph: &Graph, plan: &FusionPlan) -> String {
                     Anchor::Pointwise => "pointwise".to_string(),
                     Anchor::Rows { axis, .. } => format!("rows over axis {axis}"),
                     Anchor::Contraction => "matmul".to_string(),
+                    Anchor::Scatter => "scatter-add".to_string(),
                 };
                 let _ = writeln!(
                     out,

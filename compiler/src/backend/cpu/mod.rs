@@ -20,7 +20,7 @@ mod ops;
 
 pub use cache::CacheStats;
 
-use crate::kernel::{MatMul, Plan, Step};
+use crate::kernel::{MatMul, Plan, ScatterAdd, Step};
 use cache::DiskCache;
 use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::{types, AbiParam, FuncRef, Function, UserFuncName};
@@ -121,6 +121,8 @@ pub enum CpuStep {
         work: usize,
     },
     MatMul(MatMul),
+    /// Run by the runtime (rows of `inner` elements added in index order).
+    ScatterAdd(ScatterAdd),
 }
 
 /// A compiled kernel: its steps in order.
@@ -201,19 +203,11 @@ fn new_module() -> Result<JITModule, CpuError> {
 /// Checks that a matmul's strided operands stay inside their buffers.
 fn check_matmul(plan: &Plan, m: &MatMul) -> Result<(), CpuError> {
     let len = |b: usize| plan.buffers.get(b).map(|x| x.len());
-    let last = |s: &crate::kernel::Strided, rows: usize, cols: usize| -> Option<usize> {
-        if m.batch == 0 || rows == 0 || cols == 0 {
-            return Some(0);
-        }
-        s.offset
-            .checked_add((m.batch - 1).checked_mul(s.batch)?)?
-            .checked_add((rows - 1).checked_mul(s.row)?)?
-            .checked_add((cols - 1).checked_mul(s.col)?)
-    };
-    let fits = |s: &crate::kernel::Strided, rows, cols| match (last(s, rows, cols), len(s.buf)) {
-        (Some(l), Some(n)) => m.batch * rows * cols == 0 || l < n,
-        _ => false,
-    };
+    let fits =
+        |s: &crate::kernel::Strided, rows, cols| match (s.last(m.batch, rows, cols), len(s.buf)) {
+            (Some(l), Some(n)) => m.batch * rows * cols == 0 || l < n,
+            _ => false,
+        };
     if !fits(&m.a, m.m, m.k) || !fits(&m.b, m.k, m.n) {
         return Err(CpuError::new("a matmul operand reaches outside its buffer"));
     }
@@ -266,6 +260,11 @@ pub fn compile(plan: &Plan, opts: &CpuOptions) -> Result<CpuProgram, CpuError> {
             match step {
                 Step::MatMul(m) => {
                     check_matmul(plan, m)?;
+                    steps.push(None);
+                }
+                Step::ScatterAdd(s) => {
+                    s.check(&plan.buffers)
+                        .map_err(|e| CpuError::new(format!("{}: {e}", k.name)))?;
                     steps.push(None);
                 }
                 Step::Loop(l) => {
@@ -347,6 +346,10 @@ pub fn compile(plan: &Plan, opts: &CpuOptions) -> Result<CpuProgram, CpuError> {
                 Step::MatMul(m) => {
                     compiled.next();
                     steps.push(CpuStep::MatMul(m.clone()));
+                }
+                Step::ScatterAdd(s) => {
+                    compiled.next();
+                    steps.push(CpuStep::ScatterAdd(s.clone()));
                 }
                 Step::Loop(_) => {
                     // Loops with no iterations were skipped.

@@ -116,6 +116,14 @@ pub fn check(plan: &Plan) -> BoundsReport {
                     c.stmts(&l.body, &vars, l.inner_var);
                 }
                 Step::MatMul(m) => check_matmul(plan, m, &at, &mut r),
+                // The generated code skips indices outside the output axis.
+                Step::ScatterAdd(s) => match s.check(&plan.buffers) {
+                    Ok(()) => {
+                        r.proved += 2;
+                        r.clamped += 1;
+                    }
+                    Err(e) => r.errors.push(format!("{at}: {e}")),
+                },
             }
         }
     }

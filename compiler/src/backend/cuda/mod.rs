@@ -2,7 +2,7 @@
 //!
 //! Every loop nest of a [`Kernel`](crate::kernel::Kernel) becomes one `extern "C" __global__`
 //! function ([`emit`]); a matrix product becomes a cuBLAS call or a generated tiled kernel
-//! ([`matmul`]); the steps of a kernel run in order, so a fused group may need several
+//! ([`matmul`]); a scatter-add a generated kernel with a thread per column ([`scatter`]); the steps of a kernel run in order, so a fused group may need several
 //! launches. [`generate`] returns a [`Program`]: the functions grouped by kernel and the
 //! [`launch`] plan. [`nvrtc`] compiles the program for one architecture and caches the binary.
 //!
@@ -15,6 +15,7 @@ pub mod expr;
 pub mod launch;
 pub mod matmul;
 pub mod nvrtc;
+pub mod scatter;
 
 pub use launch::{Gemm, GemmOperand, KernelLaunch, Launch};
 
@@ -103,6 +104,7 @@ pub fn generate(plan: &Plan, opts: &Options) -> Result<Program, CudaError> {
                         None => matmul::tiled(plan, mm, &name)?,
                     }
                 }
+                Step::ScatterAdd(sc) => scatter::kernel(plan, sc, &name)?,
             };
             if let Some(f) = f {
                 functions.push(f.source);

@@ -159,6 +159,30 @@ fn matmul() {
 }
 
 #[test]
+fn scatter_add() {
+    let scatter = |axis, size: &str| Op::ScatterAdd {
+        axis,
+        size: d(size),
+    };
+    assert_eq!(
+        run(scatter(0, "V"), &["f32[B, T, 64]", "i32[B, T]"]),
+        ok("f32[V, 64]")
+    );
+    assert_eq!(
+        run(scatter(1, "4"), &["f32[2, 3, 5]", "i32[3]"]),
+        ok("f32[2, 4, 5]")
+    );
+    assert_eq!(
+        run(scatter(0, "V"), &["f32[B, 64]", "f32[B]"]),
+        err("scatter_add: indices must be i32, found f32[B]")
+    );
+    assert_eq!(
+        run(scatter(0, "V"), &["f32[B, 64]", "i32[T]"]),
+        err("scatter_add: f32[B, 64] does not hold the indices i32[T] at axis 0")
+    );
+}
+
+#[test]
 fn gather() {
     let gather = |axis| Op::Gather { axis };
     assert_eq!(
