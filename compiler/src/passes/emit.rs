@@ -146,8 +146,12 @@ impl<'g> Emit<'g> {
         )
     }
 
-    /// The sum of every element, as a scalar (`[]`).
+    /// The sum of every element, as a scalar (`[]`). A tensor of rank 2 or more is summed
+    /// along its last axis first, then over the partial sums: the long first reduction runs
+    /// over rows in parallel, and the sums are more accurate than one running total.
     pub fn sum_all(&mut self, x: NodeId) -> R {
+        let rank = self.shape(x).0.len();
+        let x = if rank >= 2 { self.sum(x, rank - 1)? } else { x };
         let n = self
             .shape(x)
             .numel()

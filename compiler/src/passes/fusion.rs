@@ -9,6 +9,7 @@
 //! - a reduction absorbs its elementwise producers; the ops over the same rows after it join
 //!   too, including a broadcast of the reduced value back along the reduced axis (a *row
 //!   kernel*: softmax and layer norm become one kernel each);
+//! - pointwise kernels of one shape that an elementwise op reads from become one kernel;
 //! - a matmul starts a kernel and takes an elementwise epilogue of its size (bias, activation,
 //!   residual, scale), through reshapes that only relabel its rows;
 //! - a scatter-add is a kernel of its own over materialised operands;
@@ -75,6 +76,7 @@ pub fn plan(graph: &Graph) -> FusionPlan {
 pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
     let lt = load_time_with(graph, params_fixed);
     let order = graph.topo_order();
+    let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let mut cheap: HashSet<NodeId> = HashSet::new();
     for &id in &order {
         let node = graph.node(id);
@@ -114,6 +116,29 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
                 }
             } else if cheap.contains(&o) {
                 stack.extend(graph.operands(o));
+            }
+        }
+        // Pointwise kernels of this op's shape that it reads from (siblings such as the
+        // `m`, `v` and decayed-parameter chains of an optimiser update) become one kernel, so
+        // that none of them has to be materialised for the other.
+        if node.op.kind() == OpKind::Elementwise {
+            let same_shape = |g: &Group| {
+                g.anchor == Anchor::Pointwise
+                    && g.nodes.iter().any(|&n| graph.node(n).ty.shape == *shape)
+            };
+            let siblings: Vec<usize> = producer_groups
+                .iter()
+                .copied()
+                .filter(|&g| same_shape(&groups[g]))
+                .collect();
+            if let Some((&into, rest)) = siblings.split_first() {
+                for &from in rest {
+                    if depends_on(&deps, into, from) || depends_on(&deps, from, into) {
+                        continue;
+                    }
+                    merge_groups(&mut groups, &mut deps, &mut group_of, into, from, &position);
+                    producer_groups.retain(|&g| g != from);
+                }
             }
         }
         // Joining kernel g must not create a cycle: no other producer may depend on g.
@@ -253,8 +278,10 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
         }
     }
     // Kernels run in dependency order: an op that joined an earlier kernel may read a kernel
-    // created after it (a RoPE table computed later in program order), so sort them.
-    let (mut groups, group_of) = sort_groups(groups, &deps, group_of);
+    // created after it (a RoPE table computed later in program order), so sort them. Kernels
+    // merged into others are left out.
+    let (groups, group_of) = sort_groups(groups, &deps, group_of);
+    let (mut groups, group_of) = drop_empty(groups, group_of);
     // A value is materialised when a kernel other than its own reads it, directly or through
     // cheap views, or when an output names it (directly or through views).
     let mut out_ids: HashSet<NodeId> = HashSet::new();
@@ -296,6 +323,52 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
         cheap,
         group_of,
     }
+}
+
+/// Moves every node of kernel `from` into kernel `into` (kept in topological order); `from` is
+/// left empty, and kernels that read `from` now read `into`.
+fn merge_groups(
+    groups: &mut [Group],
+    deps: &mut [HashSet<usize>],
+    group_of: &mut HashMap<NodeId, usize>,
+    into: usize,
+    from: usize,
+    position: &HashMap<NodeId, usize>,
+) {
+    let moved = std::mem::take(&mut groups[from].nodes);
+    for &n in &moved {
+        group_of.insert(n, into);
+    }
+    groups[into].nodes.extend(moved);
+    groups[into].nodes.sort_by_key(|n| position[n]);
+    let from_deps = std::mem::take(&mut deps[from]);
+    deps[into].extend(from_deps.into_iter().filter(|&h| h != into));
+    for d in deps.iter_mut() {
+        if d.remove(&from) {
+            d.insert(into);
+        }
+    }
+    deps[into].remove(&into);
+}
+
+/// The kernels that still have nodes, renumbered.
+fn drop_empty(
+    groups: Vec<Group>,
+    group_of: HashMap<NodeId, usize>,
+) -> (Vec<Group>, HashMap<NodeId, usize>) {
+    let mut new_index = vec![usize::MAX; groups.len()];
+    let mut kept = Vec::new();
+    for (i, g) in groups.into_iter().enumerate() {
+        if !g.nodes.is_empty() {
+            new_index[i] = kept.len();
+            kept.push(g);
+        }
+    }
+    let group_of = group_of
+        .into_iter()
+        .map(|(id, g)| (id, new_index[g]))
+        .collect();
+    (kept, group_of)
 }
 
 /// Orders kernels so that every kernel comes after the kernels it reads (Kahn's algorithm,
