@@ -317,6 +317,12 @@ fn round_buffer(d: DType, v: &mut [f32]) {
     }
 }
 
+/// `B=4,T=128` from sorted bindings.
+fn dims_text(key: &DimsKey) -> String {
+    let parts: Vec<String> = key.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    parts.join(",")
+}
+
 impl CpuPlan {
     /// Rounds the `n` f32 elements of buffer `b` to its dtype (f16 and bf16 are stored as f32).
     fn round_output(&self, b: usize, n: usize, ptrs: &[*mut u8]) {
@@ -462,11 +468,13 @@ impl CpuPlan {
         let table = Ptrs(ptrs.as_ptr());
         // VLMC_PROFILE=1: time every kernel and print the slowest on stderr.
         let profile = std::env::var_os("VLMC_PROFILE").is_some();
-        let mut times: Vec<(f64, &str)> = Vec::new();
+        // (total ms, of which in matmuls, kernel name)
+        let mut times: Vec<(f64, f64, &str)> = Vec::new();
         // Time in matmuls and their GFLOP/s, when profiling.
         let (mut mm_ms, mut mm_flops) = (0f64, 0f64);
         for k in &self.program.kernels {
             let t0 = std::time::Instant::now();
+            let mm_before = mm_ms;
             for step in &k.steps {
                 match step {
                     CpuStep::Loop { f, outer, work } => {
@@ -491,7 +499,7 @@ impl CpuPlan {
                 }
             }
             if profile {
-                times.push((t0.elapsed().as_secs_f64() * 1e3, &k.name));
+                times.push((t0.elapsed().as_secs_f64() * 1e3, mm_ms - mm_before, &k.name));
             }
         }
         if profile {
@@ -505,8 +513,8 @@ impl CpuPlan {
                 total - mm_ms
             );
             let all = std::env::var("VLMC_PROFILE").is_ok_and(|v| v == "all");
-            for (t, name) in times.iter().take(if all { usize::MAX } else { 12 }) {
-                eprintln!("  {t:8.3} ms  {name}");
+            for (t, mm, name) in times.iter().take(if all { usize::MAX } else { 12 }) {
+                eprintln!("  {t:8.3} ms  {name}  (matmul {mm:.3} ms)");
             }
         }
         let t_out = std::time::Instant::now();
@@ -622,6 +630,12 @@ impl CpuModel {
                 .map_err(|e| RunError {
                     message: format!("lowering: {e}"),
                 })?;
+        // VLMC_DUMP_PLAN=DIR: the kernel IR of every plan made, one file per graph and size.
+        if let Some(dir) = std::env::var_os("VLMC_DUMP_PLAN") {
+            let name = format!("{}-{}.kernels", g.name, dims_text(&key));
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::write(std::path::Path::new(&dir).join(name), plan.to_string());
+        }
         let p = Arc::new(CpuPlan::new(plan, g, &self.params, &self.opts)?);
         if let Ok(mut c) = self.cache.lock() {
             c.insert(key, p.clone());

@@ -443,35 +443,7 @@ impl Lowering<'_> {
         );
         let mut steps = Vec::new();
         match &grp.anchor {
-            Anchor::Pointwise => {
-                // One loop nest per distinct output shape.
-                let mut by_shape: Vec<(Vec<usize>, Vec<NodeId>)> = Vec::new();
-                for &o in &grp.outputs {
-                    let s = self.shape(o)?;
-                    match by_shape.iter_mut().find(|(sh, _)| *sh == s) {
-                        Some((_, v)) => v.push(o),
-                        None => by_shape.push((s, vec![o])),
-                    }
-                }
-                for (shape, outs) in by_shape {
-                    let idx: Vec<Idx> = (0..shape.len()).map(Idx::Var).collect();
-                    let mut body = Vec::new();
-                    for o in outs {
-                        let value = self.val(o, &idx, gi, &HashMap::new())?;
-                        let buf = self.buffer_of[&o];
-                        body.push(Stmt::Store {
-                            buf,
-                            at: linearize(&idx, &shape),
-                            value,
-                        });
-                    }
-                    steps.push(Step::Loop(LoopNest {
-                        shape,
-                        inner_var: None,
-                        body,
-                    }));
-                }
-            }
+            Anchor::Pointwise => steps.extend(self.pointwise_nests(&grp.outputs, gi)?),
             Anchor::Rows { rows, axis } => {
                 let rows = self.dims_of(rows)?;
                 let axis = *axis;
@@ -561,29 +533,46 @@ impl Lowering<'_> {
                     n,
                     k,
                 }));
-                // The epilogue: the other outputs, reading the product from its buffer.
-                for &o in &grp.outputs {
-                    if o == m {
-                        continue;
-                    }
-                    let shape = self.shape(o)?;
-                    let idx: Vec<Idx> = (0..shape.len()).map(Idx::Var).collect();
-                    let value = self.val(o, &idx, gi, &HashMap::new())?;
-                    let buf = self.buffer_of[&o];
-                    steps.push(Step::Loop(LoopNest {
-                        shape: shape.clone(),
-                        inner_var: None,
-                        body: vec![Stmt::Store {
-                            buf,
-                            at: linearize(&idx, &shape),
-                            value,
-                        }],
-                    }));
-                }
+                // The epilogue: the other outputs, reading the product from its buffer, one
+                // loop nest per output shape.
+                let outs: Vec<NodeId> = grp.outputs.iter().copied().filter(|&o| o != m).collect();
+                steps.extend(self.pointwise_nests(&outs, gi)?);
             }
             Anchor::Scatter => steps.extend(self.scatter(grp.nodes[0], gi)?),
         }
         Ok(Kernel { name, steps })
+    }
+
+    /// The loop nests that store `outs` (values of kernel `gi`): one per distinct shape.
+    fn pointwise_nests(&mut self, outs: &[NodeId], gi: usize) -> R<Vec<Step>> {
+        let mut by_shape: Vec<(Vec<usize>, Vec<NodeId>)> = Vec::new();
+        for &o in outs {
+            let s = self.shape(o)?;
+            match by_shape.iter_mut().find(|(sh, _)| *sh == s) {
+                Some((_, v)) => v.push(o),
+                None => by_shape.push((s, vec![o])),
+            }
+        }
+        let mut steps = Vec::new();
+        for (shape, outs) in by_shape {
+            let idx: Vec<Idx> = (0..shape.len()).map(Idx::Var).collect();
+            let mut body = Vec::new();
+            for o in outs {
+                let value = self.val(o, &idx, gi, &HashMap::new())?;
+                let buf = self.buffer_of[&o];
+                body.push(Stmt::Store {
+                    buf,
+                    at: linearize(&idx, &shape),
+                    value,
+                });
+            }
+            steps.push(Step::Loop(LoopNest {
+                shape,
+                inner_var: None,
+                body,
+            }));
+        }
+        Ok(steps)
     }
 
     /// A scatter-add: its operands as strided views (copied first when they are not), the

@@ -8,6 +8,12 @@
 //! | `double_neg` | `neg(neg(x))` → `x` |
 //! | `identity_operand` | `x + 0`, `0 + x`, `x - 0`, `x * 1`, `1 * x`, `x / 1` → `x` |
 //! | `fold_const` | an elementwise op, cast or view of constants → one constant |
+//! | `transpose_product` | `transpose(a · b)` → `bᵀ · aᵀ` when the product has no other use |
+//! | `transpose_sum` | `transpose(x + y)` → `xᵀ + yᵀ` when each of `x`, `y` is such a product or a transpose |
+//!
+//! The last two turn a weight gradient (autodiff's `transpose(xᵀ · dy)`, summed over the uses
+//! of the weight) into products computed in the weight's own layout, so that nothing reads a
+//! product transposed.
 //!
 //! Constants fill their whole shape with one value, so folding computes one scalar, with the
 //! interpreter's rounding (operands rounded to their dtype, the result computed in f64).
@@ -27,6 +33,8 @@ const RULES: &[Rule] = &[
     double_neg,
     identity_operand,
     fold_const,
+    transpose_product,
+    transpose_sum,
 ];
 
 impl Pass for Simplify {
@@ -46,7 +54,7 @@ impl Pass for Simplify {
                     if let Some(new) = rule(graph, id) {
                         if new != id {
                             graph.replace_uses(id, new);
-                            graph.remove(id);
+                            remove_dead(graph, id);
                             any = true;
                             break;
                         }
@@ -63,6 +71,28 @@ impl Pass for Simplify {
             message: "no fixed point after 100 rounds".into(),
         })
     }
+}
+
+/// Removes `id` and then every operand left without a use (not sources: inputs and
+/// parameters stay), so that rules that want a value's only use see it at once.
+fn remove_dead(g: &mut Graph, id: NodeId) {
+    let mut stack = vec![id];
+    while let Some(n) = stack.pop() {
+        if !g.contains(n) || !g.users(n).is_empty() || is_output(g, n) {
+            continue;
+        }
+        let ops = g.operands(n);
+        let source = g.node(n).op.is_source();
+        if source && n != id {
+            continue;
+        }
+        g.remove(n);
+        stack.extend(ops);
+    }
+}
+
+fn is_output(g: &Graph, id: NodeId) -> bool {
+    g.outputs.iter().any(|(_, o)| *o == id)
 }
 
 fn operand(g: &Graph, id: NodeId, i: usize) -> Option<NodeId> {
@@ -214,4 +244,57 @@ fn fold_const(g: &mut Graph, id: NodeId) -> Option<NodeId> {
     };
     let scope = node.scope.clone();
     g.add_source(Op::Const { value }, ty, &scope).ok()
+}
+
+/// Whether `perm` swaps the last two axes and keeps the others.
+fn swaps_last_two(perm: &[usize]) -> bool {
+    let r = perm.len();
+    r >= 2
+        && perm[r - 2] == r - 1
+        && perm[r - 1] == r - 2
+        && perm[..r - 2].iter().enumerate().all(|(i, &p)| i == p)
+}
+
+/// The permutation of `id` when it is a transpose of the last two axes.
+fn transpose_perm(g: &Graph, id: NodeId) -> Option<Vec<usize>> {
+    match &g.node(id).op {
+        Op::Permute { perm } if swaps_last_two(perm) => Some(perm.clone()),
+        _ => None,
+    }
+}
+
+/// A matmul used only once (by the transpose being rewritten).
+fn sole_product(g: &Graph, id: NodeId) -> bool {
+    matches!(g.node(id).op, Op::MatMul) && g.users(id).len() == 1 && !is_output(g, id)
+}
+
+fn transpose_product(g: &mut Graph, id: NodeId) -> Option<NodeId> {
+    let perm = transpose_perm(g, id)?;
+    let m = operand(g, id, 0)?;
+    if !sole_product(g, m) {
+        return None;
+    }
+    let (a, b) = (operand(g, m, 0)?, operand(g, m, 1)?);
+    let bt = add(g, Op::Permute { perm: perm.clone() }, &[b], id)?;
+    let at = add(g, Op::Permute { perm }, &[a], id)?;
+    add(g, Op::MatMul, &[bt, at], id)
+}
+
+fn transpose_sum(g: &mut Graph, id: NodeId) -> Option<NodeId> {
+    let perm = transpose_perm(g, id)?;
+    let s = operand(g, id, 0)?;
+    if !matches!(g.node(s).op, Op::Binary(BinaryOp::Add))
+        || g.users(s).len() != 1
+        || is_output(g, s)
+    {
+        return None;
+    }
+    let (x, y) = (operand(g, s, 0)?, operand(g, s, 1)?);
+    let movable = |v: NodeId| sole_product(g, v) || transpose_perm(g, v).is_some();
+    if !(movable(x) && movable(y)) {
+        return None;
+    }
+    let xt = add(g, Op::Permute { perm: perm.clone() }, &[x], id)?;
+    let yt = add(g, Op::Permute { perm }, &[y], id)?;
+    add(g, Op::Binary(BinaryOp::Add), &[xt, yt], id)
 }
