@@ -710,3 +710,27 @@ fn clip_tiny_gradients_match_finite_differences() {
     assert!(params > 30 && n >= 2 * params);
     assert!(err <= MODEL_TOLERANCE, "clip_tiny: {err:.3e}");
 }
+
+#[test]
+fn no_gradient_flows_through_stop_gradient() {
+    // loss = sum(x * stop_gradient(x) * r): the gradient is x * r (not the 2 x r that finite
+    // differences see).
+    let mut c = Case::new();
+    let x = c.param("x", "[3, 4]", -1.0, 1.0);
+    let s = c.op(Op::StopGradient, &[x]);
+    let y = c.op(Op::Binary(BinaryOp::Mul), &[x, s]);
+    c.finish(y);
+    let mut g = c.g.clone();
+    passes::Autodiff {
+        loss: "loss".into(),
+        params: c.wrt.clone(),
+    }
+    .run(&mut g)
+    .expect("autodiff");
+    let out = vlmc_runtime::run(&g, &c.inputs, &c.params).expect("runs");
+    let got = out["grad.x"].to_f64();
+    let (xs, rs) = (c.params["x"].to_f64(), c.inputs["r"].to_f64());
+    for (i, v) in got.iter().enumerate() {
+        assert!((v - xs[i] * rs[i]).abs() <= 1e-12, "element {i}: {v}");
+    }
+}

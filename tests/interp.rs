@@ -237,7 +237,7 @@ fn every_op_is_covered() {
         }
     }
     let mut wanted: Vec<String> = "input param const iota random select reduce_sum reduce_max \
-        matmul gather scatter_add reshape permute expand slice concat pad neg:i32 abs:i32 not:bool and:bool \
+        matmul gather scatter_add stop_gradient reshape permute expand slice concat pad neg:i32 abs:i32 not:bool and:bool \
         or:bool eq:bool ne:bool cast:f32->i32 cast:i32->f32 cast:bool->f32 cast:f32->bool \
         cast:f32->f16 cast:f32->bf16"
         .split_whitespace()

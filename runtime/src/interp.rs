@@ -301,6 +301,7 @@ fn eval(
         Op::Reduce { op, axis } => Ok(reduce(*op, *axis, dtype, args[0])),
         Op::MatMul => matmul(args[0], args[1], dtype, shape),
         Op::Gather { axis } => gather(args[0], args[1], *axis, shape),
+        Op::StopGradient => Ok(args[0].clone()),
         Op::ScatterAdd { axis, .. } => scatter_add(args[0], args[1], *axis, dtype, shape),
         Op::Reshape { .. } => Ok(Tensor {
             shape: shape.to_vec(),

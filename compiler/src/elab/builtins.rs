@@ -46,6 +46,7 @@ const SIGS: &[(&str, &[&str])] = &[
     ("gather", &["table", "idx", "axis=0"]),
     ("scatter_add", &["src", "idx", "size", "axis=0"]),
     ("cast", &["x", "dtype"]),
+    ("detach", &["x"]),
     ("full", &["shape", "value", "dtype=f32"]),
     ("zeros", &["shape", "dtype=f32"]),
     ("ones", &["shape", "dtype=f32"]),
@@ -92,6 +93,7 @@ pub const NAMES: &[&str] = &[
     "gather",
     "scatter_add",
     "cast",
+    "detach",
     "full",
     "zeros",
     "ones",
@@ -581,6 +583,10 @@ impl Elaborator<'_> {
                     &[table, idx],
                     span,
                 )?))
+            }
+            "detach" => {
+                let x = t(self, "x")?;
+                Ok(Value::Tensor(self.op(cx, Op::StopGradient, &[x], span)?))
             }
             "scatter_add" => {
                 let (src, idx) = (t(self, "src")?, t(self, "idx")?);

@@ -50,6 +50,7 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, IrError> {
             value,
         } => rule.pad(*axis, before, after, *value, operands[0]),
         Op::Cast { dtype } => Ok(TensorType::new(*dtype, operands[0].shape.clone())),
+        Op::StopGradient => Ok(operands[0].clone()),
     }
 }
 

@@ -113,6 +113,9 @@ pub enum Op {
         /// The padding value.
         value: f64,
     },
+    /// The operand itself; reverse-mode autodiff passes no gradient through it (PyTorch's
+    /// `detach`). Removed by the simplifier, so kernels never see it.
+    StopGradient,
     /// Element type conversion.
     Cast {
         /// The target element type.
@@ -370,6 +373,7 @@ impl Op {
             Op::Concat { .. } => "concat",
             Op::Pad { .. } => "pad",
             Op::Cast { .. } => "cast",
+            Op::StopGradient => "stop_gradient",
         }
     }
 
@@ -389,7 +393,8 @@ impl Op {
             | Op::Expand { .. }
             | Op::Slice { .. }
             | Op::Concat { .. }
-            | Op::Pad { .. } => OpKind::View,
+            | Op::Pad { .. }
+            | Op::StopGradient => OpKind::View,
             Op::Gather { .. } => OpKind::Opaque,
             Op::ScatterAdd { .. } => OpKind::Scatter,
         }

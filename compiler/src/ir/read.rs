@@ -310,6 +310,7 @@ fn operand_op(c: &mut Cursor, name: &str, at: usize) -> Result<Op> {
                 value: c.float()?,
             }
         }
+        "stop_gradient" => Op::StopGradient,
         "cast" => {
             c.key("dtype")?;
             Op::Cast { dtype: c.dtype()? }

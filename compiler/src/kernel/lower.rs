@@ -316,6 +316,7 @@ impl Lowering<'_> {
                 from: self.g.node(ops[0]).ty.dtype,
                 value: Box::new(self.val(ops[0], idx, group, accs)?),
             },
+            Op::StopGradient => self.val(ops[0], idx, group, accs)?,
             Op::Reshape { .. } => {
                 let in_shape = self.shape(ops[0])?;
                 let flat = linearize(idx, &out_shape);
@@ -834,6 +835,15 @@ fn touches(stmts: &[Stmt], buf: usize) -> bool {
     })
 }
 
+/// Whether a statement stores into `buf`.
+fn stores_to(stmts: &[Stmt], buf: usize) -> bool {
+    stmts.iter().any(|s| match s {
+        Stmt::Store { buf: b, .. } => *b == buf,
+        Stmt::Reduce { .. } => false,
+        Stmt::Inner { body, .. } => stores_to(body, buf),
+    })
+}
+
 /// A row kernel whose reduction sums a costly value that a later store of the same row
 /// recomputes (softmax: `sum(exp(x - max))`, then `exp(x - max) / sum`) computes it once: a
 /// pass stores the value into the later store's buffer, the reduction reads it from there and
@@ -851,6 +861,46 @@ fn store_reduced_once(body: &mut Vec<Stmt>, buffers: &[Buffer]) {
         };
         let (len, v) = (*len, value.clone());
         if *dtype != DType::F32 || !is_costly(&v) {
+            i += 1;
+            continue;
+        }
+        // An earlier pass of the row already stores the value (softmax's `exp`, kept for the
+        // backward): the reduction and later stores read it back from there.
+        let earlier = body[..i].iter().find_map(|s| match s {
+            Stmt::Inner {
+                len: l,
+                body: inner,
+            } if *l == len && inner.len() == 1 => match &inner[0] {
+                Stmt::Store { buf, at, value }
+                    if *value == v
+                        && buffers[*buf].dtype == DType::F32
+                        && !stores_to(&body[i..], *buf) =>
+                {
+                    Some(Val::Load(*buf, at.clone()))
+                }
+                _ => None,
+            },
+            _ => None,
+        });
+        if let Some(load) = earlier {
+            for s in &mut body[i..] {
+                match s {
+                    Stmt::Reduce { value, .. } if contains_val(value, &v) => {
+                        *value = replace_val(value, &v, &load)
+                    }
+                    Stmt::Inner {
+                        len: l,
+                        body: inner,
+                    } if *l == len => {
+                        for st in inner {
+                            if let Stmt::Store { value, .. } = st {
+                                *value = replace_val(value, &v, &load);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
             i += 1;
             continue;
         }

@@ -246,6 +246,7 @@ fn vjp(
             ]
         }
         Op::ScatterAdd { axis, .. } => vec![Some(e.op(Op::Gather { axis }, &[gy, xs[1]])?), None],
+        Op::StopGradient => vec![None],
         Op::Reshape { .. } => {
             let shape = e.shape(xs[0]).0;
             vec![Some(e.reshape(gy, shape)?)]

@@ -281,7 +281,7 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
     // created after it (a RoPE table computed later in program order), so sort them. Kernels
     // merged into others are left out.
     let (groups, group_of) = sort_groups(groups, &deps, group_of);
-    let (mut groups, group_of) = drop_empty(groups, group_of);
+    let (mut groups, mut group_of) = drop_empty(groups, group_of);
     // A value is materialised when a kernel other than its own reads it, directly or through
     // cheap views, or when an output names it (directly or through views).
     let mut out_ids: HashSet<NodeId> = HashSet::new();
@@ -295,7 +295,7 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
             }
         }
     }
-    let readers = |n: NodeId| -> Vec<NodeId> {
+    let readers = |n: NodeId, cheap: &HashSet<NodeId>| -> Vec<NodeId> {
         let mut out = Vec::new();
         let mut stack = graph.users(n);
         while let Some(u) = stack.pop() {
@@ -307,9 +307,35 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
         }
         out
     };
+    // A broadcast of a kernel's value that other kernels read is not stored at its full size:
+    // the value is, and the readers broadcast it as a view (a softmax's row sums, a layer
+    // norm's statistics, kept for the backward).
+    for (g, grp) in groups.iter_mut().enumerate() {
+        let broadcasts: Vec<NodeId> = grp
+            .nodes
+            .iter()
+            .copied()
+            .filter(|&n| {
+                matches!(graph.node(n).op, Op::Expand { .. })
+                    && !out_ids.contains(&n)
+                    && graph
+                        .operands(n)
+                        .first()
+                        .is_some_and(|o| group_of.get(o) == Some(&g))
+                    && readers(n, &cheap)
+                        .iter()
+                        .any(|u| group_of.get(u).is_some_and(|&h| h != g))
+            })
+            .collect();
+        for n in broadcasts {
+            grp.nodes.retain(|&x| x != n);
+            group_of.remove(&n);
+            cheap.insert(n);
+        }
+    }
     for (g, grp) in groups.iter_mut().enumerate() {
         for &n in &grp.nodes {
-            let used_outside = readers(n)
+            let used_outside = readers(n, &cheap)
                 .iter()
                 .any(|u| group_of.get(u).is_some_and(|&h| h != g));
             if used_outside || out_ids.contains(&n) {

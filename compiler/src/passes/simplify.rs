@@ -2,7 +2,7 @@
 //!
 //! | rule | rewrites |
 //! |---|---|
-//! | `noop_view` | `reshape`, `expand`, identity `permute`, `cast` to the same type → the operand |
+//! | `noop_view` | `reshape`, `expand`, identity `permute`, `cast` to the same type, `stop_gradient` → the operand |
 //! | `reshape_reshape` | `reshape(reshape(x))` → `reshape(x)` |
 //! | `permute_permute` | `permute(permute(x, p), q)` → `permute(x, p∘q)` (or `x`) |
 //! | `double_neg` | `neg(neg(x))` → `x` |
@@ -109,7 +109,7 @@ fn noop_view(g: &mut Graph, id: NodeId) -> Option<NodeId> {
     let x = operand(g, id, 0)?;
     let same = g.node(x).ty == node.ty;
     let is_view = match &node.op {
-        Op::Reshape { .. } | Op::Expand { .. } | Op::Cast { .. } => true,
+        Op::Reshape { .. } | Op::Expand { .. } | Op::Cast { .. } | Op::StopGradient => true,
         Op::Permute { perm } => perm.iter().enumerate().all(|(i, &p)| i == p),
         _ => false,
     };
