@@ -207,6 +207,34 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
                         axis: *axis,
                     };
                 }
+                // An elementwise op joining a row kernel brings along the pointwise kernels of
+                // its shape that it reads (an optimiser's decayed parameter and `β₂·v`, which
+                // read only inputs, would otherwise each be a pass over memory of their own).
+                if node.op.kind() == OpKind::Elementwise
+                    && matches!(groups[g].anchor, Anchor::Rows { .. })
+                {
+                    let elementwise_of_shape = |grp: &Group| {
+                        grp.anchor == Anchor::Pointwise
+                            && grp.nodes.iter().all(|&n| {
+                                graph.node(n).op.kind() == OpKind::Elementwise
+                                    && graph.node(n).ty.shape == *shape
+                            })
+                    };
+                    let absorbed: Vec<usize> = producer_groups
+                        .iter()
+                        .copied()
+                        .filter(|&h| {
+                            h != g
+                                && elementwise_of_shape(&groups[h])
+                                && !depends_on(&deps, g, h)
+                                && !depends_on(&deps, h, g)
+                        })
+                        .collect();
+                    for h in absorbed {
+                        merge_groups(&mut groups, &mut deps, &mut group_of, g, h, &position);
+                        producer_groups.retain(|&x| x != h);
+                    }
+                }
                 groups[g].nodes.push(id);
                 group_of.insert(id, g);
                 for &h in &producer_groups {

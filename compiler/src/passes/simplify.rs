@@ -10,10 +10,12 @@
 //! | `fold_const` | an elementwise op, cast or view of constants → one constant |
 //! | `transpose_product` | `transpose(a · b)` → `bᵀ · aᵀ` when the product has no other use |
 //! | `transpose_sum` | `transpose(x + y)` → `xᵀ + yᵀ` when each of `x`, `y` is such a product or a transpose |
+//! | `sum_of_scatters` | `scatter_add(a, i) + scatter_add(b, j)` (axis 0) → `scatter_add(a ++ b, i ++ j)` when neither has another use |
 //!
 //! The last two turn a weight gradient (autodiff's `transpose(xᵀ · dy)`, summed over the uses
 //! of the weight) into products computed in the weight's own layout, so that nothing reads a
-//! product transposed.
+//! product transposed. The last one makes the gradient of a table gathered twice (a word
+//! embedding applied to two batches) one scatter-add instead of two full-size tables and a sum.
 //!
 //! Constants fill their whole shape with one value, so folding computes one scalar, with the
 //! interpreter's rounding (operands rounded to their dtype, the result computed in f64).
@@ -35,6 +37,7 @@ const RULES: &[Rule] = &[
     fold_const,
     transpose_product,
     transpose_sum,
+    sum_of_scatters,
 ];
 
 impl Pass for Simplify {
@@ -297,4 +300,51 @@ fn transpose_sum(g: &mut Graph, id: NodeId) -> Option<NodeId> {
     let xt = add(g, Op::Permute { perm: perm.clone() }, &[x], id)?;
     let yt = add(g, Op::Permute { perm }, &[y], id)?;
     add(g, Op::Binary(BinaryOp::Add), &[xt, yt], id)
+}
+
+fn sum_of_scatters(g: &mut Graph, id: NodeId) -> Option<NodeId> {
+    if !matches!(g.node(id).op, Op::Binary(BinaryOp::Add)) {
+        return None;
+    }
+    let (x, y) = (operand(g, id, 0)?, operand(g, id, 1)?);
+    let size = match (&g.node(x).op, &g.node(y).op) {
+        (Op::ScatterAdd { axis: 0, size: a }, Op::ScatterAdd { axis: 0, size: b }) if a == b => {
+            a.clone()
+        }
+        _ => return None,
+    };
+    let single = |v: NodeId| g.users(v).len() == 1 && !is_output(g, v);
+    if x == y || !single(x) || !single(y) {
+        return None;
+    }
+    // Each source as [K, rest...] and its indices as [K].
+    let flat = |g: &mut Graph, s: NodeId| -> Option<(NodeId, NodeId)> {
+        let (src, idx) = (operand(g, s, 0)?, operand(g, s, 1)?);
+        let ir = g.node(idx).ty.rank();
+        let k = g.node(idx).ty.shape.numel()?;
+        let mut shape = vec![k.clone()];
+        shape.extend(g.node(src).ty.shape.0[ir..].iter().cloned());
+        let src = add(
+            g,
+            Op::Reshape {
+                shape: shape.into_iter().collect(),
+            },
+            &[src],
+            id,
+        )?;
+        let idx = add(
+            g,
+            Op::Reshape {
+                shape: vec![k].into_iter().collect(),
+            },
+            &[idx],
+            id,
+        )?;
+        Some((src, idx))
+    };
+    let (a, i) = flat(g, x)?;
+    let (b, j) = flat(g, y)?;
+    let src = add(g, Op::Concat { axis: 0 }, &[a, b], id)?;
+    let idx = add(g, Op::Concat { axis: 0 }, &[i, j], id)?;
+    add(g, Op::ScatterAdd { axis: 0, size }, &[src, idx], id)
 }
