@@ -6,6 +6,9 @@
 //! NVRTC comes from `tests/setup.sh` (the PyPI wheel nvidia-cuda-nvrtc-cu12, in .cache/cuda)
 //! and is loaded by path. Running the kernels needs a GPU: `tests/gpu/check.sh`.
 
+mod common;
+
+use common::{small_dims, vlm_files};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -25,13 +28,6 @@ fn plan_at(path: &Path, dims: &HashMap<String, i64>) -> Plan {
     let mem = vlmc::passes::memory::plan(&compiled.graph, &compiled.fusion, dims);
     vlmc::kernel::lower(&compiled.graph, &compiled.fusion, &mem, dims)
         .unwrap_or_else(|e| panic!("{}: lowering: {e}", path.display()))
-}
-
-fn small_dims() -> HashMap<String, i64> {
-    [("B", 2), ("T", 5), ("N", 3), ("S", 4)]
-        .iter()
-        .map(|(k, v)| (k.to_string(), *v))
-        .collect()
 }
 
 /// The dims of a zoo fixture, from the inputs in its io.safetensors.
@@ -80,12 +76,7 @@ fn nvrtc_models() -> Vec<(String, Plan)> {
 /// The interpreter's per-op cases (`tests/interp/*.vlm`: every primitive and dtype), each as a
 /// plan; the ones that cannot be lowered (random ops) are left out.
 fn interp_cases() -> (Vec<(String, Plan)>, Vec<String>) {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir("tests/interp")
-        .expect("tests/interp")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "vlm"))
-        .collect();
-    paths.sort();
+    let paths = vlm_files("tests/interp");
     let (mut plans, mut skipped) = (Vec::new(), Vec::new());
     for p in paths {
         let c = vlmc::elab::check_file(&p);
@@ -158,13 +149,7 @@ fn tiled_matmul_snapshot() {
 fn launch_plans_stay_in_bounds() {
     let mut plans = nvrtc_models();
     for dir in ["tests/blocks", "tests/passes"] {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-            .expect("dir")
-            .map(|e| e.expect("entry").path())
-            .filter(|p| p.extension().is_some_and(|x| x == "vlm"))
-            .collect();
-        v.sort();
-        for p in v {
+        for p in vlm_files(dir) {
             plans.push((p.display().to_string(), plan_at(&p, &small_dims())));
         }
     }

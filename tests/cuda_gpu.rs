@@ -2,6 +2,8 @@
 //! every zoo fixture and MiniLM against the reference interpreter, and timings of the
 //! benchmark models of `tests/gpu/models.vlm` and MiniLM, printed as `BENCH {json}` lines.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -179,12 +181,7 @@ fn gpu_matches_the_interpreter() {
 #[ignore = "needs an NVIDIA GPU: tests/gpu/check.sh"]
 fn gpu_matches_the_interpreter_on_every_op() {
     require_gpu();
-    let mut paths: Vec<PathBuf> = std::fs::read_dir("tests/interp")
-        .expect("tests/interp")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "vlm"))
-        .collect();
-    paths.sort();
+    let paths = common::vlm_files("tests/interp");
     let (mut failures, mut checked, mut skipped) = (Vec::new(), 0, Vec::new());
     for p in &paths {
         let checked_file = vlmc::elab::check_file(p);

@@ -449,12 +449,7 @@ fn the_compiled_training_step_equals_the_interpreted_one_on_the_cpu() {
         cfg.grad_accum = accum;
         cfg.clip_grad = Some(1.0);
         if full {
-            cfg.trainable = model
-                .graph
-                .params()
-                .iter()
-                .map(|p| p.1.to_string())
-                .collect();
+            cfg.trainable = common::all_params(model);
         }
         let params = vlmc_runtime::init::init_params(&model.graph, 5).expect("init");
         let mut cpu =

@@ -224,12 +224,7 @@ fn llava_tiny_learns_to_name_colours() {
     let model = load("models/llava_tiny.vlm");
     let mut cfg = TrainConfig::of(&model, "align").expect("trainer");
     // Full fine-tuning, constant learning rate.
-    cfg.trainable = model
-        .graph
-        .params()
-        .iter()
-        .map(|p| p.1.to_string())
-        .collect();
+    cfg.trainable = common::all_params(&model);
     cfg.optimizer.lr = 1e-3;
     cfg.optimizer.weight_decay = 0.0;
     cfg.schedule.warmup = 0;

@@ -6,6 +6,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use vlmc_runtime::Tensor;
 
+/// Every parameter path of a model (a trainer that trains them all).
+pub fn all_params(m: &vlmc::elab::Elaborated) -> Vec<String> {
+    m.graph.params().iter().map(|p| p.1.to_string()).collect()
+}
+
 /// The last model of a `.vlm` file, or a panic with its diagnostics.
 pub fn load(path: &str) -> vlmc::elab::Elaborated {
     let checked = vlmc::elab::check_file(std::path::Path::new(path));
