@@ -234,3 +234,96 @@ fn checker_accepts_the_unmutated_corpus() {
         );
     }
 }
+
+/// A model whose forward returns `body` (an expression of `x: f32[B, 4]`).
+fn deep_model(body: &str) -> String {
+    format!("model M {{\n  fn forward(x: f32[B, 4]) -> f32[B, 4] {{\n    return {body}\n  }}\n}}\n")
+}
+
+/// Deep and long shapes of expression, each `n` levels deep.
+fn deep_text(kind: usize, n: usize) -> String {
+    match kind {
+        0 => deep_model(&format!("{}x{}", "(".repeat(n), ")".repeat(n))),
+        1 => deep_model(&vec!["x"; n].join(" + ")),
+        2 => deep_model(&format!("{}x", "-".repeat(n))),
+        3 => deep_model(&format!("{}x{}", "-(".repeat(n), ")".repeat(n))),
+        4 => deep_model(&format!("{}x{}", "relu(".repeat(n), ")".repeat(n))),
+        5 => deep_model(&format!("[{}x{}][0]", "[".repeat(n), "]".repeat(n))),
+        6 => deep_model(&format!("x{}", "[0:1]".repeat(n))),
+        7 => format!(
+            "model M {{\n  fn forward(x: f32[B, 4]) -> f32[B, 4] {{\n    let y = x\n    if false {{ y = x }}{}\n    return y\n  }}\n}}\n",
+            " else if false { y = x }".repeat(n)
+        ),
+        _ => format!(
+            "model M {{\n  fn forward(x: f32[B, 4]) -> f32[B, 4] {{\n    let y = x\n    for i in 0..{n} {{ y = y * 0.5 + x }}\n    return y\n  }}\n}}\n"
+        ),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Nesting and chains of any length, on a test thread's small stack: a result or a
+    /// rendered diagnostic, never an overflow. Past the fixed limits the error says so.
+    #[test]
+    fn checker_survives_deep_nesting_and_long_chains(kind in 0usize..9, n in prop_oneof![1usize..300, 1900usize..2100, 3000usize..12000]) {
+        let text = deep_text(kind, n);
+        let checked = vlmc::elab::check_text(Path::new("deep.vlm"), text);
+        // Within the limits (the model's and the function's braces are two levels), the shapes
+        // that type-check must elaborate; past them, the error says why.
+        let (nest, depth) = (vlmc_grammar::MAX_NESTING, vlmc_grammar::MAX_EXPR_DEPTH);
+        let within = match kind {
+            0 | 3 | 7 => n + 2 < nest,
+            1 | 2 => n < depth,
+            8 => true,
+            _ => false,
+        };
+        let too_deep = match kind {
+            0 | 3 | 4 | 5 | 7 => n + 2 > nest,
+            1 | 2 | 6 => n > depth,
+            _ => false,
+        };
+        match &checked.result {
+            Ok(_) => prop_assert!(!too_deep, "kind {kind} at {n} levels passes"),
+            Err(_) => {
+                let rendered = checked.render();
+                prop_assert!(rendered.starts_with("error: "), "{rendered}");
+                prop_assert!(!within, "kind {kind} at {n} levels fails: {rendered}");
+                if too_deep {
+                    prop_assert!(rendered.contains("too deep"), "{rendered}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn nesting_past_the_limits_is_a_located_error() {
+    let over = vlmc_grammar::MAX_NESTING + 1;
+    let e = vlmc_grammar::parse(&deep_text(0, over)).unwrap_err();
+    assert!(e.message.starts_with("nesting too deep"), "{}", e.message);
+    let e = vlmc_grammar::parse(&deep_text(1, 8000)).unwrap_err();
+    assert!(
+        e.message.starts_with("expression nested too deep"),
+        "{}",
+        e.message
+    );
+    // The operator where the limit is crossed: the 2000th `+`.
+    let text = deep_text(1, 8000);
+    assert_eq!(&text[e.span.start..e.span.end], "+");
+    assert_eq!(
+        text[..e.span.start].matches('+').count(),
+        vlmc_grammar::MAX_EXPR_DEPTH - 1
+    );
+    // At the limit, the checker elaborates it.
+    let at = deep_text(1, vlmc_grammar::MAX_EXPR_DEPTH);
+    let checked = vlmc::elab::check_text(Path::new("at.vlm"), at);
+    assert!(checked.result.is_ok(), "{}", checked.render());
+}
+
+#[test]
+fn a_byte_order_mark_is_whitespace() {
+    let text = format!("\u{feff}{}", deep_text(1, 3));
+    let checked = vlmc::elab::check_text(Path::new("bom.vlm"), text);
+    assert!(checked.result.is_ok(), "{}", checked.render());
+}

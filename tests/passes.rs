@@ -186,7 +186,7 @@ fn lora_merge_is_exact_and_costs_nothing_per_run() {
     let base_c = compile(&m, &CompileOptions::default()).expect("base compiles");
     let flops = |c: &vlmc::passes::Compiled| {
         let mem = vlmc::passes::memory::plan(&c.graph, &c.fusion, &dims);
-        vlmc::report::report(&c.graph, &c.fusion, &mem, None, &dims)
+        vlmc::report::report(&c.graph, &c.fusion, &mem, None, &dims).expect("report")
     };
     let (rb, rm) = (flops(&base_c), flops(&c));
     assert_eq!(rb.flops, rm.flops, "per-run FLOPs");
@@ -204,7 +204,7 @@ fn fusion_of_minilm_and_llava_tiny() {
         let c = compile(&m, &CompileOptions::default()).expect("compiles");
         let dims: HashMap<String, i64> = dims.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let mem = vlmc::passes::memory::plan(&c.graph, &c.fusion, &dims);
-        let r = vlmc::report::report(&c.graph, &c.fusion, &mem, None, &dims);
+        let r = vlmc::report::report(&c.graph, &c.fusion, &mem, None, &dims).expect("report");
         let kinds: Vec<String> = c
             .fusion
             .groups

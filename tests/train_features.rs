@@ -256,6 +256,8 @@ fn with_dropout_runs_repeat_and_resume_exactly() {
             stop_after: stop,
             eval_data: None,
             skip_finished: false,
+            overwrite: false,
+            restart_unfinished: false,
             backend: Default::default(),
         };
         train(&o, &mut |_| {}).expect("trains").losses
@@ -306,6 +308,8 @@ fn eval_loss_is_the_training_loss_of_the_same_batch_and_falls() {
         stop_after: None,
         eval_data: Some(&data),
         skip_finished: false,
+        overwrite: false,
+        restart_unfinished: false,
         backend: Default::default(),
     };
     let s = train(&o, &mut |_| {}).expect("trains");
@@ -373,6 +377,8 @@ fn eval_of_a_vision_language_batch_is_its_training_loss() {
             stop_after: stop,
             eval_data: e,
             skip_finished: false,
+            overwrite: false,
+            restart_unfinished: false,
             backend: Default::default(),
         };
         train(&o, &mut |_| {}).expect("trains")

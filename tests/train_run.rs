@@ -55,6 +55,8 @@ fn resuming_reproduces_the_uninterrupted_run() {
             stop_after: stop,
             eval_data: None,
             skip_finished: false,
+            overwrite: false,
+            restart_unfinished: false,
             backend: Default::default(),
         };
         train(&o, &mut |_| {}).expect("trains").losses
@@ -98,6 +100,8 @@ fn a_lora_adapter_round_trips_through_peft_and_merges() {
         stop_after: None,
         eval_data: None,
         skip_finished: false,
+        overwrite: false,
+        restart_unfinished: false,
         backend: Default::default(),
     };
     train(&o, &mut |_| {}).expect("trains");
@@ -195,6 +199,7 @@ fn colour_accuracy(
                     ids: e.ids[..p].to_vec(),
                     mask: vec![0.0; p],
                     image: e.image.clone(),
+                    line: e.line,
                 }
             })
             .collect();

@@ -419,3 +419,380 @@ fn init_then_run_works_for_the_example_models() {
         }
     }
 }
+
+/// `WeightFile::open`'s error on `bytes`, written to a file of its own.
+fn open_error(name: &str, bytes: &[u8]) -> String {
+    let path = tmp(name);
+    std::fs::write(&path, bytes).expect("write");
+    match WeightFile::open(&path) {
+        Err(e) => e.message,
+        Ok(_) => panic!("{name} should not open"),
+    }
+}
+
+/// No message names a raw error enum of the safetensors crate.
+fn assert_english(e: &str) {
+    for raw in [
+        "InvalidHeader",
+        "HeaderTooSmall",
+        "HeaderTooLarge",
+        "TensorInvalidInfo",
+        "InvalidOffset",
+        "MetadataIncompleteBuffer",
+        "ValidationOverflow",
+        "IoError",
+        "JsonError",
+    ] {
+        assert!(!e.contains(raw), "raw error name in: {e}");
+    }
+}
+
+#[test]
+fn safetensors_errors_say_what_is_wrong_in_words() {
+    let good = raw_file(&[
+        ("a", "F32", vec![2], vec![0; 8]),
+        ("b", "I32", vec![1], vec![0; 4]),
+    ]);
+    // Trailing bytes are not truncation.
+    let mut trailing = good.clone();
+    trailing.extend_from_slice(&[0; 5]);
+    let e = open_error("trailing.safetensors", &trailing);
+    assert!(
+        e.contains("5 bytes of trailing data after the last tensor") && !e.contains("truncated"),
+        "{e}"
+    );
+    let e = open_error("cut.safetensors", &good[..good.len() - 3]);
+    assert!(e.contains("3 bytes missing (truncated)"), "{e}");
+    // Header problems, each named.
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty", Vec::new(), "too short"),
+        (
+            "huge-len",
+            u64::MAX.to_le_bytes().to_vec(),
+            "more than the 100 MB",
+        ),
+        (
+            "len-past-end",
+            64u64.to_le_bytes().to_vec(),
+            "only 0 bytes follow",
+        ),
+    ];
+    let header = |text: &str| {
+        let mut b = (text.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(text.as_bytes());
+        b
+    };
+    cases.push(("not-json", header("{\"a\": not json }"), "not valid JSON"));
+    cases.push((
+        "array",
+        header("[1, 2]"),
+        "not an object of tensors (it is an array)",
+    ));
+    cases.push((
+        "no-dtype",
+        header(r#"{"a": {"shape": [1], "data_offsets": [0, 4]}}"#),
+        "tensor `a` is invalid: missing field `dtype`",
+    ));
+    cases.push((
+        "bad-dtype",
+        header(r#"{"a": {"dtype": "F128", "shape": [1], "data_offsets": [0, 4]}}"#),
+        "unknown variant `F128`",
+    ));
+    cases.push((
+        "bad-size",
+        header(r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}"#),
+        "tensor `a` is F32[2], 8 bytes, but its data_offsets [0, 4] span 4 bytes",
+    ));
+    cases.push((
+        "gap",
+        header(r#"{"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}"#),
+        "a gap",
+    ));
+    cases.push((
+        "backwards",
+        header(r#"{"a": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}}"#),
+        "the end is before the start",
+    ));
+    cases.push((
+        "overflow",
+        header(
+            r#"{"a": {"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 4]}}"#,
+        ),
+        "its size overflows",
+    ));
+    cases.push((
+        "metadata",
+        header(r#"{"__metadata__": {"k": 3}}"#),
+        "`__metadata__` must map strings to strings",
+    ));
+    let mut latin1 = 4u64.to_le_bytes().to_vec();
+    latin1.extend_from_slice(&[b'{', 0xff, 0xfe, b'}']);
+    cases.push(("latin1", latin1, "not UTF-8 text"));
+    for (name, bytes, want) in cases {
+        let e = open_error(&format!("{name}.safetensors"), &bytes);
+        assert!(
+            e.contains("is not a valid safetensors file") && e.contains(want),
+            "{name}: {e}"
+        );
+        assert_english(&e);
+    }
+    // Overlapping tensors.
+    let overlap = {
+        let text = r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}"#;
+        let mut b = header(text);
+        b.extend_from_slice(&[0; 8]);
+        b
+    };
+    let e = open_error("overlap.safetensors", &overlap);
+    assert!(e.contains("an overlap") && e.contains("tensor `b`"), "{e}");
+    // The crate's own errors, should one get past the checks, are words too.
+    use vlmc_runtime::weights::SafeTensorError as E;
+    for err in [
+        E::InvalidHeader,
+        E::InvalidHeaderStart,
+        E::InvalidHeaderDeserialization,
+        E::HeaderTooLarge,
+        E::HeaderTooSmall,
+        E::InvalidHeaderLength,
+        E::TensorNotFound("t".into()),
+        E::TensorInvalidInfo,
+        E::InvalidOffset("t".into()),
+        E::MetadataIncompleteBuffer,
+        E::ValidationOverflow,
+    ] {
+        let text = vlmc_runtime::weights::describe_error(&err);
+        assert!(text.contains(' '), "{text}");
+        assert_english(&text);
+    }
+}
+
+#[cfg(unix)]
+fn mkfifo(p: &Path) {
+    let st = std::process::Command::new("mkfifo")
+        .arg(p)
+        .status()
+        .expect("mkfifo runs");
+    assert!(st.success());
+}
+
+/// Runs `f` on another thread and fails the test if it takes more than 20 s (a read that
+/// blocks on a FIFO would otherwise hang the suite).
+fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("finished without blocking")
+}
+
+#[cfg(unix)]
+#[test]
+fn weights_and_inputs_must_be_regular_files() {
+    let dir = tmp("nonregular");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let fifo = dir.join("pipe.safetensors");
+    let _ = std::fs::remove_file(&fifo);
+    mkfifo(&fifo);
+    let f = fifo.clone();
+    let e = within_seconds(move || WeightFile::open(&f).err().expect("a FIFO").message);
+    assert_eq!(
+        e,
+        format!(
+            "cannot open {}: it is a FIFO (named pipe), not a regular file",
+            fifo.display()
+        )
+    );
+    let e = WeightFile::open(&dir).err().expect("a directory").message;
+    assert!(e.ends_with("it is a directory, not a regular file"), "{e}");
+    let e = WeightFile::open(Path::new("/dev/null"))
+        .err()
+        .expect("a device")
+        .message;
+    assert!(e.contains("character device"), "{e}");
+    let npy = dir.join("pipe.npy");
+    let _ = std::fs::remove_file(&npy);
+    mkfifo(&npy);
+    let n = npy.clone();
+    let e = within_seconds(move || {
+        vlmc_runtime::inputs::read_npy(&n)
+            .expect_err("FIFO")
+            .message
+    });
+    assert!(e.contains("FIFO") && e.contains("pipe.npy"), "{e}");
+    let n = npy.clone();
+    let e = within_seconds(move || {
+        vlmc_runtime::inputs::read_image(&n)
+            .expect_err("FIFO")
+            .message
+    });
+    assert!(e.contains("FIFO"), "{e}");
+    let n = npy.clone();
+    let e = within_seconds(move || {
+        vlmc_runtime::inputs::load_tokenizer(&n)
+            .expect_err("FIFO")
+            .message
+    });
+    assert!(e.contains("FIFO"), "{e}");
+    let _ = std::fs::remove_file(&fifo);
+    let _ = std::fs::remove_file(&npy);
+}
+
+/// A float32 .npy file's bytes with the given header dict and data.
+fn npy_bytes(dict: &str, data: &[u8]) -> Vec<u8> {
+    let mut header = dict.to_string();
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+#[test]
+fn npy_arrays_read_and_their_errors_say_what_is_wrong() {
+    use vlmc_runtime::inputs::parse_npy;
+    let f32s: Vec<u8> = [1.5f32, -2.0, 3.25]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let t = parse_npy(&npy_bytes(
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }",
+        &f32s,
+    ))
+    .expect("f4");
+    assert_eq!(t, Tensor::f32(vec![3], vec![1.5, -2.0, 3.25]));
+    let big: Vec<u8> = [7i64, -9].iter().flat_map(|x| x.to_be_bytes()).collect();
+    let t = parse_npy(&npy_bytes(
+        "{'descr': '>i8', 'fortran_order': False, 'shape': (1, 2), }",
+        &big,
+    ))
+    .expect("big-endian i8");
+    assert_eq!(t, Tensor::i32(vec![1, 2], vec![7, -9]));
+    let t = parse_npy(&npy_bytes(
+        "{'descr': '|b1', 'fortran_order': False, 'shape': (), }",
+        &[1],
+    ))
+    .expect("a scalar bool");
+    assert_eq!(t, Tensor::bool(vec![], vec![true]));
+    let header = |d: &str| npy_bytes(d, &f32s);
+    for (bytes, want) in [
+        (b"PK\x03\x04".to_vec(), "not a .npy file"),
+        (b"\x93NUMPY\x09\x00".to_vec(), "version 9.0 is not supported"),
+        (b"\x93NUMPY\x01\x00\xff\x00{".to_vec(), "the .npy header is truncated"),
+        (
+            header("{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }"),
+            "4 missing: truncated",
+        ),
+        (
+            header("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }"),
+            "4 bytes of trailing data after the array",
+        ),
+        (
+            header("{'descr': '<U3', 'fortran_order': False, 'shape': (1,), }"),
+            "dtype `U3` is not supported",
+        ),
+        (
+            header("{'descr': '<f4', 'fortran_order': True, 'shape': (3,), }"),
+            "Fortran-order",
+        ),
+        (
+            header("{'descr': '<f4', 'fortran_order': False, 'shape': (-3,), }"),
+            "`shape` holds `-3`, not a non-negative integer",
+        ),
+        (
+            header("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999, 99999999999, 99999999999), }"),
+            "is too large",
+        ),
+        (
+            header("{'descr': '<f4', 'fortran_order': False }"),
+            "has no `shape`",
+        ),
+        (header("not a dict"), "the .npy header is malformed"),
+    ] {
+        let e = parse_npy(&bytes).expect_err(want);
+        assert!(e.contains(want), "want {want:?}: {e}");
+    }
+}
+
+#[test]
+fn unknown_input_names_are_errors_that_list_the_inputs() {
+    let dir = tmp("unknown-inputs");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let x = dir.join("x.safetensors");
+    save(
+        &x,
+        &BTreeMap::from([("x".to_string(), Tensor::f32(vec![1, 4], vec![0.0; 4]))]),
+    )
+    .expect("save");
+    let pairs = |name: &str| vec![(name.to_string(), x.display().to_string())];
+    let gather = |p: &[(String, String)]| {
+        vlmc_runtime::inputs::gather_inputs(p, &["x", "mask"], &[], &dir, None)
+    };
+    let got = gather(&pairs("x")).expect("a known input");
+    assert_eq!(got["x"].shape, vec![1, 4]);
+    let e = gather(&pairs("y")).expect_err("unknown").message;
+    assert!(
+        e.contains("the model has no input `y`; its inputs are: `x`, `mask`"),
+        "{e}"
+    );
+    let twice = [pairs("x"), pairs("x")].concat();
+    let e = gather(&twice).expect_err("twice").message;
+    assert!(e.contains("input `x` is given twice"), "{e}");
+    let e = gather(&pairs("image"))
+        .expect_err("no image preprocessing")
+        .message;
+    assert!(e.contains("preprocess") && e.contains("`x`, `mask`"), "{e}");
+}
+
+#[cfg(unix)]
+#[test]
+fn save_writes_through_symlinks_and_refuses_fifos_and_folders() {
+    let dir = tmp("save-targets");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let real = dir.join("real.safetensors");
+    let link = dir.join("link.safetensors");
+    std::os::unix::fs::symlink("real.safetensors", &link).expect("symlink");
+    save(&link, &good_tensors()).expect("through the link");
+    assert!(std::fs::symlink_metadata(&link)
+        .expect("link")
+        .file_type()
+        .is_symlink());
+    assert_eq!(WeightFile::open(&real).expect("target").names().len(), 4);
+    let fifo = dir.join("pipe.safetensors");
+    mkfifo(&fifo);
+    let e = within_seconds({
+        let fifo = fifo.clone();
+        move || save(&fifo, &good_tensors()).expect_err("a FIFO").message
+    });
+    assert!(e.contains("FIFO"), "{e}");
+    assert!(std::fs::symlink_metadata(&fifo)
+        .map(|m| !m.is_file())
+        .unwrap_or(false));
+    let e = save(&dir, &good_tensors()).expect_err("a folder").message;
+    assert!(e.contains("directory"), "{e}");
+    save(Path::new("/dev/null"), &good_tensors()).expect("/dev/null takes anything");
+    // Concurrent writers of one path each use their own temporary file.
+    let target = dir.join("shared.safetensors");
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let target = target.clone();
+            std::thread::spawn(move || save(&target, &good_tensors()).expect("save"))
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("writer");
+    }
+    assert_eq!(WeightFile::open(&target).expect("whole").names().len(), 4);
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -67,7 +67,17 @@ pub fn synthetic_inputs(
                 _ => return Err(format!("input `{name}`: give the size of {d} with --dims")),
             }
         }
-        let n: usize = shape.iter().product();
+        // Sized by the user's --dims: checked against the memory available.
+        let n = vlmc_runtime::alloc::numel(&shape).unwrap_or(usize::MAX);
+        let bytes = if ty.dtype == vlmc::ir::DType::Bool {
+            1
+        } else {
+            4
+        };
+        vlmc_runtime::alloc::ensure_shape(&shape, bytes, || {
+            format!("input `{name}` {shape:?} {}", ty.dtype)
+        })
+        .map_err(|e| e.to_string())?;
         let t = match ty.dtype {
             vlmc::ir::DType::I32 if name.contains("mask") => Tensor::i32(shape, vec![1; n]),
             vlmc::ir::DType::I32 if name.contains("type") => Tensor::i32(shape, vec![0; n]),
@@ -126,6 +136,7 @@ pub fn bench(file: &Path, args: &BenchArgs<'_>) -> Result<(), u8> {
         1u8
     };
     let m = crate::load_model(file, &args.pick)?;
+    crate::check_dims(&[&m.graph], args.dims).map_err(|e| fail(&e))?;
     let params = bench_params(&m, args.weights, 0).map_err(|e| fail(&e))?;
     let dims: HashMap<String, i64> = args.dims.iter().cloned().collect();
     let inputs = synthetic_inputs(&m.graph, &dims).map_err(|e| fail(&e))?;
@@ -137,6 +148,7 @@ pub fn bench(file: &Path, args: &BenchArgs<'_>) -> Result<(), u8> {
     let passes_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
     let mem = vlmc::passes::memory::plan(&c.graph, &c.fusion, &dims);
+    vlmc_runtime::cpu::check_plan_memory(&c.graph, &mem, &dims).map_err(|e| fail(&e))?;
     let lowered = vlmc::kernel::lower_with(
         &c.graph,
         &c.fusion,
@@ -146,7 +158,9 @@ pub fn bench(file: &Path, args: &BenchArgs<'_>) -> Result<(), u8> {
     )
     .map_err(|e| fail(&e))?;
     let lower_ms = t1.elapsed().as_secs_f64() * 1e3;
-    let flops = vlmc::report::report(&c.graph, &c.fusion, &mem, None, &dims).flops as f64;
+    let flops = vlmc::report::report(&c.graph, &c.fusion, &mem, None, &dims)
+        .map_err(|e| fail(&e))?
+        .flops as f64;
     let t2 = Instant::now();
     let plan = vlmc_runtime::cpu::CpuPlan::new(
         lowered,

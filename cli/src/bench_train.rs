@@ -142,6 +142,7 @@ pub fn bench_train(file: &Path, args: &TrainBenchArgs<'_>) -> Result<(), u8> {
     let update = vlmc::train::build(&m, &cfg, StepKind::Update).map_err(|e| fail(&e))?;
     let fused = vlmc::train::build(&m, &cfg, StepKind::Fused).map_err(|e| fail(&e))?;
     let graphs_ms = t0.elapsed().as_secs_f64() * 1e3;
+    crate::check_dims(&[&m.graph, &fused.graph], args.dims).map_err(|e| fail(&e))?;
     let dims: HashMap<String, i64> = args.dims.iter().cloned().collect();
     let inputs = step_inputs(&m.graph, &fused.graph, &dims).map_err(|e| fail(&e))?;
     let size: Vec<String> = args.dims.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -162,7 +163,8 @@ pub fn bench_train(file: &Path, args: &TrainBenchArgs<'_>) -> Result<(), u8> {
         time_graph(&fused.graph, &inputs, &params, args.runs, &opts).map_err(|e| fail(&e))?;
     let fusion = vlmc::passes::fusion::plan_with(&fused.graph, false);
     let mem = vlmc::passes::memory::plan(&fused.graph, &fusion, &dims);
-    let report = vlmc::report::report(&fused.graph, &fusion, &mem, Some(&fused.trainable), &dims);
+    let report = vlmc::report::report(&fused.graph, &fusion, &mem, Some(&fused.trainable), &dims)
+        .map_err(|e| fail(&e))?;
     let bytes =
         |names: &mut dyn Iterator<Item = &Tensor>| -> usize { names.map(|t| t.numel() * 4).sum() };
     let params_b = bytes(&mut params.values());
@@ -183,8 +185,8 @@ pub fn bench_train(file: &Path, args: &TrainBenchArgs<'_>) -> Result<(), u8> {
         flops / step.median_ms / 1e6,
         report.params_trainable,
         report.kernels,
-        mib(report.peak_bytes),
-        mib(report.naive_bytes),
+        report.peak_bytes as f64 / (1 << 20) as f64,
+        report.naive_bytes as f64 / (1 << 20) as f64,
         mib(params_b),
         mib(state_b),
         step.compile_ms,

@@ -151,11 +151,19 @@ pub struct RunArgs<'a> {
 pub fn run(file: &Path, a: &RunArgs<'_>) -> Result<(), u8> {
     vlmc_runtime::cuda::check_driver().map_err(|e| fail(&e))?;
     let m = load(file, a.model, a.sets)?;
+    let path = a.out.map(Path::to_path_buf).unwrap_or_else(|| {
+        PathBuf::from("build")
+            .join(&m.model)
+            .join("outputs.safetensors")
+    });
+    let dir = a.weights.parent().unwrap_or(Path::new("."));
+    let tokenizer = a
+        .tokenizer
+        .map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf);
+    crate::check_run_output(&path, file, a.weights, a.inputs, &tokenizer)?;
     let wf = vlmc_runtime::weights::WeightFile::open(a.weights).map_err(|e| fail(&e))?;
     let bound = vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint).map_err(|e| fail(&e))?;
-    let dir = a.weights.parent().unwrap_or(Path::new("."));
-    let inputs = vlmc_runtime::inputs::gather_inputs(a.inputs, &m.preprocess, dir, a.tokenizer)
-        .map_err(|e| fail(&e))?;
+    let inputs = crate::gather_inputs(&m, a.inputs, dir, a.tokenizer).map_err(|e| fail(&e))?;
     let t0 = Instant::now();
     let opts = vlmc_runtime::cuda::CudaOptions::default();
     let mut gpu =
@@ -181,11 +189,6 @@ pub fn run(file: &Path, a: &RunArgs<'_>) -> Result<(), u8> {
     for (name, t) in &outputs {
         println!("{name}: {t}");
     }
-    let path = a.out.map(Path::to_path_buf).unwrap_or_else(|| {
-        PathBuf::from("build")
-            .join(&m.model)
-            .join("outputs.safetensors")
-    });
     vlmc_runtime::weights::save(&path, &outputs).map_err(|e| fail(&e))?;
     eprintln!("wrote {}", path.display());
     Ok(())

@@ -6,7 +6,6 @@ pub mod bench_train;
 pub mod cuda;
 pub mod train;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use vlmc::elab::{check_file, Checked, Elaborated};
@@ -192,6 +191,10 @@ pub fn build_with(
     let checked = checked_ok(file, p.sets)?;
     let models = checked.result.as_deref().unwrap_or_default();
     let m = pick(models, p.model, file)?;
+    check_dims(&[&m.graph], &opts.dims).map_err(|e| {
+        eprintln!("error: {e}");
+        1u8
+    })?;
     let dir = out
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("build").join(&m.model));
@@ -250,7 +253,11 @@ pub fn build_with(
                         .collect()
                 });
                 let r =
-                    vlmc::report::report(&c.graph, &c.fusion, &mem, trainable.as_deref(), &dims);
+                    vlmc::report::report(&c.graph, &c.fusion, &mem, trainable.as_deref(), &dims)
+                        .map_err(|e| {
+                            eprintln!("error: {e}");
+                            1u8
+                        })?;
                 let text = r.text(&m.model, &dims);
                 print!("{text}");
                 ("report.txt", text)
@@ -259,6 +266,7 @@ pub fn build_with(
                 let dims: std::collections::HashMap<String, i64> =
                     opts.dims.iter().cloned().collect();
                 let mem = vlmc::passes::memory::plan(&c.graph, &c.fusion, &dims);
+                check_fits(&mem, &m.model)?;
                 match vlmc::kernel::lower(&c.graph, &c.fusion, &mem, &dims) {
                     Ok(plan) => ("kernels", plan.to_string()),
                     Err(e) => {
@@ -272,6 +280,7 @@ pub fn build_with(
                     opts.dims.iter().cloned().collect();
                 let t0 = Instant::now();
                 let mem = vlmc::passes::memory::plan(&c.graph, &c.fusion, &dims);
+                check_fits(&mem, &m.model)?;
                 let cpu = vlmc::kernel::LowerOptions::cpu();
                 let plan = vlmc::kernel::lower_with(&c.graph, &c.fusion, &mem, &dims, cpu)
                     .map_err(|e| {
@@ -311,6 +320,10 @@ pub fn build_with(
             files.push((format!("after-{pass}.ir"), text.clone()));
         }
     }
+    for (ext, _) in &files {
+        let path = dir.join(format!("{}.{ext}", m.model));
+        check_output(&path, &[("the model file", file)])?;
+    }
     for (ext, text) in files {
         let path = dir.join(format!("{}.{ext}", m.model));
         if let Err(err) = write_atomic(&path, text.as_bytes()) {
@@ -325,19 +338,34 @@ pub fn build_with(
     Ok(())
 }
 
+/// Lowering lays the memory plan out in this machine's address space: an error when the plan at
+/// these sizes does not fit it (the figures of `--emit report` are exact even then).
+fn check_fits(mem: &vlmc::passes::memory::MemoryPlan, model: &str) -> Result<(), u8> {
+    if mem.fits() {
+        return Ok(());
+    }
+    eprintln!(
+        "error: cannot lower {model} to kernels: its activation memory at these sizes ({}) does \
+         not fit a 64-bit address space",
+        mem.peak
+            .map_or("too much to count".into(), vlmc_runtime::alloc::human_bytes)
+    );
+    Err(1)
+}
+
 fn ast_text(checked: &Checked) -> String {
     checked
         .program
         .modules
         .first()
-        .map(|m| format!("{:#?}\n", m.ast))
+        .map(|m| vlmc_grammar::ast::tree_text(&m.ast))
         .unwrap_or_default()
 }
 
 /// Runs Graphviz `dot -Tsvg` next to a `.dot` file when it is installed.
 fn render_svg(dot_path: &Path) {
     let svg = dot_path.with_extension("svg");
-    let tmp = dot_path.with_extension("svg.tmp");
+    let tmp = dot_path.with_extension(format!("svg.tmp{}", std::process::id()));
     let status = std::process::Command::new("dot")
         .arg("-Tsvg")
         .arg(dot_path)
@@ -358,34 +386,25 @@ fn render_svg(dot_path: &Path) {
     }
 }
 
-/// Writes a file under a temporary name, then renames it into place.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp{}",
-        path.extension().and_then(|e| e.to_str()).unwrap_or(""),
-        std::process::id()
-    ));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
-}
+/// Writes a file atomically (a temporary name unique to the process, synced, renamed into
+/// place; symlinks written through; directories, FIFOs and device nodes other than
+/// `/dev/null` refused): [`vlmc::files::write_atomic`], shared with the runtime.
+pub use vlmc::files::write_atomic;
 
 /// `vlmc init FILE --seed N -o W`: every parameter from its init rule, saved as safetensors.
 pub fn init(file: &Path, p: &Pick<'_>, seed: u64, out: Option<&Path>) -> Result<(), u8> {
     let m = load_model(file, p)?;
-    let t0 = Instant::now();
-    let params = vlmc_runtime::init::init_params(&m.graph, seed).map_err(|e| {
-        eprintln!("error: {e}");
-        1
-    })?;
     let path = out.map(Path::to_path_buf).unwrap_or_else(|| {
         PathBuf::from("build")
             .join(&m.model)
             .join("init.safetensors")
     });
+    check_output(&path, &[("the model file", file)])?;
+    let t0 = Instant::now();
+    let params = vlmc_runtime::init::init_params(&m.graph, seed).map_err(|e| {
+        eprintln!("error: {e}");
+        1
+    })?;
     vlmc_runtime::weights::save(&path, &params).map_err(|e| {
         eprintln!("error: {e}");
         1
@@ -430,6 +449,21 @@ pub fn run(file: &Path, args: &RunArgs<'_>) -> Result<(), u8> {
         m.graph.len(),
         ms(t0)
     );
+    let path = args.out.map(Path::to_path_buf).unwrap_or_else(|| {
+        PathBuf::from("build")
+            .join(&m.model)
+            .join("outputs.safetensors")
+    });
+    let dir = args.weights.parent().unwrap_or(Path::new("."));
+    check_run_output(
+        &path,
+        file,
+        args.weights,
+        args.inputs,
+        &args
+            .tokenizer
+            .map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf),
+    )?;
     let t1 = Instant::now();
     let wf = vlmc_runtime::weights::WeightFile::open(args.weights).map_err(|e| fail(&e))?;
     let bound = vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint).map_err(|e| fail(&e))?;
@@ -448,10 +482,7 @@ pub fn run(file: &Path, args: &RunArgs<'_>) -> Result<(), u8> {
         bound.params.len(),
         ms(t1)
     );
-    let dir = args.weights.parent().unwrap_or(Path::new("."));
-    let inputs =
-        vlmc_runtime::inputs::gather_inputs(args.inputs, &m.preprocess, dir, args.tokenizer)
-            .map_err(|e| fail(&e))?;
+    let inputs = gather_inputs(&m, args.inputs, dir, args.tokenizer).map_err(|e| fail(&e))?;
     let outputs = if args.interp {
         let t2 = Instant::now();
         let o = vlmc_runtime::run(&m.graph, &inputs, &bound.params).map_err(|e| fail(&e))?;
@@ -477,11 +508,6 @@ pub fn run(file: &Path, args: &RunArgs<'_>) -> Result<(), u8> {
     for (name, t) in &outputs {
         println!("{name}: {t}");
     }
-    let path = args.out.map(Path::to_path_buf).unwrap_or_else(|| {
-        PathBuf::from("build")
-            .join(&m.model)
-            .join("outputs.safetensors")
-    });
     vlmc_runtime::weights::save(&path, &outputs).map_err(|e| fail(&e))?;
     eprintln!("wrote {}", path.display());
     Ok(())
@@ -489,4 +515,238 @@ pub fn run(file: &Path, args: &RunArgs<'_>) -> Result<(), u8> {
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
+}
+
+/// The inputs of `m` from `--input` pairs (files, texts, images): unknown names are errors.
+pub fn gather_inputs(
+    m: &Elaborated,
+    pairs: &[(String, String)],
+    tokenizer_dir: &Path,
+    tokenizer: Option<&Path>,
+) -> Result<std::collections::BTreeMap<String, vlmc_runtime::Tensor>, String> {
+    let names: Vec<&str> = m.graph.inputs().into_iter().map(|(_, n, _)| n).collect();
+    vlmc_runtime::inputs::gather_inputs(pairs, &names, &m.preprocess, tokenizer_dir, tokenizer)
+        .map_err(|e| e.message)
+}
+
+/// Fails (with the message on stderr) unless `out` can be written: it must not be one of
+/// `inputs` (each with what it is, e.g. "the weights (--weights)"), and when it exists it
+/// must be a regular file (or a symlink to one, or `/dev/null`).
+pub fn check_output(out: &Path, inputs: &[(&str, &Path)]) -> Result<(), u8> {
+    let fail = |e: String| {
+        eprintln!("error: {e}");
+        1u8
+    };
+    vlmc::files::destination(out)
+        .map_err(|e| fail(format!("cannot write {}: {e}", out.display())))?;
+    vlmc::files::refuse_overwriting(out, inputs).map_err(fail)
+}
+
+/// [`check_output`] for `vlmc run`'s outputs: not the model file, the weights, an input file or
+/// image, or the tokenizer.
+pub fn check_run_output(
+    out: &Path,
+    file: &Path,
+    weights: &Path,
+    pairs: &[(String, String)],
+    tokenizer: &Path,
+) -> Result<(), u8> {
+    let roles: Vec<(String, &Path)> = pairs
+        .iter()
+        .filter(|(k, _)| k != "text")
+        .map(|(k, v)| (format!("the input `{k}` (--input {k}=...)"), Path::new(v)))
+        .collect();
+    let mut inputs: Vec<(&str, &Path)> = vec![
+        ("the weights (--weights)", weights),
+        ("the model file", file),
+        ("the tokenizer", tokenizer),
+    ];
+    inputs.extend(roles.iter().map(|(r, p)| (r.as_str(), *p)));
+    check_output(out, &inputs)
+}
+
+/// [`check_output`] for what `vlmc train` writes into its folder (`model.safetensors`,
+/// `log.jsonl`, the adapter, for every stage of a chain): none may be an input of the run.
+pub fn check_train_outputs(
+    out_dir: &Path,
+    stages: &[String],
+    inputs: &[(&str, &Path)],
+) -> Result<(), u8> {
+    let mut dirs = vec![out_dir.to_path_buf()];
+    dirs.extend(stages.iter().map(|s| out_dir.join(s)));
+    for d in &dirs {
+        for f in [
+            "model.safetensors",
+            "log.jsonl",
+            "adapter/adapter_model.safetensors",
+            "adapter/adapter_config.json",
+        ] {
+            check_output(&d.join(f), inputs)?;
+        }
+    }
+    Ok(())
+}
+
+/// `vlmc train`'s outputs (for every stage) must not be its inputs: the model file, the
+/// weights, the data, the evaluation data, the tokenizer.
+pub fn check_train_paths(a: &train::TrainArgs, stages: &[String]) -> Result<(), u8> {
+    let mut inputs: Vec<(&str, &Path)> = vec![
+        ("the model file", &a.file),
+        ("the training data (--data)", &a.data),
+    ];
+    if let Some(w) = &a.weights {
+        inputs.push(("the starting weights (--weights)", w));
+    }
+    if let Some(e) = &a.eval_data {
+        inputs.push(("the evaluation data (--eval-data)", e));
+    }
+    if let Some(t) = &a.tokenizer {
+        inputs.push(("the tokenizer (--tokenizer)", t));
+    }
+    check_train_outputs(&a.out, stages, &inputs)
+}
+
+/// `vlmc merge`'s output must not be the base weights, the adapter's files or the model file.
+pub fn check_merge_paths(a: &train::MergeArgs) -> Result<(), u8> {
+    let adapter = a.adapter.join("adapter_model.safetensors");
+    let config = a.adapter.join("adapter_config.json");
+    check_output(
+        &a.out,
+        &[
+            ("the base weights (--weights)", &a.weights),
+            ("the adapter's weights", &adapter),
+            ("the adapter's configuration", &config),
+            ("the model file", &a.file),
+        ],
+    )
+}
+
+/// The largest size a symbolic dimension may be given (`--dims`).
+pub const MAX_DIM: i64 = i32::MAX as i64;
+
+fn is_identifier(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+}
+
+/// Parses `NAME=SIZE` for `--dims`: a dimension name and a whole number from 0 to
+/// [`MAX_DIM`]; the error names the dimension and says what is wrong with its size.
+pub fn parse_dim(s: &str) -> Result<(String, i64), String> {
+    let Some((k, v)) = s.split_once('=') else {
+        return Err(format!("expected NAME=SIZE (e.g. B=8), got `{s}`"));
+    };
+    let (k, v) = (k.trim(), v.trim());
+    if !is_identifier(k) {
+        return Err(format!(
+            "`{k}` is not a dimension name (expected NAME=SIZE, e.g. B=8; got `{s}`)"
+        ));
+    }
+    if v.is_empty() {
+        return Err(format!("dimension {k} has no size (expected {k}=SIZE)"));
+    }
+    let digits = v.strip_prefix(['-', '+']).unwrap_or(v);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "dimension {k}: `{v}` is not a size (expected a whole number from 0 to {MAX_DIM})"
+        ));
+    }
+    let nonzero = digits.bytes().any(|b| b != b'0');
+    if v.starts_with('-') && nonzero {
+        return Err(format!("dimension {k} = {v}: a size cannot be negative"));
+    }
+    match digits.parse::<i64>() {
+        Ok(n) if n <= MAX_DIM => Ok((k.to_string(), n)),
+        _ => Err(format!(
+            "dimension {k} = {v} is too large (a size is at most {MAX_DIM})"
+        )),
+    }
+}
+
+/// Parses `NAME=VALUE` (for `--input`): a non-empty name; the value may be empty (`text=`).
+pub fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got `{s}`")),
+    }
+}
+
+/// Parses `NAME=VALUE` for `--set`: a parameter name (an identifier) and a value: a number
+/// (integers must fit in 64 bits, floats must be finite), `true`/`false`, a quoted string or
+/// a name.
+pub fn parse_set(s: &str) -> Result<(String, String), String> {
+    let Some((k, v)) = s.split_once('=') else {
+        return Err(format!("expected NAME=VALUE (e.g. dim=64), got `{s}`"));
+    };
+    let (k, v) = (k.trim(), v.trim());
+    if !is_identifier(k) {
+        return Err(format!(
+            "`{k}` is not a parameter name (expected NAME=VALUE, e.g. dim=64; got `{s}`)"
+        ));
+    }
+    if v.is_empty() {
+        return Err(format!("parameter {k} has no value (expected {k}=VALUE)"));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(format!("the value of {k} holds a control character"));
+    }
+    if v.starts_with('"') && (v.len() < 2 || !v.ends_with('"')) {
+        return Err(format!("the value of {k} is an unterminated string: {v}"));
+    }
+    let numeric = v
+        .trim_start_matches(['-', '+'])
+        .starts_with(|c: char| c.is_ascii_digit() || c == '.');
+    if v.parse::<i64>().is_err() {
+        let digits = v.strip_prefix(['-', '+']).unwrap_or(v);
+        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!(
+                "{k} = {v}: the integer is out of range (at most {} in magnitude)",
+                i64::MAX
+            ));
+        }
+        match v.parse::<f64>() {
+            Ok(f) if !f.is_finite() => {
+                return Err(format!("{k} = {v}: the value is not a finite number"))
+            }
+            Err(_) if numeric => return Err(format!("{k} = {v}: not a number")),
+            _ => {}
+        }
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// The symbolic dimensions the graphs' values use, sorted.
+pub fn known_dims(graphs: &[&vlmc::ir::Graph]) -> Vec<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for g in graphs {
+        for id in g.node_ids() {
+            for d in &g.node(id).ty.shape.0 {
+                for s in d.symbols() {
+                    names.insert(s.to_string());
+                }
+            }
+        }
+    }
+    names.into_iter().collect()
+}
+
+/// An error when `--dims` names a dimension the model does not have, or one twice.
+pub fn check_dims(graphs: &[&vlmc::ir::Graph], dims: &[(String, i64)]) -> Result<(), String> {
+    let known = known_dims(graphs);
+    for (i, (k, _)) in dims.iter().enumerate() {
+        if dims[..i].iter().any(|(p, _)| p == k) {
+            return Err(format!("--dims gives dimension {k} twice"));
+        }
+        if !known.contains(k) {
+            return Err(format!(
+                "--dims {k}=...: the model has no dimension {k}; its dimensions are: {}",
+                match known.is_empty() {
+                    true => "none (every size is fixed)".to_string(),
+                    false => known.join(", "),
+                }
+            ));
+        }
+    }
+    Ok(())
 }

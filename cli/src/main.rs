@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use vlmc_cli::{parse_dim, parse_pair, parse_set};
 
 #[derive(Parser)]
 #[command(
@@ -35,7 +36,7 @@ enum Command {
         #[arg(long)]
         model: Option<String>,
         /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
-        #[arg(long = "set", value_parser = parse_pair)]
+        #[arg(long = "set", value_parser = parse_set)]
         sets: Vec<(String, String)>,
         /// Artefacts to write: ast, ir, dot, blocks, opt, report, kernels, clif, cuda
         /// (comma-separated).
@@ -71,7 +72,7 @@ enum Command {
         #[arg(long)]
         model: Option<String>,
         /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
-        #[arg(long = "set", value_parser = parse_pair)]
+        #[arg(long = "set", value_parser = parse_set)]
         sets: Vec<(String, String)>,
         /// Random seed.
         #[arg(long, default_value_t = 0)]
@@ -88,7 +89,7 @@ enum Command {
         #[arg(long)]
         model: Option<String>,
         /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
-        #[arg(long = "set", value_parser = parse_pair)]
+        #[arg(long = "set", value_parser = parse_set)]
         sets: Vec<(String, String)>,
         /// Weights (safetensors), bound to parameters by name.
         #[arg(long)]
@@ -121,7 +122,7 @@ enum Command {
         #[arg(long)]
         model: Option<String>,
         /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
-        #[arg(long = "set", value_parser = parse_pair)]
+        #[arg(long = "set", value_parser = parse_set)]
         sets: Vec<(String, String)>,
         /// Weights (safetensors); default: random parameters from the init rules.
         #[arg(long)]
@@ -148,22 +149,31 @@ enum Command {
     },
 }
 
-fn parse_dim(s: &str) -> Result<(String, i64), String> {
-    let (k, v) = parse_pair(s)?;
-    v.parse()
-        .map(|n| (k, n))
-        .map_err(|_| format!("expected NAME=SIZE, got `{s}`"))
-}
-
-fn parse_pair(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("expected NAME=VALUE, got `{s}`")),
-    }
-}
+/// The stack of the thread that runs a command. Deeply nested specs recurse in the parser,
+/// the elaborator and the passes; the front end rejects nesting past fixed limits
+/// (`vlmc_grammar::MAX_NESTING`, `vlmc_grammar::MAX_EXPR_DEPTH`), and this stack holds every
+/// recursion those limits allow with a wide margin. It is reserved, not committed: pages are
+/// touched only as deep as a run goes.
+const STACK_BYTES: usize = 512 << 20;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let worker = std::thread::Builder::new()
+        .name("vlmc".into())
+        .stack_size(STACK_BYTES)
+        .spawn(move || run(cli));
+    match worker.map(|w| w.join()) {
+        Ok(Ok(code)) => code,
+        // A panic has already printed its message.
+        Ok(Err(_)) => ExitCode::from(101),
+        Err(e) => {
+            eprintln!("error: cannot start the worker thread: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Train(a) => vlmc_cli::train::train(&a),
         Command::Merge(a) => vlmc_cli::train::merge(&a),

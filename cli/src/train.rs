@@ -41,8 +41,13 @@ pub struct TrainArgs {
     /// In a chain, the stage it stops stays unfinished and the later stages do not run.
     #[arg(long)]
     pub stop_after: Option<u64>,
+    /// Start again in an output folder that holds an earlier run: delete that run's
+    /// checkpoints, log.jsonl, model.safetensors and adapter/ first (nothing else). Without
+    /// it, such a folder is refused unless --resume continues the run.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
-    #[arg(long = "set", value_parser = parse_pair)]
+    #[arg(long = "set", value_parser = crate::parse_set)]
     pub sets: Vec<(String, String)>,
     /// Output folder: log.jsonl, checkpoint-N/, model.safetensors, adapter/ (LoRA).
     #[arg(short, long)]
@@ -73,18 +78,11 @@ pub struct MergeArgs {
     #[arg(long)]
     pub model: Option<String>,
     /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
-    #[arg(long = "set", value_parser = parse_pair)]
+    #[arg(long = "set", value_parser = crate::parse_set)]
     pub sets: Vec<(String, String)>,
     /// The merged weights (safetensors, with the base file's tensor names).
     #[arg(short, long)]
     pub out: PathBuf,
-}
-
-fn parse_pair(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("expected NAME=VALUE, got `{s}`")),
-    }
 }
 
 fn fail(e: impl std::fmt::Display) -> u8 {
@@ -217,6 +215,7 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
     } else {
         vec![a.trainer.clone()]
     };
+    crate::check_train_paths(a, &stages)?;
     for name in &stages {
         let cfg = vlmc::train::TrainConfig::of(m, name).map_err(fail)?;
         if let Some(w) = vlmc_runtime::train_loop::eval_warning(&cfg, a.eval_data.as_deref()) {
@@ -246,6 +245,8 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
         stop_after: a.stop_after,
         eval_data: a.eval_data.as_deref(),
         skip_finished: false,
+        overwrite: a.overwrite,
+        restart_unfinished: false,
         backend: backend(a),
     };
     let bar = progress(a.quiet);
@@ -281,6 +282,7 @@ fn train_chain(a: &TrainArgs, m: &Elaborated, stages: &[String]) -> Result<(), u
         resume: a.resume.as_deref(),
         steps: a.steps,
         stop_after: a.stop_after,
+        overwrite: a.overwrite,
         backend: backend(a),
     };
     let mut bar: Option<indicatif::ProgressBar> = None;
@@ -336,6 +338,7 @@ fn train_chain(a: &TrainArgs, m: &Elaborated, stages: &[String]) -> Result<(), u
 
 /// Runs `vlmc merge`: folds a PEFT LoRA adapter into the base weights with the LoRA-merge pass.
 pub fn merge(a: &MergeArgs) -> Result<(), u8> {
+    crate::check_merge_paths(a)?;
     let all = models(&a.file, &a.sets)?;
     let m = match &a.model {
         Some(n) => all.iter().find(|m| &m.model == n),
@@ -362,6 +365,23 @@ pub fn merge(a: &MergeArgs) -> Result<(), u8> {
                 out.insert(name, t);
             }
         }
+    }
+    if replaced != merged.len() {
+        let placed: Vec<String> = wf
+            .names()
+            .iter()
+            .filter_map(|n| vlmc_runtime::weights::map_name(n, &m.checkpoint))
+            .collect();
+        let missing: Vec<&String> = merged.keys().filter(|p| !placed.contains(p)).collect();
+        return Err(fail(format!(
+            "{} has no tensor for the merged {}: nothing written",
+            a.weights.display(),
+            missing
+                .iter()
+                .map(|p| format!("`{p}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
     }
     vlmc_runtime::weights::save(&a.out, &out).map_err(fail)?;
     eprintln!(

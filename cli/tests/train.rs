@@ -178,6 +178,32 @@ fn the_two_llava_stages_run_in_order_each_from_the_last() {
     assert_eq!(err.matches("already finished").count(), 2, "{err}");
     assert!(!err.contains("step 1/"), "{err}");
     assert_eq!(weights(&a.join("instruct/model.safetensors")), w2);
+    // Other settings into the finished chain: stage 1's folder holds a run of 30 steps, so
+    // it is refused (not skipped, not trained over), and nothing changes.
+    let other = vlmc(&[
+        "train",
+        "models/llava_tiny.vlm",
+        "--trainer",
+        "instruct",
+        "--data",
+        &data,
+        "--steps",
+        "29",
+        "--quiet",
+        "-o",
+        s(&a),
+    ]);
+    let err = stderr(&other);
+    assert_eq!(other.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("stage 1/2 (`align`): ")
+            && err.contains("already holds a finished run")
+            && err.contains("with other settings or data")
+            && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(log(&a.join("align")).0, l1);
+    assert_eq!(weights(&a.join("instruct/model.safetensors")), w2);
 
     // Stopped in stage 1 and resumed: the same chain, bit for bit.
     let stopped = args(&b, &["--stop-after", "12"]);

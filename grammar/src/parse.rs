@@ -1,6 +1,7 @@
 //! From text to [`File`]: the pest parser and the conversion of its pairs to AST nodes.
 
 use crate::ast::*;
+use crate::limits::MAX_EXPR_DEPTH;
 use pest::iterators::Pair;
 use pest::pratt_parser::{Assoc, Op, PrattParser};
 use pest::Parser as _;
@@ -19,8 +20,15 @@ pub struct ParseError {
 
 /// Parses one `.vlm` source text.
 pub fn parse(src: &str) -> Result<File, ParseError> {
+    // Nesting is bounded (`crate::limits`), but pest's recursion at the bound needs more stack
+    // than a test thread's 2 MiB: run on a stack of our own when the caller's is short.
+    stacker::maybe_grow(16 << 20, 64 << 20, || parse_here(src))
+}
+
+fn parse_here(src: &str) -> Result<File, ParseError> {
     // Track the literal tokens tried at the failure point too, so errors can say "expected `}`".
     pest::set_error_detail(true);
+    crate::limits::check_nesting(src)?;
     let mut pairs = VlmParser::parse(Rule::file, src).map_err(|e| convert_error(src, e))?;
     let file = pairs.next().ok_or_else(|| ParseError {
         span: Span::default(),
@@ -687,26 +695,54 @@ fn pratt() -> &'static PrattParser<Rule> {
 
 /// Converts an `expr` pair.
 fn expr(p: Pair<Rule>) -> Result<Expr, ParseError> {
+    expr_d(p).map(|(e, _)| e)
+}
+
+/// An expression with the depth of its tree (a leaf is 1).
+type Deep = Result<(Expr, usize), ParseError>;
+
+/// `depth` when it is within [`MAX_EXPR_DEPTH`]; an error at `sp` otherwise. Checked as the
+/// tree is built, so that no consumer (nor the drop of a rejected tree) recurses deeper.
+fn within(depth: usize, sp: Span) -> Result<usize, ParseError> {
+    match depth > MAX_EXPR_DEPTH {
+        true => Err(ParseError {
+            span: sp,
+            message: format!(
+                "expression nested too deep: more than {MAX_EXPR_DEPTH} levels of operators, \
+                 calls and brackets (split it with `let`)"
+            ),
+        }),
+        false => Ok(depth),
+    }
+}
+
+/// Converts an `expr` pair, with the depth of its tree.
+fn expr_d(p: Pair<Rule>) -> Deep {
     pratt()
         .map_primary(primary)
         .map_prefix(|op, rhs| {
-            let rhs = rhs?;
+            let (rhs, d) = rhs?;
+            let d = within(d + 1, span(&op))?;
             let sp = span(&op).to(rhs.span);
             let op = if op.as_rule() == Rule::neg {
                 UnaryOp::Neg
             } else {
                 UnaryOp::Not
             };
-            Ok(Expr {
-                kind: ExprKind::Unary {
-                    op,
-                    operand: Box::new(rhs),
+            Ok((
+                Expr {
+                    kind: ExprKind::Unary {
+                        op,
+                        operand: Box::new(rhs),
+                    },
+                    span: sp,
                 },
-                span: sp,
-            })
+                d,
+            ))
         })
         .map_infix(|lhs, op, rhs| {
-            let (lhs, rhs) = (lhs?, rhs?);
+            let ((lhs, dl), (rhs, dr)) = (lhs?, rhs?);
+            let d = within(dl.max(dr) + 1, span(&op))?;
             let op = match op.as_rule() {
                 Rule::range => BinOp::Range,
                 Rule::or => BinOp::Or,
@@ -725,18 +761,23 @@ fn expr(p: Pair<Rule>) -> Result<Expr, ParseError> {
                 _ => BinOp::Rem,
             };
             let sp = lhs.span.to(rhs.span);
-            Ok(Expr {
-                kind: ExprKind::Binary {
-                    op,
-                    lhs: Box::new(lhs),
-                    rhs: Box::new(rhs),
+            Ok((
+                Expr {
+                    kind: ExprKind::Binary {
+                        op,
+                        lhs: Box::new(lhs),
+                        rhs: Box::new(rhs),
+                    },
+                    span: sp,
                 },
-                span: sp,
-            })
+                d,
+            ))
         })
         .map_postfix(|lhs, op| {
-            let lhs = lhs?;
-            let sp = lhs.span.to(span(&op));
+            let (lhs, dl) = lhs?;
+            let op_span = span(&op);
+            let sp = lhs.span.to(op_span);
+            let mut d = dl;
             let kind = match op.as_rule() {
                 Rule::call_args => {
                     let mut args = Vec::new();
@@ -746,7 +787,11 @@ fn expr(p: Pair<Rule>) -> Result<Expr, ParseError> {
                         for c in a.into_inner() {
                             match c.as_rule() {
                                 Rule::ident => name = Some(ident(c)),
-                                _ => value = Some(expr(c)?),
+                                _ => {
+                                    let (v, dv) = expr_d(c)?;
+                                    d = d.max(dv);
+                                    value = Some(v);
+                                }
                             }
                         }
                         let value = value.ok_or_else(|| missing(sp))?;
@@ -766,7 +811,15 @@ fn expr(p: Pair<Rule>) -> Result<Expr, ParseError> {
                             Rule::slice => {
                                 let mut parts = Vec::new();
                                 for part in it.into_inner() {
-                                    parts.push(part.into_inner().next().map(expr).transpose()?);
+                                    let part = match part.into_inner().next() {
+                                        Some(e) => {
+                                            let (v, dv) = expr_d(e)?;
+                                            d = d.max(dv);
+                                            Some(v)
+                                        }
+                                        None => None,
+                                    };
+                                    parts.push(part);
                                 }
                                 let mut parts = parts.into_iter();
                                 IndexItem::Slice {
@@ -776,7 +829,11 @@ fn expr(p: Pair<Rule>) -> Result<Expr, ParseError> {
                                     span: isp,
                                 }
                             }
-                            _ => IndexItem::At(expr(it)?),
+                            _ => {
+                                let (v, dv) = expr_d(it)?;
+                                d = d.max(dv);
+                                IndexItem::At(v)
+                            }
                         });
                     }
                     ExprKind::Index {
@@ -792,58 +849,84 @@ fn expr(p: Pair<Rule>) -> Result<Expr, ParseError> {
                     }
                 }
             };
-            Ok(Expr { kind, span: sp })
+            let d = within(d + 1, op_span)?;
+            Ok((Expr { kind, span: sp }, d))
         })
         .parse(p.into_inner())
 }
 
-fn primary(p: Pair<Rule>) -> Result<Expr, ParseError> {
+/// The expressions of `pairs`, with the deepest one's depth.
+fn exprs_d<'i>(
+    pairs: impl Iterator<Item = Pair<'i, Rule>>,
+) -> Result<(Vec<Expr>, usize), ParseError> {
+    let mut out = Vec::new();
+    let mut depth = 0;
+    for p in pairs {
+        let (e, d) = expr_d(p)?;
+        depth = depth.max(d);
+        out.push(e);
+    }
+    Ok((out, depth))
+}
+
+fn primary(p: Pair<Rule>) -> Deep {
     let sp = span(&p);
-    let kind = match p.as_rule() {
-        Rule::int => ExprKind::Int(p.as_str().parse().map_err(|_| ParseError {
-            span: sp,
-            message: format!("integer literal `{}` is too large", p.as_str()),
-        })?),
-        Rule::float => ExprKind::Float(p.as_str().parse().map_err(|_| ParseError {
-            span: sp,
-            message: format!("bad number `{}`", p.as_str()),
-        })?),
-        Rule::string => ExprKind::Str(string_value(p)),
-        Rule::kw_true => ExprKind::Bool(true),
-        Rule::kw_false => ExprKind::Bool(false),
-        Rule::kw_none => ExprKind::None,
-        Rule::ident => ExprKind::Name(p.as_str().to_string()),
+    let (kind, depth) = match p.as_rule() {
+        Rule::int => (
+            ExprKind::Int(p.as_str().parse().map_err(|_| ParseError {
+                span: sp,
+                message: format!("integer literal `{}` is too large", p.as_str()),
+            })?),
+            0,
+        ),
+        Rule::float => (
+            ExprKind::Float(p.as_str().parse().map_err(|_| ParseError {
+                span: sp,
+                message: format!("bad number `{}`", p.as_str()),
+            })?),
+            0,
+        ),
+        Rule::string => (ExprKind::Str(string_value(p)), 0),
+        Rule::kw_true => (ExprKind::Bool(true), 0),
+        Rule::kw_false => (ExprKind::Bool(false), 0),
+        Rule::kw_none => (ExprKind::None, 0),
+        Rule::ident => (ExprKind::Name(p.as_str().to_string()), 0),
         Rule::paren => {
             // `(a,)` is a one-element tuple; `(a)` is just `a`.
             let trailing_comma = p.as_str()[..p.as_str().len() - 1].trim_end().ends_with(',');
-            let mut es: Vec<Expr> = p.into_inner().map(expr).collect::<Result<_, _>>()?;
+            let (mut es, d) = exprs_d(p.into_inner())?;
             if es.len() == 1 && !trailing_comma {
                 let mut e = es.remove(0);
                 e.span = sp;
-                return Ok(e);
+                return Ok((e, d));
             }
-            ExprKind::Tuple(es)
+            (ExprKind::Tuple(es), d)
         }
         Rule::list => {
             let mut inner: Vec<Pair<Rule>> = p.into_inner().collect();
             if inner.len() == 2 && inner[1].as_rule() == Rule::comprehension {
                 let comp = inner.remove(1);
-                let elem = expr(inner.remove(0))?;
+                let (elem, de) = expr_d(inner.remove(0))?;
                 let mut it = comp.into_inner();
                 let var = ident(next(&mut it, sp)?);
-                let iter = expr(next(&mut it, sp)?)?;
-                let filter = it.next().map(expr).transpose()?.map(Box::new);
-                ExprKind::Comprehension {
-                    elem: Box::new(elem),
-                    var,
-                    iter: Box::new(iter),
-                    filter,
-                }
+                let (iter, di) = expr_d(next(&mut it, sp)?)?;
+                let filter = it.next().map(expr_d).transpose()?;
+                let df = filter.as_ref().map_or(0, |f| f.1);
+                (
+                    ExprKind::Comprehension {
+                        elem: Box::new(elem),
+                        var,
+                        iter: Box::new(iter),
+                        filter: filter.map(|f| Box::new(f.0)),
+                    },
+                    de.max(di).max(df),
+                )
             } else {
-                ExprKind::List(inner.into_iter().map(expr).collect::<Result<_, _>>()?)
+                let (es, d) = exprs_d(inner.into_iter())?;
+                (ExprKind::List(es), d)
             }
         }
-        Rule::expr => return expr(p),
+        Rule::expr => return expr_d(p),
         _ => {
             return Err(ParseError {
                 span: sp,
@@ -851,7 +934,8 @@ fn primary(p: Pair<Rule>) -> Result<Expr, ParseError> {
             })
         }
     };
-    Ok(Expr { kind, span: sp })
+    let depth = within(depth + 1, sp)?;
+    Ok((Expr { kind, span: sp }, depth))
 }
 
 fn pattern(p: Pair<Rule>) -> Pattern {

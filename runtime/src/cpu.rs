@@ -5,7 +5,12 @@
 //! split across the rayon pool by outer iterations; matmuls go to the `gemm` crate.
 //!
 //! [`CpuModel`] keeps one prepared plan per set of dims (compiled on first use).
+//!
+//! The memory a plan needs is known before it runs: [`check_plan_memory`] compares the memory
+//! plan's peak and the outputs with what the machine has before anything is lowered, and
+//! [`CpuPlan::new`] the buffers of the lowered plan before any is allocated.
 
+use crate::alloc::{self, human_bytes};
 use crate::interp::RunError;
 use crate::tensor::{Data, Tensor};
 use rayon::prelude::*;
@@ -37,15 +42,63 @@ pub struct CpuPlan {
     threads: usize,
 }
 
-/// Element `i` of a tensor in 4-byte storage (bools as 0/1).
-fn storage(t: &Tensor) -> Result<Vec<u32>, RunError> {
+/// Element `i` of a tensor in 4-byte storage (bools as 0/1); `what` names the tensor.
+fn storage(t: &Tensor, what: impl Fn() -> String) -> Result<Vec<u32>, RunError> {
+    let n = t.numel();
+    let what = || format!("{} {} (in 4-byte storage)", what(), t.shape_text());
     #[allow(unreachable_patterns)]
     Ok(match &t.data {
-        Data::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
-        Data::I32(v) => v.iter().map(|&x| x as u32).collect(),
-        Data::Bool(v) => v.iter().map(|&x| u32::from(x)).collect(),
+        Data::F32(v) => alloc::collect(n, v.iter().map(|x| x.to_bits()), what)?,
+        Data::I32(v) => alloc::collect(n, v.iter().map(|&x| x as u32), what)?,
+        Data::Bool(v) => alloc::collect(n, v.iter().map(|&x| u32::from(x)), what)?,
         _ => return fail("the CPU backend stores only f32, i32 and bool tensors"),
     })
+}
+
+/// The bytes of a graph's outputs at `dims` in 4-byte slots (`None` on overflow); outputs whose
+/// sizes are unknown are left out (the lowering then says which dim is missing).
+pub fn output_bytes(graph: &Graph, dims: &HashMap<String, i64>) -> Option<u128> {
+    graph.outputs.iter().try_fold(0u128, |acc, (_, id)| {
+        let ty = &graph.node(*id).ty;
+        match crate::interp::concrete(&ty.shape.0, dims) {
+            Ok(shape) => acc.checked_add(alloc::shape_bytes(&shape, 4)?),
+            Err(_) => Some(acc),
+        }
+    })
+}
+
+/// ` at B=4,T=128` (empty without dims), for messages.
+pub fn dims_at(dims: &HashMap<String, i64>) -> String {
+    let mut at: Vec<String> = dims.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    at.sort();
+    match at.is_empty() {
+        true => String::new(),
+        false => format!(" at {}", at.join(",")),
+    }
+}
+
+/// Checks, before a plan is lowered, that it fits in the memory available: the activation arena
+/// its memory plan laid out, and the outputs copied out of it (inputs and parameters are in
+/// memory already). The error names the graph and the sizes, e.g. ``the compiled plan of `M` at
+/// B=1000000 (activations 4.0 TB, outputs 4.0 TB) needs 8.0 TB; this machine has 21.3 GB
+/// available``.
+pub fn check_plan_memory(
+    graph: &Graph,
+    mem: &vlmc::passes::memory::MemoryPlan,
+    dims: &HashMap<String, i64>,
+) -> Result<(), RunError> {
+    let outputs = output_bytes(graph, dims);
+    let total = mem.peak.zip(outputs).and_then(|(p, o)| p.checked_add(o));
+    let at = dims_at(dims);
+    let part = |b: Option<u128>| b.map_or("too many to count".into(), human_bytes);
+    Ok(alloc::ensure(total, || {
+        format!(
+            "the compiled plan of `{}`{at} (activations {}, outputs {})",
+            graph.name,
+            part(mem.peak),
+            part(outputs)
+        )
+    })?)
 }
 
 /// Whether a tensor's storage matches a buffer's dtype.
@@ -111,7 +164,7 @@ fn stmt_buffers(s: &Stmt, out: &mut Vec<usize>) {
 
 /// Scratch buffers get offsets in one shared area: kernels run one after another, so the
 /// buffers of different kernels overlap; a buffer used by several kernels gets its own place.
-fn place_scratch(plan: &Plan) -> (HashMap<usize, usize>, usize) {
+fn place_scratch(plan: &Plan) -> Option<(HashMap<usize, usize>, usize)> {
     let mut users: HashMap<usize, Vec<usize>> = HashMap::new();
     for (ki, k) in plan.kernels.iter().enumerate() {
         let mut used = Vec::new();
@@ -133,7 +186,7 @@ fn place_scratch(plan: &Plan) -> (HashMap<usize, usize>, usize) {
             }
         }
     }
-    let mut shared_end = 0;
+    let mut shared_end = 0usize;
     let mut at = HashMap::new();
     let mut per_kernel: HashMap<usize, Vec<usize>> = HashMap::new();
     let mut bufs: Vec<_> = users.into_iter().collect();
@@ -143,7 +196,7 @@ fn place_scratch(plan: &Plan) -> (HashMap<usize, usize>, usize) {
             per_kernel.entry(ks[0]).or_default().push(b);
         } else {
             at.insert(b, shared_end);
-            shared_end += plan.buffers[b].len();
+            shared_end = shared_end.checked_add(alloc::numel(&plan.buffers[b].shape)?)?;
         }
     }
     let mut end = shared_end;
@@ -151,11 +204,11 @@ fn place_scratch(plan: &Plan) -> (HashMap<usize, usize>, usize) {
         let mut off = shared_end;
         for &b in bs {
             at.insert(b, off);
-            off += plan.buffers[b].len();
+            off = off.checked_add(alloc::numel(&plan.buffers[b].shape)?)?;
         }
         end = end.max(off);
     }
-    (at, end)
+    Some((at, end))
 }
 
 struct Ptrs(*const *mut u8);
@@ -352,6 +405,33 @@ impl CpuPlan {
                 ));
             }
         }
+        // The buffers this plan allocates, all 4-byte slots: checked before any is made (and
+        // before the code is generated).
+        let placed = place_scratch(&plan);
+        let scratch_len = placed.as_ref().map(|p| p.1);
+        let load_time_len = plan.buffers.iter().try_fold(0usize, |acc, b| match b.kind {
+            BufferKind::LoadTime(_) => acc.checked_add(alloc::numel(&b.shape)?),
+            _ => Some(acc),
+        });
+        let slots = [Some(plan.arena), scratch_len, load_time_len];
+        let bytes = |n: Option<usize>| n.and_then(|n| (n as u128).checked_mul(4));
+        let total = slots
+            .iter()
+            .try_fold(0u128, |acc, &n| acc.checked_add(bytes(n)?));
+        let part = |n: Option<usize>| bytes(n).map_or("too many to count".into(), human_bytes);
+        alloc::ensure(total, || {
+            format!(
+                "the buffers of the compiled plan of `{}` (arena {}, scratch {}, load-time \
+                 values {})",
+                graph.name,
+                part(slots[0]),
+                part(slots[1]),
+                part(slots[2])
+            )
+        })?;
+        let Some((scratch_at, scratch_len)) = placed else {
+            return fail("the scratch buffers' sizes overflow");
+        };
         let program = backend::compile(&plan, opts).map_err(|e| RunError {
             message: format!("CPU code generation: {e}"),
         })?;
@@ -365,18 +445,24 @@ impl CpuPlan {
                 if t.numel() != b.len() || !holds(t, b.dtype) {
                     return fail(format!("load-time value {n} does not fit b{i}"));
                 }
-                load_time.insert(i, storage(t)?);
+                load_time.insert(i, storage(t, || format!("load-time value {n}"))?);
             }
         }
-        let (scratch_at, scratch_len) = place_scratch(&plan);
         for (i, b) in plan.buffers.iter().enumerate() {
             if let BufferKind::Temp { offset } = b.kind {
-                if offset + b.len() > plan.arena {
+                let end = alloc::numel(&b.shape).and_then(|n| offset.checked_add(n));
+                if end.is_none_or(|e| e > plan.arena) {
                     return fail(format!("b{i} lies outside the arena"));
                 }
             }
         }
-        let mem = Mutex::new((vec![0u32; plan.arena], vec![0u32; scratch_len]));
+        let arena = alloc::checked_vec(plan.arena, 0u32, || {
+            format!("the activation arena of `{}`", graph.name)
+        })?;
+        let scratch = alloc::checked_vec(scratch_len, 0u32, || {
+            format!("the scratch area of `{}`", graph.name)
+        })?;
+        let mem = Mutex::new((arena, scratch));
         Ok(CpuPlan {
             plan,
             program,
@@ -441,7 +527,7 @@ impl CpuPlan {
                         Data::F32(v) => v.as_ptr() as *mut u8,
                         Data::I32(v) => v.as_ptr() as *mut u8,
                         _ => {
-                            converted.push(storage(t)?);
+                            converted.push(storage(t, || format!("{:?}", b.kind))?);
                             converted
                                 .last_mut()
                                 .map_or(std::ptr::null_mut(), |v| v.as_mut_ptr() as *mut u8)
@@ -479,6 +565,21 @@ impl CpuPlan {
                 match step {
                     CpuStep::Loop { f, outer, work } => {
                         let e = run_loop(*f, &table, *outer, *work, self.threads);
+                        if e & 1 != 0 {
+                            if let Some(m) = self.plan.bad_gather_index(|b| {
+                                let buf = self.plan.buffers.get(b)?;
+                                let p = *ptrs.get(b)?;
+                                if buf.dtype != vlmc::ir::DType::I32 || p.is_null() {
+                                    return None;
+                                }
+                                // SAFETY: buffer `b` holds `buf.len()` 4-byte slots at `p`.
+                                Some(unsafe {
+                                    std::slice::from_raw_parts(p as *const i32, buf.len())
+                                })
+                            }) {
+                                return fail(m);
+                            }
+                        }
                         check_err(e, &k.name)?;
                     }
                     CpuStep::MatMul(m) => {
@@ -531,9 +632,10 @@ impl CpuPlan {
             } else {
                 unsafe { std::slice::from_raw_parts(p as *const u32, n) }
             };
+            let what = || format!("output `{name}` {:?} {}", buf.shape, buf.dtype);
             let data = match buf.dtype {
-                DType::I32 => Data::I32(raw.iter().map(|&x| x as i32).collect()),
-                DType::Bool => Data::Bool(raw.iter().map(|&x| x != 0).collect()),
+                DType::I32 => Data::I32(alloc::collect(n, raw.iter().map(|&x| x as i32), what)?),
+                DType::Bool => Data::Bool(alloc::collect(n, raw.iter().map(|&x| x != 0), what)?),
                 _ => match out.get_mut(name) {
                     Some(Tensor {
                         shape,
@@ -543,7 +645,7 @@ impl CpuPlan {
                         continue;
                     }
                     _ => {
-                        let mut v = vec![0f32; n];
+                        let mut v = alloc::checked_vec(n, 0f32, what)?;
                         copy_f32(raw, &mut v);
                         Data::F32(v)
                     }
@@ -625,6 +727,7 @@ impl CpuModel {
         }
         let fusion = &self.compiled.fusion;
         let mem = vlmc::passes::memory::plan(g, fusion, &dims);
+        check_plan_memory(g, &mem, &dims)?;
         let plan =
             vlmc::kernel::lower_with(g, fusion, &mem, &dims, vlmc::kernel::LowerOptions::cpu())
                 .map_err(|e| RunError {

@@ -38,29 +38,119 @@ pub(crate) fn fail<T>(message: impl Into<String>) -> Result<T, RunError> {
     })
 }
 
-/// Whether the CUDA driver library (`libcuda.so`) can be loaded; touches no driver function.
-pub fn driver_present() -> bool {
-    // SAFETY: only probes for the library by name.
-    unsafe { cudarc::driver::sys::is_culib_present() }
+/// The driver functions vlmc's use of cudarc needs (cudarc loads each on first use and panics
+/// when one is missing, so they are all looked up first).
+pub const DRIVER_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuDriverGetVersion",
+    "cuDeviceGet",
+    "cuDeviceGetCount",
+    "cuDeviceGetName",
+    "cuDeviceGetAttribute",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuCtxSetCurrent",
+    "cuCtxGetCurrent",
+    "cuCtxSynchronize",
+    "cuModuleLoadData",
+    "cuModuleGetFunction",
+    "cuModuleUnload",
+    "cuLaunchKernel",
+    "cuMemAlloc_v2",
+    "cuMemFree_v2",
+    "cuMemAllocAsync",
+    "cuMemFreeAsync",
+    "cuMemcpyHtoDAsync_v2",
+    "cuMemcpyDtoHAsync_v2",
+    "cuMemsetD8Async",
+    "cuStreamSynchronize",
+    "cuGetErrorName",
+    "cuGetErrorString",
+];
+
+/// The cuBLAS functions vlmc calls through cudarc.
+pub const CUBLAS_SYMBOLS: &[&str] = &[
+    "cublasCreate_v2",
+    "cublasDestroy_v2",
+    "cublasSetStream_v2",
+    "cublasSgemmStridedBatched",
+];
+
+/// Finds the library cudarc would load for `names` (the same candidates, in the same order) and
+/// checks that it exports every one of `symbols`. `Ok(None)`: no candidate loads; `Err`: the
+/// library that loads lacks symbols (it is named with the ones missing).
+fn probe_library(names: &[&str], symbols: &[&str]) -> Result<Option<String>, String> {
+    for name in names {
+        for candidate in cudarc::get_lib_name_candidates(name) {
+            // SAFETY: loading a shared library runs its initialisers; this is the library
+            // cudarc itself would load next, so nothing is run that would not be anyway.
+            let Ok(lib) = (unsafe { libloading::Library::new(&candidate) }) else {
+                continue;
+            };
+            let missing: Vec<&str> = symbols
+                .iter()
+                .copied()
+                // SAFETY: only looks the symbol up; it is never called here.
+                .filter(|s| unsafe { lib.get::<*const ()>(s.as_bytes()) }.is_err())
+                .collect();
+            return match missing.len() {
+                0 => Ok(Some(candidate)),
+                n => Err(format!(
+                    "{candidate} was found but lacks {n} of the {} functions vlmc needs ({}{}): \
+                     it is not a working NVIDIA library, or it is too old",
+                    symbols.len(),
+                    missing
+                        .iter()
+                        .take(4)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if n > 4 { ", ..." } else { "" }
+                )),
+            };
+        }
+    }
+    Ok(None)
 }
 
-/// An error unless the CUDA driver library is present.
+/// Whether a usable CUDA driver library (`libcuda.so`, exporting every function vlmc needs)
+/// can be loaded; calls no driver function.
+pub fn driver_present() -> bool {
+    matches!(
+        probe_library(&["cuda", "nvcuda"], DRIVER_SYMBOLS),
+        Ok(Some(_))
+    )
+}
+
+/// An error unless a usable CUDA driver library is present: not found, or found without the
+/// functions vlmc needs ("no usable CUDA driver: ...").
 pub fn check_driver() -> Result<(), RunError> {
-    if driver_present() {
-        Ok(())
-    } else {
-        fail(
+    match probe_library(&["cuda", "nvcuda"], DRIVER_SYMBOLS) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => fail(
             "--target cuda needs an NVIDIA GPU and its driver, but the CUDA driver library \
              (libcuda.so) was not found on this machine; run on the CPU instead (without \
              --target cuda)",
-        )
+        ),
+        Err(why) => fail(format!(
+            "no usable CUDA driver: {why}; run on the CPU instead (without --target cuda)"
+        )),
     }
 }
 
-/// Whether cuBLAS (`libcublas.so`) can be loaded.
+/// Whether a usable cuBLAS (`libcublas.so` exporting the functions vlmc calls) can be loaded.
 pub fn cublas_present() -> bool {
-    // SAFETY: only probes for the library by name.
-    unsafe { cudarc::cublas::sys::is_culib_present() }
+    matches!(probe_library(&["cublas"], CUBLAS_SYMBOLS), Ok(Some(_)))
+}
+
+/// Runs `f`, which calls into cudarc, turning a panic inside it (cudarc panics when a library
+/// or one of its functions is missing) into an error; the panic message is not printed.
+pub(crate) fn guarded<T>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, RunError>,
+) -> Result<T, RunError> {
+    vlmc::backend::catch_library_panic(f)
+        .unwrap_or_else(|why| fail(format!("no usable CUDA driver: {what}: {why}")))
 }
 
 /// The kernel plan and CUDA program of a model at the sizes its inputs give.
@@ -74,6 +164,23 @@ pub fn prepare(
         message: e.to_string(),
     })?;
     let mem = vlmc::passes::memory::plan(&compiled.graph, &compiled.fusion, &dims);
+    // The arena lives on the device (whose allocations fail cleanly); on the host, the outputs
+    // come back through a copy of their slots, so twice their size.
+    let host = crate::cpu::output_bytes(&compiled.graph, &dims).and_then(|b| b.checked_mul(2));
+    crate::alloc::ensure(host, || {
+        format!(
+            "copying the outputs of `{}`{} back from the GPU",
+            m.model,
+            crate::cpu::dims_at(&dims)
+        )
+    })?;
+    if !mem.fits() {
+        return fail(format!(
+            "the activation memory of `{}`{} does not fit a 64-bit address space",
+            m.model,
+            crate::cpu::dims_at(&dims)
+        ));
+    }
     let plan =
         vlmc::kernel::lower(&compiled.graph, &compiled.fusion, &mem, &dims).map_err(|e| {
             RunError {
@@ -114,4 +221,23 @@ pub fn load_model(
     let (compiled, plan, program) = prepare(m, inputs, &options)?;
     let load_time = crate::plan::load_time_values(&plan, &compiled.graph, params)?;
     GpuModel::new(plan, &program, params, &load_time, opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_inside_the_cuda_bindings_becomes_an_error() {
+        let r: Result<(), RunError> = guarded("loading the model", || {
+            panic!("Missing symbol cuLaunchKernel: undefined symbol")
+        });
+        let e = r.expect_err("a panic is an error").message;
+        assert_eq!(
+            e,
+            "no usable CUDA driver: loading the model: Missing symbol cuLaunchKernel: undefined \
+             symbol"
+        );
+        assert_eq!(guarded("x", || Ok(3)), Ok(3));
+    }
 }

@@ -21,68 +21,288 @@ fn ierr<T>(message: impl Into<String>) -> Result<T, InputError> {
     })
 }
 
-/// Reads a `.npy` array (f32, f64, f16, i32, i64, bool; C order).
+/// Reads a `.npy` array (f4, f8, f2, i4, i8, b1 in either byte order; C order). Only a
+/// regular file is read; every problem (not a .npy file, a malformed header, an unsupported
+/// dtype, missing or extra data) is an error saying what is wrong.
 pub fn read_npy(path: &Path) -> Result<Tensor, InputError> {
-    let bytes = std::fs::read(path).map_err(|e| InputError {
+    let bytes = crate::files::read(path).map_err(|e| InputError {
         message: format!("cannot read {}: {e}", path.display()),
     })?;
-    let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| InputError {
-        message: format!("{} is not a .npy file: {e}", path.display()),
-    })?;
-    if npy.order() != npyz::Order::C {
-        return ierr(format!(
-            "{}: Fortran-order arrays are not supported",
-            path.display()
-        ));
+    parse_npy(&bytes).map_err(|why| InputError {
+        message: format!("{}: {why}", path.display()),
+    })
+}
+
+/// A `.npy` array from its bytes (see [`read_npy`]); the error says what is wrong.
+pub fn parse_npy(bytes: &[u8]) -> Result<Tensor, String> {
+    const MAGIC: &[u8] = b"\x93NUMPY";
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return Err("not a .npy file (it does not start with the \\x93NUMPY magic)".into());
     }
-    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
-    let descr = npy.dtype().descr();
-    let bad = |e: std::io::Error| InputError {
-        message: format!("{}: {e}", path.display()),
+    let (major, minor) = match (bytes.get(6), bytes.get(7)) {
+        (Some(&a), Some(&b)) => (a, b),
+        _ => return Err("the .npy header is truncated (no version)".into()),
     };
-    let data = match descr.trim_matches('\'').trim_start_matches(['<', '|', '=']) {
-        "f4" => Data::F32(npy.into_vec::<f32>().map_err(bad)?),
-        "f8" => Data::F32(
-            npy.into_vec::<f64>()
-                .map_err(bad)?
-                .into_iter()
-                .map(|x| x as f32)
-                .collect(),
-        ),
-        "i4" => Data::I32(npy.into_vec::<i32>().map_err(bad)?),
-        "i8" => {
-            let v = npy.into_vec::<i64>().map_err(bad)?;
-            let mut out = Vec::with_capacity(v.len());
-            for x in v {
-                out.push(i32::try_from(x).map_err(|_| InputError {
-                    message: format!("{}: value {x} does not fit in i32", path.display()),
-                })?);
-            }
-            Data::I32(out)
-        }
-        "b1" => Data::Bool(npy.into_vec::<bool>().map_err(bad)?),
-        other => {
-            return ierr(format!(
-                "{}: dtype `{other}` is not supported (f4, f8, i4, i8, b1)",
-                path.display()
+    let (len_bytes, at) = match major {
+        1 => (2usize, 8usize),
+        2 | 3 => (4, 8),
+        _ => {
+            return Err(format!(
+                ".npy format version {major}.{minor} is not supported (1.0, 2.0 and 3.0 are)"
             ))
         }
     };
-    let t = Tensor { shape, data };
-    if t.numel()
-        != match &t.data {
-            Data::F32(v) => v.len(),
-            Data::F64(v) => v.len(),
-            Data::I32(v) => v.len(),
-            Data::Bool(v) => v.len(),
+    let Some(raw_len) = bytes.get(at..at + len_bytes) else {
+        return Err("the .npy header is truncated (no header length)".into());
+    };
+    let header_len = raw_len
+        .iter()
+        .rev()
+        .fold(0usize, |a, &b| (a << 8) | usize::from(b));
+    let start = at + len_bytes;
+    let Some(header) = bytes.get(start..start.saturating_add(header_len)) else {
+        return Err(format!(
+            "the .npy header is truncated: it should be {header_len} bytes, {} follow",
+            bytes.len() - start
+        ));
+    };
+    let header =
+        std::str::from_utf8(header).map_err(|_| "the .npy header is not text".to_string())?;
+    let dict = npy_header::parse(header)?;
+    let descr = dict.descr;
+    if dict.fortran_order {
+        return Err("Fortran-order arrays are not supported (save it in C order)".into());
+    }
+    let shape = dict.shape;
+    let (order, code) = match descr.as_bytes().first() {
+        Some(b'<' | b'|' | b'=') => (Endian::Little, &descr[1..]),
+        Some(b'>') => (Endian::Big, &descr[1..]),
+        _ => (Endian::Little, descr.as_str()),
+    };
+    if cfg!(target_endian = "big") && descr.starts_with('=') {
+        return Err("native-order data from a big-endian machine is not supported".into());
+    }
+    let size = match code {
+        "f4" | "i4" => 4,
+        "f8" | "i8" => 8,
+        "f2" => 2,
+        "b1" | "?" => 1,
+        other => {
+            return Err(format!(
+                "dtype `{other}` is not supported (f4, f8, f2, i4, i8, b1)"
+            ))
         }
-    {
-        return ierr(format!(
-            "{}: the data does not match the shape",
-            path.display()
+    };
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| format!("the shape {shape:?} is too large"))?;
+    let want = numel
+        .checked_mul(size)
+        .ok_or_else(|| format!("the shape {shape:?} is too large"))?;
+    let data = &bytes[start + header_len..];
+    if data.len() < want {
+        return Err(format!(
+            "the header says shape {shape:?} of {code}: {want} bytes of data, but only {} \
+             follow the header ({} missing: truncated)",
+            data.len(),
+            want - data.len()
         ));
     }
-    Ok(t)
+    if data.len() > want {
+        return Err(format!(
+            "{} bytes of trailing data after the array (the header says shape {shape:?} of \
+             {code}: {want} bytes)",
+            data.len() - want
+        ));
+    }
+    let word = |c: &[u8]| -> u64 {
+        let it = c.iter().map(|&b| u64::from(b));
+        match order {
+            Endian::Little => it.rev().fold(0, |a, b| (a << 8) | b),
+            Endian::Big => it.fold(0, |a, b| (a << 8) | b),
+        }
+    };
+    let chunks = data.chunks_exact(size.max(1));
+    let data = match code {
+        "f4" => Data::F32(chunks.map(|c| f32::from_bits(word(c) as u32)).collect()),
+        "f8" => Data::F32(chunks.map(|c| f64::from_bits(word(c)) as f32).collect()),
+        "f2" => Data::F32(
+            chunks
+                .map(|c| half::f16::from_bits(word(c) as u16).to_f32())
+                .collect(),
+        ),
+        "i4" => Data::I32(chunks.map(|c| word(c) as u32 as i32).collect()),
+        "i8" => {
+            let mut out = Vec::with_capacity(numel);
+            for c in chunks {
+                let x = word(c) as i64;
+                out.push(i32::try_from(x).map_err(|_| format!("value {x} does not fit in i32"))?);
+            }
+            Data::I32(out)
+        }
+        _ => Data::Bool(data.iter().map(|&b| b != 0).collect()),
+    };
+    Ok(Tensor { shape, data })
+}
+
+#[derive(Clone, Copy)]
+enum Endian {
+    Little,
+    Big,
+}
+
+/// The header of a `.npy` file: a Python dict literal with `descr`, `fortran_order` and
+/// `shape`, read by a small bounded parser (no recursion; any input gives a value or an error).
+mod npy_header {
+    pub struct Header {
+        pub descr: String,
+        pub fortran_order: bool,
+        pub shape: Vec<usize>,
+    }
+
+    struct Lexer<'a> {
+        s: &'a [u8],
+        i: usize,
+    }
+
+    impl Lexer<'_> {
+        fn skip_ws(&mut self) {
+            while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
+                self.i += 1;
+            }
+        }
+        fn peek(&mut self) -> Option<u8> {
+            self.skip_ws();
+            self.s.get(self.i).copied()
+        }
+        fn eat(&mut self, c: u8) -> bool {
+            if self.peek() == Some(c) {
+                self.i += 1;
+                true
+            } else {
+                false
+            }
+        }
+        fn expect(&mut self, c: u8, what: &str) -> Result<(), String> {
+            if self.eat(c) {
+                Ok(())
+            } else {
+                Err(self.error(&format!("expected `{}` {what}", c as char)))
+            }
+        }
+        fn error(&self, what: &str) -> String {
+            format!(
+                "the .npy header is malformed: {what} at character {}",
+                self.i
+            )
+        }
+        fn string(&mut self) -> Result<String, String> {
+            let Some(q @ (b'\'' | b'"')) = self.peek() else {
+                return Err(self.error("expected a quoted string"));
+            };
+            self.i += 1;
+            let begin = self.i;
+            while self.i < self.s.len() && self.s[self.i] != q {
+                if self.s[self.i] == b'\\' {
+                    return Err(self.error("escapes in strings are not supported"));
+                }
+                self.i += 1;
+            }
+            if self.i >= self.s.len() {
+                return Err(self.error("unterminated string"));
+            }
+            let text = String::from_utf8_lossy(&self.s[begin..self.i]).into_owned();
+            self.i += 1;
+            Ok(text)
+        }
+        fn word(&mut self) -> &str {
+            self.skip_ws();
+            let begin = self.i;
+            while self.i < self.s.len()
+                && (self.s[self.i].is_ascii_alphanumeric() || b"_-+".contains(&self.s[self.i]))
+            {
+                self.i += 1;
+            }
+            std::str::from_utf8(&self.s[begin..self.i]).unwrap_or("")
+        }
+        fn shape(&mut self) -> Result<Vec<usize>, String> {
+            let close = match self.peek() {
+                Some(b'(') => b')',
+                Some(b'[') => b']',
+                _ => return Err(self.error("`shape` must be a tuple of integers")),
+            };
+            self.i += 1;
+            let mut dims = Vec::new();
+            loop {
+                if self.eat(close) {
+                    return Ok(dims);
+                }
+                let w = self.word().to_string();
+                let digits = w.strip_suffix('L').unwrap_or(&w);
+                let d: usize = digits.parse().map_err(|_| {
+                    self.error(&format!("`shape` holds `{w}`, not a non-negative integer"))
+                })?;
+                dims.push(d);
+                if !self.eat(b',') {
+                    self.expect(close, "to close `shape`")?;
+                    return Ok(dims);
+                }
+            }
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Header, String> {
+        let mut lx = Lexer {
+            s: text.as_bytes(),
+            i: 0,
+        };
+        lx.expect(b'{', "at the start of the header dict")?;
+        let (mut descr, mut fortran, mut shape) = (None, None, None);
+        loop {
+            if lx.eat(b'}') {
+                break;
+            }
+            let key = lx.string()?;
+            lx.expect(b':', "after a key")?;
+            match key.as_str() {
+                "descr" => {
+                    if lx.peek() == Some(b'[') {
+                        return Err("structured (record) dtypes are not supported".into());
+                    }
+                    descr = Some(lx.string()?);
+                }
+                "fortran_order" => {
+                    fortran = Some(match lx.word() {
+                        "True" => true,
+                        "False" => false,
+                        other => {
+                            let other = other.to_string();
+                            return Err(lx.error(&format!(
+                                "`fortran_order` is `{other}`, not True or False"
+                            )));
+                        }
+                    })
+                }
+                "shape" => shape = Some(lx.shape()?),
+                other => {
+                    return Err(lx.error(&format!(
+                        "unknown key `{other}` (expected descr, fortran_order, shape)"
+                    )))
+                }
+            }
+            if !lx.eat(b',') {
+                lx.expect(b'}', "to close the header dict")?;
+                break;
+            }
+        }
+        let missing = |k: &str| format!("the .npy header has no `{k}`");
+        Ok(Header {
+            descr: descr.ok_or_else(|| missing("descr"))?,
+            fortran_order: fortran.unwrap_or(false),
+            shape: shape.ok_or_else(|| missing("shape"))?,
+        })
+    }
 }
 
 /// Reads an input file: `.npy` (one array) or `.safetensors` (the tensor named `name`, or the
@@ -143,6 +363,15 @@ fn list_arg(p: &Preprocess, key: &str) -> Vec<f64> {
     }
 }
 
+/// Loads a Hugging Face `tokenizer.json` (only a regular file is read).
+pub fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer, InputError> {
+    let fail = |e: &dyn std::fmt::Display| InputError {
+        message: format!("cannot load the tokenizer {}: {e}", path.display()),
+    };
+    let bytes = crate::files::read(path).map_err(|e| fail(&e))?;
+    tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| fail(&e))
+}
+
 /// Tokenizes a batch of texts with a `tokenizer.json` (special tokens added, truncated to the
 /// declared `max_len`, right-padded with the tokenizer's pad id to the longest text). Returns
 /// the tensors for the preprocess's inputs in order: ids, attention mask, token types.
@@ -151,9 +380,7 @@ pub fn tokenize(
     tokenizer: &Path,
     texts: &[String],
 ) -> Result<Vec<Tensor>, InputError> {
-    let mut tok = tokenizers::Tokenizer::from_file(tokenizer).map_err(|e| InputError {
-        message: format!("cannot load the tokenizer {}: {e}", tokenizer.display()),
-    })?;
+    let mut tok = load_tokenizer(tokenizer)?;
     let pad_id = tok.get_padding().map_or(0, |pp| pp.pad_id) as i32;
     tok.with_padding(None);
     tok.with_truncation(None).map_err(|e| InputError {
@@ -180,9 +407,12 @@ pub fn tokenize(
     }
     let b = rows.len();
     let t = rows.iter().map(|(i, _)| i.len()).max().unwrap_or(0);
-    let mut ids = vec![pad_id; b * t];
-    let mut mask = vec![0i32; b * t];
-    let mut types = vec![0i32; b * t];
+    // An element count past `usize` asks for more than any machine has: an error below.
+    let n = crate::alloc::numel(&[b, t]).unwrap_or(usize::MAX);
+    let what = || format!("the token ids [{b}, {t}] i32 of {b} texts");
+    let mut ids = crate::alloc::checked_vec(n, pad_id, what)?;
+    let mut mask = crate::alloc::checked_vec(n, 0i32, what)?;
+    let mut types = crate::alloc::checked_vec(n, 0i32, what)?;
     for (r, (ri, rt)) in rows.iter().enumerate() {
         for (c, (&i, &ty)) in ri.iter().zip(rt).enumerate() {
             ids[r * t + c] = i;
@@ -196,6 +426,23 @@ pub fn tokenize(
         Tensor::i32(vec![b, t], types),
     ];
     Ok(all.into_iter().take(p.inputs.len()).collect())
+}
+
+/// The most pixels an image may have once resized by its preprocessing.
+const MAX_RESIZED_PIXELS: u64 = 1 << 28;
+
+/// Decodes an image file (PNG or JPEG, recognised by its content); only a regular file is read.
+/// The decoder's default limits apply (an image needing more than 512 MiB is an error).
+pub fn read_image(path: &Path) -> Result<image::DynamicImage, InputError> {
+    let fail = |e: &dyn std::fmt::Display| InputError {
+        message: format!("cannot read the image {}: {e}", path.display()),
+    };
+    let f = crate::files::open_regular(path).map_err(|e| fail(&e))?;
+    image::ImageReader::new(std::io::BufReader::new(f))
+        .with_guessed_format()
+        .map_err(|e| fail(&e))?
+        .decode()
+        .map_err(|e| fail(&e))
 }
 
 /// Loads images and preprocesses them as declared: resize the shorter side to `size`, center
@@ -218,19 +465,32 @@ pub fn load_images(p: &Preprocess, paths: &[String]) -> Result<Tensor, InputErro
         _ => image::imageops::FilterType::CatmullRom,
     };
     let c = crop as usize;
-    let mut out = Vec::with_capacity(paths.len() * 3 * c * c);
+    let shape = [paths.len(), 3, c, c];
+    let n = crate::alloc::numel(&shape).unwrap_or(usize::MAX);
+    let mut out = crate::alloc::with_capacity(n, || format!("the images {shape:?} f32"))?;
     for path in paths {
-        let img = image::open(path)
-            .map_err(|e| InputError {
-                message: format!("cannot read the image {path}: {e}"),
-            })?
-            .to_rgb8();
+        let img = read_image(Path::new(path))?.to_rgb8();
         let (w, h) = img.dimensions();
+        if w == 0 || h == 0 {
+            return ierr(format!("the image {path} is empty ({w}x{h} pixels)"));
+        }
         let scale = size as f64 / w.min(h) as f64;
-        let (nw, nh) = (
-            ((w as f64 * scale).round() as u32).max(crop),
-            ((h as f64 * scale).round() as u32).max(crop),
+        let (fw, fh) = (
+            (w as f64 * scale).round().max(crop as f64),
+            (h as f64 * scale).round().max(crop as f64),
         );
+        // An extreme aspect ratio would make the resized image enormous.
+        if fw * fh > MAX_RESIZED_PIXELS as f64 {
+            return ierr(format!(
+                "the image {path} is {w}x{h} pixels: with its shorter side resized to {size} it \
+                 would be {fw}x{fh}, more than {MAX_RESIZED_PIXELS} pixels (aspect ratio too extreme)"
+            ));
+        }
+        let (nw, nh) = (fw as u32, fh as u32);
+        // Resizing holds the picture in f32 on the way (16 bytes a pixel is an upper bound).
+        crate::alloc::ensure(Some(u128::from(nw) * u128::from(nh) * 16), || {
+            format!("resizing the image {path} to {nw}x{nh}")
+        })?;
         let resized = image::imageops::resize(&img, nw, nh, filter);
         let (x0, y0) = ((nw - crop) / 2, (nh - crop) / 2);
         for ch in 0..3 {
@@ -246,9 +506,12 @@ pub fn load_images(p: &Preprocess, paths: &[String]) -> Result<Tensor, InputErro
 }
 
 /// Every input a model needs, from `--input NAME=VALUE` pairs: `text=...` and `image=PATH`
-/// go through the model's preprocessing (several make a batch); other names are files.
+/// go through the model's preprocessing (several make a batch); other names are files, and
+/// must be inputs of the model (`model_inputs`). An unknown name, or a file input given twice,
+/// is an error listing the model's inputs.
 pub fn gather_inputs(
     pairs: &[(String, String)],
+    model_inputs: &[&str],
     preprocess: &[Preprocess],
     tokenizer_dir: &Path,
     tokenizer_override: Option<&Path>,
@@ -256,11 +519,41 @@ pub fn gather_inputs(
     let mut out = BTreeMap::new();
     let mut texts = Vec::new();
     let mut images = Vec::new();
+    let has = |kind: &str| preprocess.iter().any(|p| p.kind == kind);
+    let known = || {
+        let mut known: Vec<String> = model_inputs.iter().map(|n| format!("`{n}`")).collect();
+        for kind in ["text", "image"] {
+            if has(kind) {
+                known.push(format!("`{kind}` (through the model's preprocessing)"));
+            }
+        }
+        match known.is_empty() {
+            true => "none".to_string(),
+            false => known.join(", "),
+        }
+    };
     for (name, value) in pairs {
+        let is_input = model_inputs.contains(&name.as_str());
         match name.as_str() {
-            "text" => texts.push(value.clone()),
-            "image" => images.push(value.clone()),
+            "text" if has("text") => texts.push(value.clone()),
+            "image" if has("image") => images.push(value.clone()),
+            "text" | "image" if !is_input => {
+                return ierr(format!(
+                    "`--input {name}=...` needs a `preprocess ... = {name}(...)` in the model, \
+                     and this model has none; it has no input `{name}` either; its inputs are: {}",
+                    known()
+                ));
+            }
+            _ if !is_input => {
+                return ierr(format!(
+                    "`--input {name}=...`: the model has no input `{name}`; its inputs are: {}",
+                    known()
+                ));
+            }
             _ => {
+                if out.contains_key(name) {
+                    return ierr(format!("input `{name}` is given twice"));
+                }
                 out.insert(name.clone(), read_input_file(name, Path::new(value))?);
             }
         }

@@ -7,6 +7,10 @@
 //! like two's-complement hardware, and every index is checked. It is slow on purpose; compiled
 //! kernels are compared against it.
 //!
+//! Memory is checked before each op runs: its result and the f64 working copies it makes must
+//! fit in what the machine has ([`crate::alloc`]), else the run stops with an error naming the
+//! op, its shape and the bytes it needs; every buffer is allocated fallibly.
+//!
 //! Random numbers are counter-based so that any backend can reproduce them. Element `i` (in
 //! row-major order) of a `random` op with seed `s` draws `u(c) = (splitmix64(s * 2^32 + c) >> 11)
 //! / 2^53` in `[0, 1)` at counter `c = 2i` (and `c = 2i + 1` for the second number that `normal`
@@ -24,6 +28,7 @@
 //! For example `splitmix64(0) = 0xE220A8397B1DCDAF`, so element 0 of `rand(seed: 0)` is
 //! `0xE220A8397B1DC / 2^53 = 0.8833108...`.
 
+use crate::alloc;
 use crate::rng::uniform01;
 use crate::tensor::{strides, Data, Tensor};
 use std::collections::{BTreeMap, HashMap};
@@ -132,6 +137,11 @@ fn evaluate(
                 })
             })
             .collect::<R<_>>()?;
+        alloc::ensure(
+            working_bytes(&node.op, node.ty.dtype, &shape, &args),
+            || working_what(&node.op, node.ty.dtype, &shape),
+        )
+        .map_err(|e| context(e.into()))?;
         let out =
             eval(&node.op, node.ty.dtype, &shape, &args, dims, inputs, params).map_err(context)?;
         debug_assert_eq!(out.shape, shape);
@@ -201,11 +211,108 @@ pub fn bind_dims(graph: &Graph, inputs: &BTreeMap<String, Tensor>) -> R<Bindings
 pub fn concrete(dims: &[Dim], b: &Bindings) -> R<Vec<usize>> {
     dims.iter()
         .map(|d| match d.eval(&|s| b.get(s).copied()) {
-            Some(v) if v >= 0 => Ok(v as usize),
+            Some(v) if v >= 0 => usize::try_from(v).map_err(|_| RunError {
+                message: format!("dimension {d} = {v} does not fit this machine's sizes"),
+            }),
             Some(v) => fail(format!("dimension {d} is negative ({v})")),
+            None if d.symbols().iter().all(|s| b.contains_key(*s)) => {
+                let mut with: Vec<String> = d
+                    .symbols()
+                    .iter()
+                    .map(|s| format!("{s}={}", b[*s]))
+                    .collect();
+                with.sort();
+                fail(format!(
+                    "dimension {d} overflows a 64-bit integer with {}",
+                    with.join(", ")
+                ))
+            }
             None => fail(format!("dimension {d} has an unknown size")),
         })
         .collect()
+}
+
+/// Bytes of one element as the interpreter stores `dtype` (f16/bf16 as f32, bool as a byte).
+fn elem_bytes(dtype: DType) -> usize {
+    match dtype {
+        DType::F64 => 8,
+        DType::Bool => 1,
+        _ => 4,
+    }
+}
+
+/// The memory an op needs while it is computed (`None` on overflow): its result, plus the
+/// f64 working copies the interpreter makes (of the result, or the index table of a view, and
+/// of each operand of an arithmetic op).
+fn working_bytes(op: &Op, dtype: DType, shape: &[usize], args: &[&Tensor]) -> Option<u128> {
+    let n = alloc::numel(shape)? as u128;
+    let result = n.checked_mul(elem_bytes(dtype) as u128)?;
+    let copies = match op {
+        Op::Reshape { .. } | Op::StopGradient | Op::Concat { .. } | Op::Const { .. } => 0,
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Iota { .. }
+        | Op::Random { .. }
+        | Op::Gather { .. }
+        | Op::Permute { .. }
+        | Op::Expand { .. }
+        | Op::Slice { .. } => n.checked_mul(8)?,
+        _ => args.iter().try_fold(n.checked_mul(8)?, |acc, a| {
+            acc.checked_add((a.numel() as u128).checked_mul(8)?)
+        })?,
+    };
+    result.checked_add(copies)
+}
+
+/// What [`working_bytes`] measures, for its error.
+fn working_what(op: &Op, dtype: DType, shape: &[usize]) -> String {
+    let value = alloc::describe(shape, dtype);
+    match op {
+        Op::Input { name } => format!("input `{name}` {value}"),
+        Op::Param { path, .. } => format!("parameter `{path}` {value}"),
+        Op::Reshape { .. } | Op::StopGradient | Op::Concat { .. } | Op::Const { .. } => {
+            format!("its value {value}")
+        }
+        _ => format!("its value {value} with the interpreter's f64 working copies"),
+    }
+}
+
+/// The what of an allocation inside an op (the op itself is named by the caller).
+fn buffer_what() -> String {
+    "a buffer of the op".to_string()
+}
+
+/// `n` items collected into memory checked and allocated through [`alloc`].
+fn collect<T>(n: usize, items: impl IntoIterator<Item = T>) -> R<Vec<T>> {
+    Ok(alloc::collect(n, items, buffer_what)?)
+}
+
+/// `vec![value; n]` through [`alloc`].
+fn zeros<T: Clone>(n: usize, value: T) -> R<Vec<T>> {
+    Ok(alloc::checked_vec(n, value, buffer_what)?)
+}
+
+/// Every element of `t` as f64, in memory allocated through [`alloc`].
+fn f64s(t: &Tensor) -> R<Vec<f64>> {
+    Ok(t.try_to_f64()?)
+}
+
+/// A copy of a tensor's elements through [`alloc`].
+fn copy_data(d: &Data) -> R<Data> {
+    Ok(match d {
+        Data::F32(v) => Data::F32(collect(v.len(), v.iter().copied())?),
+        Data::F64(v) => Data::F64(collect(v.len(), v.iter().copied())?),
+        Data::I32(v) => Data::I32(collect(v.len(), v.iter().copied())?),
+        Data::Bool(v) => Data::Bool(collect(v.len(), v.iter().copied())?),
+    })
+}
+
+/// A copy of a tensor through [`alloc`].
+fn copy(t: &Tensor) -> R<Tensor> {
+    Ok(Tensor {
+        shape: t.shape.clone(),
+        data: copy_data(&t.data)?,
+    })
 }
 
 /// One symbolic dim's size.
@@ -222,10 +329,12 @@ fn eval(
     inputs: &BTreeMap<String, Tensor>,
     params: &BTreeMap<String, Tensor>,
 ) -> R<Tensor> {
-    let n: usize = shape.iter().product();
+    let n = alloc::numel(shape).ok_or_else(|| RunError {
+        message: format!("{shape:?} has more elements than this machine can address"),
+    })?;
     match op {
         Op::Input { name } => match inputs.get(name) {
-            Some(t) => Ok(narrow(dtype, t)),
+            Some(t) => narrow(dtype, t),
             None => fail(format!("missing input `{name}`")),
         },
         Op::Param { path, .. } => {
@@ -239,29 +348,28 @@ fn eval(
                     t.shape_text()
                 ));
             }
-            Ok(narrow(dtype, t))
+            narrow(dtype, t)
         }
-        Op::Const { value } => Ok(fill(dtype, shape, *value)),
+        Op::Const { value } => fill(dtype, shape, *value),
         Op::Iota { axis } => {
             let st = strides(shape);
-            let idx: Vec<f64> = (0..n)
-                .map(|i| ((i / st[*axis]) % shape[*axis]) as f64)
-                .collect();
-            Ok(from_f64(dtype, shape, &idx))
+            let idx = collect(n, (0..n).map(|i| ((i / st[*axis]) % shape[*axis]) as f64))?;
+            from_f64(dtype, shape, &idx)
         }
         Op::Random { dist, seed } => {
             let u = |i: usize, k: u64| uniform01(*seed, (i as u64) * 2 + k);
-            let vals: Vec<f64> = (0..n)
-                .map(|i| match dist {
+            let vals = collect(
+                n,
+                (0..n).map(|i| match dist {
                     Dist::Uniform { lo, hi } => lo + (hi - lo) * u(i, 0),
                     Dist::Bernoulli { p } => f64::from(u8::from(u(i, 0) < *p)),
                     Dist::Normal { mean, std } => {
                         let (a, b) = (u(i, 0).max(f64::MIN_POSITIVE), u(i, 1));
                         mean + std * (-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()
                     }
-                })
-                .collect();
-            Ok(from_f64(dtype, shape, &vals))
+                }),
+            )?;
+            from_f64(dtype, shape, &vals)
         }
         Op::Unary(u) => unary(*u, dtype, args[0]),
         Op::Binary(b) => binary(*b, dtype, args[0], args[1]),
@@ -273,42 +381,34 @@ fn eval(
             Ok(match (&args[1].data, &args[2].data) {
                 (Data::F64(a), Data::F64(b)) => Tensor::f64(
                     shape.to_vec(),
-                    (0..n)
-                        .map(|i| if pick(i) == 1 { a[i] } else { b[i] })
-                        .collect(),
+                    collect(n, (0..n).map(|i| if pick(i) == 1 { a[i] } else { b[i] }))?,
                 ),
                 (Data::F32(a), Data::F32(b)) => Tensor::f32(
                     shape.to_vec(),
-                    (0..n)
-                        .map(|i| if pick(i) == 1 { a[i] } else { b[i] })
-                        .collect(),
+                    collect(n, (0..n).map(|i| if pick(i) == 1 { a[i] } else { b[i] }))?,
                 ),
                 (Data::I32(a), Data::I32(b)) => Tensor::i32(
                     shape.to_vec(),
-                    (0..n)
-                        .map(|i| if pick(i) == 1 { a[i] } else { b[i] })
-                        .collect(),
+                    collect(n, (0..n).map(|i| if pick(i) == 1 { a[i] } else { b[i] }))?,
                 ),
                 (Data::Bool(a), Data::Bool(b)) => Tensor::bool(
                     shape.to_vec(),
-                    (0..n)
-                        .map(|i| if pick(i) == 1 { a[i] } else { b[i] })
-                        .collect(),
+                    collect(n, (0..n).map(|i| if pick(i) == 1 { a[i] } else { b[i] }))?,
                 ),
                 _ => return fail("operands differ in dtype"),
             })
         }
-        Op::Reduce { op, axis } => Ok(reduce(*op, *axis, dtype, args[0])),
+        Op::Reduce { op, axis } => reduce(*op, *axis, dtype, args[0]),
         Op::MatMul => matmul(args[0], args[1], dtype, shape),
         Op::Gather { axis } => gather(args[0], args[1], *axis, shape),
-        Op::StopGradient => Ok(args[0].clone()),
+        Op::StopGradient => copy(args[0]),
         Op::ScatterAdd { axis, .. } => scatter_add(args[0], args[1], *axis, dtype, shape),
         Op::Reshape { .. } => Ok(Tensor {
             shape: shape.to_vec(),
-            data: args[0].data.clone(),
+            data: copy_data(&args[0].data)?,
         }),
-        Op::Permute { perm } => Ok(permute(args[0], perm, shape)),
-        Op::Expand { .. } => Ok(expand(args[0], shape)),
+        Op::Permute { perm } => permute(args[0], perm, shape),
+        Op::Expand { .. } => expand(args[0], shape),
         Op::Slice {
             axis,
             start,
@@ -325,12 +425,12 @@ fn eval(
                 ));
             }
             let st = *step as usize;
-            Ok(gather_view(x, shape, |idx, out| {
+            gather_view(x, shape, |idx, out| {
                 out.copy_from_slice(idx);
                 out[*axis] = start + idx[*axis] * st;
-            }))
+            })
         }
-        Op::Concat { axis } => Ok(concat(args, *axis, shape)),
+        Op::Concat { axis } => concat(args, *axis, shape),
         Op::Pad {
             axis,
             before,
@@ -339,7 +439,7 @@ fn eval(
         } => {
             let b = size(before, dims)?;
             let x = args[0];
-            let mut out = fill(dtype, shape, *value);
+            let mut out = fill(dtype, shape, *value)?;
             let xs = strides(&x.shape);
             let os = strides(shape);
             for i in 0..x.numel() {
@@ -352,7 +452,7 @@ fn eval(
             }
             Ok(out)
         }
-        Op::Cast { dtype: to } => Ok(cast(args[0], *to)),
+        Op::Cast { dtype: to } => cast(args[0], *to),
     }
 }
 
@@ -360,42 +460,40 @@ fn eval(
 /// parameters of those dtypes arrive as f32 values), f32 values given to an f64 node are
 /// widened and f64 values given to a narrower float node rounded; anything else is passed
 /// through.
-fn narrow(dtype: DType, t: &Tensor) -> Tensor {
+fn narrow(dtype: DType, t: &Tensor) -> R<Tensor> {
     match (&t.data, dtype) {
         (Data::F32(_), DType::F16 | DType::BF16 | DType::F64) => {
-            from_f64(dtype, &t.shape, &t.to_f64())
+            from_f64(dtype, &t.shape, &f64s(t)?)
         }
         (Data::F64(_), DType::F32 | DType::F16 | DType::BF16) => {
-            from_f64(dtype, &t.shape, &t.to_f64())
+            from_f64(dtype, &t.shape, &f64s(t)?)
         }
-        _ => t.clone(),
+        _ => copy(t),
     }
 }
 
-/// A tensor of `dtype` with every element `value`.
-fn fill(dtype: DType, shape: &[usize], value: f64) -> Tensor {
-    let n = shape.iter().product();
-    from_f64(dtype, shape, &vec![value; n])
+/// A tensor of `dtype` with every element `value` (as [`from_f64`] would store it).
+fn fill(dtype: DType, shape: &[usize], value: f64) -> R<Tensor> {
+    Ok(Tensor::full(dtype, shape.to_vec(), value, buffer_what)?)
 }
 
 /// f64 values as a tensor of `dtype` (f16/bf16 rounded to their precision).
-fn from_f64(dtype: DType, shape: &[usize], v: &[f64]) -> Tensor {
-    match dtype {
-        DType::I32 => Tensor::i32(shape.to_vec(), v.iter().map(|&x| x as i32).collect()),
-        DType::Bool => Tensor::bool(shape.to_vec(), v.iter().map(|&x| x != 0.0).collect()),
-        DType::F64 => Tensor::f64(shape.to_vec(), v.to_vec()),
+fn from_f64(dtype: DType, shape: &[usize], v: &[f64]) -> R<Tensor> {
+    let n = v.len();
+    Ok(match dtype {
+        DType::I32 => Tensor::i32(shape.to_vec(), collect(n, v.iter().map(|&x| x as i32))?),
+        DType::Bool => Tensor::bool(shape.to_vec(), collect(n, v.iter().map(|&x| x != 0.0))?),
+        DType::F64 => Tensor::f64(shape.to_vec(), collect(n, v.iter().copied())?),
         DType::F16 => Tensor::f32(
             shape.to_vec(),
-            v.iter().map(|&x| half::f16::from_f64(x).to_f32()).collect(),
+            collect(n, v.iter().map(|&x| half::f16::from_f64(x).to_f32()))?,
         ),
         DType::BF16 => Tensor::f32(
             shape.to_vec(),
-            v.iter()
-                .map(|&x| half::bf16::from_f64(x).to_f32())
-                .collect(),
+            collect(n, v.iter().map(|&x| half::bf16::from_f64(x).to_f32()))?,
         ),
-        _ => Tensor::f32(shape.to_vec(), v.iter().map(|&x| x as f32).collect()),
-    }
+        _ => Tensor::f32(shape.to_vec(), collect(n, v.iter().map(|&x| x as f32))?),
+    })
 }
 
 fn copy_elem(src: &Data, i: usize, dst: &mut Data, o: usize) {
@@ -409,13 +507,13 @@ fn copy_elem(src: &Data, i: usize, dst: &mut Data, o: usize) {
 }
 
 /// An output built by reading, for each output index, one input element.
-fn gather_view(x: &Tensor, shape: &[usize], map: impl Fn(&[usize], &mut [usize])) -> Tensor {
-    let n: usize = shape.iter().product();
+fn gather_view(x: &Tensor, shape: &[usize], map: impl Fn(&[usize], &mut [usize])) -> R<Tensor> {
+    let n = alloc::numel(shape).unwrap_or(usize::MAX);
     let os = strides(shape);
     let xs = strides(&x.shape);
     let mut idx = vec![0; shape.len()];
     let mut src = vec![0; x.shape.len()];
-    let mut offsets = Vec::with_capacity(n);
+    let mut offsets = collect(n, [])?;
     for i in 0..n {
         for d in 0..shape.len() {
             idx[d] = (i / os[d]) % shape[d];
@@ -424,18 +522,18 @@ fn gather_view(x: &Tensor, shape: &[usize], map: impl Fn(&[usize], &mut [usize])
         offsets.push(src.iter().zip(&xs).map(|(a, b)| a * b).sum::<usize>());
     }
     let data = match &x.data {
-        Data::F32(v) => Data::F32(offsets.iter().map(|&o| v[o]).collect()),
-        Data::F64(v) => Data::F64(offsets.iter().map(|&o| v[o]).collect()),
-        Data::I32(v) => Data::I32(offsets.iter().map(|&o| v[o]).collect()),
-        Data::Bool(v) => Data::Bool(offsets.iter().map(|&o| v[o]).collect()),
+        Data::F32(v) => Data::F32(collect(n, offsets.iter().map(|&o| v[o]))?),
+        Data::F64(v) => Data::F64(collect(n, offsets.iter().map(|&o| v[o]))?),
+        Data::I32(v) => Data::I32(collect(n, offsets.iter().map(|&o| v[o]))?),
+        Data::Bool(v) => Data::Bool(collect(n, offsets.iter().map(|&o| v[o]))?),
     };
-    Tensor {
+    Ok(Tensor {
         shape: shape.to_vec(),
         data,
-    }
+    })
 }
 
-fn permute(x: &Tensor, perm: &[usize], shape: &[usize]) -> Tensor {
+fn permute(x: &Tensor, perm: &[usize], shape: &[usize]) -> R<Tensor> {
     gather_view(x, shape, |idx, src| {
         for (o, &p) in perm.iter().enumerate() {
             src[p] = idx[o];
@@ -443,7 +541,7 @@ fn permute(x: &Tensor, perm: &[usize], shape: &[usize]) -> Tensor {
     })
 }
 
-fn expand(x: &Tensor, shape: &[usize]) -> Tensor {
+fn expand(x: &Tensor, shape: &[usize]) -> R<Tensor> {
     gather_view(x, shape, |idx, src| {
         for d in 0..idx.len() {
             src[d] = if x.shape[d] == 1 { 0 } else { idx[d] };
@@ -451,13 +549,14 @@ fn expand(x: &Tensor, shape: &[usize]) -> Tensor {
     })
 }
 
-fn concat(args: &[&Tensor], axis: usize, shape: &[usize]) -> Tensor {
+fn concat(args: &[&Tensor], axis: usize, shape: &[usize]) -> R<Tensor> {
     let os = strides(shape);
+    let n = alloc::numel(shape).unwrap_or(usize::MAX);
     let mut out = match &args[0].data {
-        Data::F32(_) => Tensor::f32(shape.to_vec(), vec![0.0; shape.iter().product()]),
-        Data::F64(_) => Tensor::f64(shape.to_vec(), vec![0.0; shape.iter().product()]),
-        Data::I32(_) => Tensor::i32(shape.to_vec(), vec![0; shape.iter().product()]),
-        Data::Bool(_) => Tensor::bool(shape.to_vec(), vec![false; shape.iter().product()]),
+        Data::F32(_) => Tensor::f32(shape.to_vec(), zeros(n, 0.0)?),
+        Data::F64(_) => Tensor::f64(shape.to_vec(), zeros(n, 0.0)?),
+        Data::I32(_) => Tensor::i32(shape.to_vec(), zeros(n, 0)?),
+        Data::Bool(_) => Tensor::bool(shape.to_vec(), zeros(n, false)?),
     };
     let mut offset = 0;
     for x in args {
@@ -472,7 +571,7 @@ fn concat(args: &[&Tensor], axis: usize, shape: &[usize]) -> Tensor {
         }
         offset += x.shape[axis];
     }
-    out
+    Ok(out)
 }
 
 fn unary(op: UnaryOp, dtype: DType, x: &Tensor) -> R<Tensor> {
@@ -494,22 +593,23 @@ fn unary(op: UnaryOp, dtype: DType, x: &Tensor) -> R<Tensor> {
                 UnaryOp::Floor => f64::floor,
                 UnaryOp::Not => return fail("`not` of a float tensor"),
             };
-            let out: Vec<f64> = x.to_f64().into_iter().map(f).collect();
-            Ok(from_f64(dtype, &shape, &out))
+            let mut out = f64s(x)?;
+            out.iter_mut().for_each(|a| *a = f(*a));
+            from_f64(dtype, &shape, &out)
         }
         Data::I32(v) => match op {
             UnaryOp::Neg => Ok(Tensor::i32(
                 shape,
-                v.iter().map(|a| a.wrapping_neg()).collect(),
+                collect(v.len(), v.iter().map(|a| a.wrapping_neg()))?,
             )),
             UnaryOp::Abs => Ok(Tensor::i32(
                 shape,
-                v.iter().map(|a| a.wrapping_abs()).collect(),
+                collect(v.len(), v.iter().map(|a| a.wrapping_abs()))?,
             )),
             _ => fail(format!("`{}` of an i32 tensor", op.name())),
         },
         Data::Bool(v) => match op {
-            UnaryOp::Not => Ok(Tensor::bool(shape, v.iter().map(|a| !a).collect())),
+            UnaryOp::Not => Ok(Tensor::bool(shape, collect(v.len(), v.iter().map(|a| !a))?)),
             _ => fail(format!("`{}` of a bool tensor", op.name())),
         },
     }
@@ -530,12 +630,13 @@ fn compare(op: BinaryOp, a: f64, b: f64) -> Option<bool> {
 fn binary(op: BinaryOp, dtype: DType, x: &Tensor, y: &Tensor) -> R<Tensor> {
     let shape = x.shape.clone();
     if op.is_comparison() {
-        let (a, b) = (x.to_f64(), y.to_f64());
-        let v = a
-            .iter()
-            .zip(&b)
-            .map(|(&p, &q)| compare(op, p, q).unwrap_or(false))
-            .collect();
+        let (a, b) = (f64s(x)?, f64s(y)?);
+        let v = collect(
+            a.len(),
+            a.iter()
+                .zip(&b)
+                .map(|(&p, &q)| compare(op, p, q).unwrap_or(false)),
+        )?;
         return Ok(Tensor::bool(shape, v));
     }
     match (&x.data, &y.data) {
@@ -565,16 +666,13 @@ fn binary(op: BinaryOp, dtype: DType, x: &Tensor, y: &Tensor) -> R<Tensor> {
                 BinaryOp::Mod => |p, q| p - q * (p / q).floor(),
                 _ => return fail(format!("`{}` of float tensors", op.name())),
             };
-            let out: Vec<f64> = x
-                .to_f64()
-                .into_iter()
-                .zip(y.to_f64())
-                .map(|(p, q)| f(p, q))
-                .collect();
-            Ok(from_f64(dtype, &shape, &out))
+            let mut out = f64s(x)?;
+            let q = f64s(y)?;
+            out.iter_mut().zip(q).for_each(|(p, q)| *p = f(*p, q));
+            from_f64(dtype, &shape, &out)
         }
         (Data::I32(a), Data::I32(b)) => {
-            let mut out = Vec::with_capacity(a.len());
+            let mut out = collect(a.len(), [])?;
             for (&p, &q) in a.iter().zip(b) {
                 out.push(match op {
                     BinaryOp::Add => p.wrapping_add(q),
@@ -609,7 +707,7 @@ fn binary(op: BinaryOp, dtype: DType, x: &Tensor, y: &Tensor) -> R<Tensor> {
             };
             Ok(Tensor::bool(
                 shape,
-                a.iter().zip(b).map(|(&p, &q)| f(p, q)).collect(),
+                collect(a.len(), a.iter().zip(b).map(|(&p, &q)| f(p, q)))?,
             ))
         }
         _ => fail("operands differ in dtype"),
@@ -618,7 +716,7 @@ fn binary(op: BinaryOp, dtype: DType, x: &Tensor, y: &Tensor) -> R<Tensor> {
 
 /// Sum or max along `axis`: floats in f64 (NaN propagates through `max`, as in torch); i32
 /// exactly, the sum wrapping around like `add`.
-fn reduce(op: ReduceOp, axis: usize, dtype: DType, x: &Tensor) -> Tensor {
+fn reduce(op: ReduceOp, axis: usize, dtype: DType, x: &Tensor) -> R<Tensor> {
     let mut shape = x.shape.clone();
     let len = shape[axis];
     shape[axis] = 1;
@@ -627,18 +725,21 @@ fn reduce(op: ReduceOp, axis: usize, dtype: DType, x: &Tensor) -> Tensor {
     // The positions of the elements combined into output element (o, i).
     let lane = |o: usize, i: usize| (0..len).map(move |k| (o * len + k) * inner + i);
     let outs = (0..outer).flat_map(|o| (0..inner).map(move |i| (o, i)));
+    let n = outer.saturating_mul(inner);
     if let Data::I32(v) = &x.data {
-        let out = outs
-            .map(|(o, i)| match op {
+        let out = collect(
+            n,
+            outs.map(|(o, i)| match op {
                 ReduceOp::Sum => lane(o, i).map(|at| i64::from(v[at])).sum::<i64>() as i32,
                 ReduceOp::Max => lane(o, i).map(|at| v[at]).max().unwrap_or(i32::MIN),
-            })
-            .collect();
-        return Tensor::i32(shape, out);
+            }),
+        )?;
+        return Ok(Tensor::i32(shape, out));
     }
-    let vals = x.to_f64();
-    let out: Vec<f64> = outs
-        .map(|(o, i)| match op {
+    let vals = f64s(x)?;
+    let out = collect(
+        n,
+        outs.map(|(o, i)| match op {
             ReduceOp::Sum => lane(o, i).map(|at| vals[at]).sum::<f64>(),
             ReduceOp::Max => lane(o, i).fold(f64::NEG_INFINITY, |m, at| {
                 if m.is_nan() || vals[at].is_nan() {
@@ -647,8 +748,8 @@ fn reduce(op: ReduceOp, axis: usize, dtype: DType, x: &Tensor) -> Tensor {
                     m.max(vals[at])
                 }
             }),
-        })
-        .collect();
+        }),
+    )?;
     from_f64(dtype, &shape, &out)
 }
 
@@ -656,12 +757,12 @@ fn matmul(a: &Tensor, b: &Tensor, dtype: DType, shape: &[usize]) -> R<Tensor> {
     if !a.is_float() || !b.is_float() {
         return fail("matmul of non-float tensors");
     }
-    let (av, bv) = (a.to_f64(), b.to_f64());
+    let (av, bv) = (f64s(a)?, f64s(b)?);
     let r = a.shape.len();
     let (m, k, n) = (a.shape[r - 2], a.shape[r - 1], b.shape[r - 1]);
     let batch: usize = a.shape[..r - 2].iter().product();
-    let mut out = vec![0f64; batch * m * n];
-    let mut row = vec![0f64; n];
+    let mut out = zeros(alloc::numel(shape).unwrap_or(usize::MAX), 0f64)?;
+    let mut row = zeros(n, 0f64)?;
     for bi in 0..batch {
         let (ao, bo, oo) = (bi * m * k, bi * k * n, bi * m * n);
         for i in 0..m {
@@ -676,7 +777,7 @@ fn matmul(a: &Tensor, b: &Tensor, dtype: DType, shape: &[usize]) -> R<Tensor> {
             out[oo + i * n..oo + (i + 1) * n].copy_from_slice(&row);
         }
     }
-    Ok(from_f64(dtype, shape, &out))
+    from_f64(dtype, shape, &out)
 }
 
 fn gather(table: &Tensor, idx: &Tensor, axis: usize, shape: &[usize]) -> R<Tensor> {
@@ -691,13 +792,13 @@ fn gather(table: &Tensor, idx: &Tensor, axis: usize, shape: &[usize]) -> R<Tenso
     }
     let ir = idx.shape.len();
     let istr = strides(&idx.shape);
-    Ok(gather_view(table, shape, |o, src| {
+    gather_view(table, shape, |o, src| {
         // out = table[:axis] ++ idx.shape ++ table[axis+1:]
         src[..axis].copy_from_slice(&o[..axis]);
         let flat: usize = (0..ir).map(|d| o[axis + d] * istr[d]).sum();
         src[axis] = ids[flat] as usize;
         src[axis + 1..].copy_from_slice(&o[axis + ir..]);
-    }))
+    })
 }
 
 /// `out[p, idx[k], s] += src[p, k, s]` into zeros of `shape`, summed in f64 in index order.
@@ -719,8 +820,8 @@ fn scatter_add(
     }
     let outer: usize = shape[..axis].iter().product();
     let inner: usize = shape[axis + 1..].iter().product();
-    let x = src.to_f64();
-    let mut out = vec![0f64; outer * size * inner];
+    let x = f64s(src)?;
+    let mut out = zeros(alloc::numel(shape).unwrap_or(usize::MAX), 0f64)?;
     for p in 0..outer {
         for (k, &j) in ids.iter().enumerate() {
             let from = (p * ids.len() + k) * inner;
@@ -730,22 +831,23 @@ fn scatter_add(
             }
         }
     }
-    Ok(from_f64(dtype, shape, &out))
+    from_f64(dtype, shape, &out)
 }
 
-fn cast(x: &Tensor, to: DType) -> Tensor {
+fn cast(x: &Tensor, to: DType) -> R<Tensor> {
     let shape = x.shape.clone();
-    match to {
+    let n = x.numel();
+    Ok(match to {
         DType::I32 => match &x.data {
             // Toward zero, saturating (NaN becomes 0), like Rust's `as`.
-            Data::F32(v) => Tensor::i32(shape, v.iter().map(|&a| a as i32).collect()),
-            Data::F64(v) => Tensor::i32(shape, v.iter().map(|&a| a as i32).collect()),
-            Data::I32(v) => Tensor::i32(shape, v.clone()),
-            Data::Bool(v) => Tensor::i32(shape, v.iter().map(|&a| i32::from(a)).collect()),
+            Data::F32(v) => Tensor::i32(shape, collect(n, v.iter().map(|&a| a as i32))?),
+            Data::F64(v) => Tensor::i32(shape, collect(n, v.iter().map(|&a| a as i32))?),
+            Data::I32(v) => Tensor::i32(shape, collect(n, v.iter().copied())?),
+            Data::Bool(v) => Tensor::i32(shape, collect(n, v.iter().map(|&a| i32::from(a)))?),
         },
-        DType::Bool => Tensor::bool(shape, x.to_f64().iter().map(|&a| a != 0.0).collect()),
-        _ => from_f64(to, &shape, &x.to_f64()),
-    }
+        DType::Bool => Tensor::bool(shape, collect(n, f64s(x)?.iter().map(|&a| a != 0.0))?),
+        _ => from_f64(to, &shape, &f64s(x)?)?,
+    })
 }
 
 #[cfg(test)]
@@ -831,6 +933,48 @@ mod tests {
         ]);
         let err = bind_dims(&g, &short).unwrap_err().message;
         assert!(err.starts_with("input `z` has shape [2], but the model expects f32[B + 1] = [3]"));
+    }
+
+    #[test]
+    fn a_value_larger_than_memory_is_an_error_not_an_abort() {
+        // 4 TB: more than any machine that runs the tests has.
+        let mut g = Graph::new("test");
+        let c = g
+            .add_source(Op::Const { value: 1.0 }, ty("f32[1000000, 1000000]"), "big")
+            .unwrap();
+        let e = g.add(Op::Unary(UnaryOp::Exp), &[c], "big").unwrap();
+        g.set_output("out", e).unwrap();
+        let err = run(&g, &BTreeMap::new(), &BTreeMap::new()).unwrap_err();
+        let want = "const (f32[1000000, 1000000] in `big`): its value [1000000, 1000000] f32 \
+                    needs 4.0 TB; this machine has ";
+        assert!(err.message.starts_with(want), "{}", err.message);
+        assert!(err.message.ends_with(" available"), "{}", err.message);
+        // The estimate of an arithmetic op counts the f64 copies it makes.
+        let x = Tensor {
+            shape: vec![1_000_000, 1_000_000],
+            data: Data::F32(Vec::new()),
+        };
+        let bytes = working_bytes(&Op::Unary(UnaryOp::Exp), DType::F32, &x.shape, &[&x]);
+        assert_eq!(bytes, Some(20_000_000_000_000));
+    }
+
+    #[test]
+    fn a_size_that_overflows_is_an_error() {
+        let mut g = Graph::new("test");
+        let x = g
+            .add_source(Op::Input { name: "x".into() }, ty("i32[B]"), "")
+            .unwrap();
+        let c = g
+            .add_source(Op::Const { value: 1.0 }, ty("f32[B*B*B]"), "")
+            .unwrap();
+        g.set_output("x", x).unwrap();
+        g.set_output("out", c).unwrap();
+        let xs = feed(&[("x", Tensor::i32(vec![3_000_000], vec![0; 3_000_000]))]);
+        let err = run(&g, &xs, &BTreeMap::new()).unwrap_err();
+        assert_eq!(
+            err.message,
+            "const (f32[B*B*B]): dimension B*B*B overflows a 64-bit integer with B=3000000"
+        );
     }
 
     #[test]

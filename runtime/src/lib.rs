@@ -1,7 +1,9 @@
 //! The vlmc runtime: host tensors, the reference interpreter of the graph IR (the oracle every
 //! compiled program is compared with), safetensors weights, parameter initialisation and model
-//! inputs.
+//! inputs. Every allocation whose size the user decides goes through [`alloc`], so a model
+//! too large for the machine is an error that names the tensor, never an abort.
 
+pub mod alloc;
 pub mod cpu;
 pub mod cuda;
 pub mod init;
@@ -15,9 +17,12 @@ pub mod train_ckpt;
 pub mod train_data;
 pub mod train_dropout;
 pub mod train_eval;
+pub mod train_folder;
 pub mod train_loop;
 pub mod train_stages;
 pub mod weights;
 
 pub use interp::{run, RunError};
 pub use tensor::{Data, Tensor};
+/// Reading only regular files, writing atomically: [`vlmc::files`].
+pub use vlmc::files;

@@ -3,6 +3,7 @@
 //! Values are held as f64 and rounded to their dtype after every operation, as the
 //! interpreter does.
 
+use crate::alloc;
 use crate::interp::RunError;
 use crate::tensor::{Data, Tensor};
 use std::collections::{BTreeMap, HashMap};
@@ -74,7 +75,9 @@ fn transposed_param(
         return None;
     }
     let (rows, cols) = (t.shape[r - 2], t.shape[r - 1]);
-    let mut out = vec![0f32; v.len()];
+    // A copy of a parameter the user sized: through `alloc`, or the interpreter's path (which
+    // reports the memory it lacks) when it does not fit.
+    let mut out = alloc::checked_vec(v.len(), 0f32, String::new).ok()?;
     const B: usize = 32;
     for (src, dst) in v.chunks(rows * cols).zip(out.chunks_mut(rows * cols)) {
         for i0 in (0..rows).step_by(B) {
@@ -321,7 +324,9 @@ impl Exec<'_> {
     }
 
     fn scatter_add(&mut self, s: &ScatterAdd) -> Result<(), RunError> {
-        let mut out = vec![0f64; s.outer * s.n * s.inner];
+        let mut out = alloc::checked_vec(self.plan.buffers[s.out].len(), 0f64, || {
+            format!("the scatter-add into b{}", s.out)
+        })?;
         for q in 0..s.k {
             let j = self.load(s.idx.buf, (s.idx.offset + q * s.idx.col) as i64)?;
             if j < 0.0 || j >= s.n as f64 {
@@ -342,7 +347,9 @@ impl Exec<'_> {
     }
 
     fn matmul(&mut self, m: &MatMul) -> Result<(), RunError> {
-        let mut out = vec![0f64; m.batch * m.m * m.n];
+        let mut out = alloc::checked_vec(self.plan.buffers[m.out].len(), 0f64, || {
+            format!("the matmul into b{}", m.out)
+        })?;
         for bi in 0..m.batch {
             for i in 0..m.m {
                 for j in 0..m.n {
@@ -370,10 +377,6 @@ impl Exec<'_> {
     }
 }
 
-fn tensor_f64(t: &Tensor) -> Vec<f64> {
-    t.to_f64()
-}
-
 /// Runs a plan: inputs and parameters by name, load-time values from [`load_time_values`].
 pub fn execute(
     plan: &Plan,
@@ -381,6 +384,21 @@ pub fn execute(
     params: &BTreeMap<String, Tensor>,
     load_time: &HashMap<usize, Tensor>,
 ) -> Result<BTreeMap<String, Tensor>, RunError> {
+    // Every buffer and the arena are held as f64: check the whole before allocating any.
+    let slots = plan
+        .buffers
+        .iter()
+        .filter(|b| !matches!(b.kind, BufferKind::Temp { .. }))
+        .try_fold(plan.arena as u128, |acc, b| {
+            acc.checked_add(alloc::numel(&b.shape)? as u128)
+        });
+    alloc::ensure(slots.and_then(|n| n.checked_mul(8)), || {
+        format!(
+            "executing the kernel plan ({} buffers and an arena of {} elements, in f64)",
+            plan.buffers.len(),
+            plan.arena
+        )
+    })?;
     let mut mem = Vec::with_capacity(plan.buffers.len());
     for b in &plan.buffers {
         let t = match &b.kind {
@@ -409,15 +427,15 @@ pub fn execute(
                         b.shape
                     ));
                 }
-                tensor_f64(t)
+                t.try_to_f64()?
             }
-            None => vec![0.0; b.len()],
+            None => alloc::checked_vec(b.len(), 0.0, || format!("scratch buffer b{}", mem.len()))?,
         });
     }
     let mut ex = Exec {
         plan,
         mem,
-        arena: vec![0.0; plan.arena],
+        arena: alloc::checked_vec(plan.arena, 0.0, || "the activation arena".to_string())?,
     };
     for k in &plan.kernels {
         for step in &k.steps {
@@ -444,14 +462,17 @@ pub fn execute(
     let mut out = BTreeMap::new();
     for (name, b) in &plan.outputs {
         let buf = &plan.buffers[*b];
-        let v: Vec<f64> = (0..buf.len())
-            .map(|k| ex.load(*b, k as i64))
-            .collect::<Result<_, _>>()?;
+        let n = buf.len();
+        let what = || format!("output `{name}` {:?} {}", buf.shape, buf.dtype);
+        let mut v = alloc::with_capacity(n, what)?;
+        for k in 0..n {
+            v.push(ex.load(*b, k as i64)?);
+        }
         let data = match buf.dtype {
-            DType::I32 => Data::I32(v.iter().map(|&x| x as i32).collect()),
-            DType::Bool => Data::Bool(v.iter().map(|&x| x != 0.0).collect()),
+            DType::I32 => Data::I32(alloc::collect(n, v.iter().map(|&x| x as i32), what)?),
+            DType::Bool => Data::Bool(alloc::collect(n, v.iter().map(|&x| x != 0.0), what)?),
             DType::F64 => Data::F64(v),
-            _ => Data::F32(v.iter().map(|&x| x as f32).collect()),
+            _ => Data::F32(alloc::collect(n, v.iter().map(|&x| x as f32), what)?),
         };
         out.insert(
             name.clone(),

@@ -2,6 +2,7 @@
 //! as `f32` values (f16/bf16 values are exactly representable); f64 (the IR-only type of
 //! gradient checks), i32 and bool have their own.
 
+use crate::alloc::{self, AllocError};
 use std::fmt;
 use vlmc::ir::DType;
 
@@ -24,7 +25,7 @@ pub struct Tensor {
 impl Tensor {
     /// An f32 tensor; `values.len()` must be the product of `shape`.
     pub fn f32(shape: Vec<usize>, values: Vec<f32>) -> Tensor {
-        debug_assert_eq!(shape.iter().product::<usize>(), values.len());
+        debug_assert_eq!(alloc::numel(&shape), Some(values.len()));
         Tensor {
             shape,
             data: Data::F32(values),
@@ -32,7 +33,7 @@ impl Tensor {
     }
     /// An f64 tensor.
     pub fn f64(shape: Vec<usize>, values: Vec<f64>) -> Tensor {
-        debug_assert_eq!(shape.iter().product::<usize>(), values.len());
+        debug_assert_eq!(alloc::numel(&shape), Some(values.len()));
         Tensor {
             shape,
             data: Data::F64(values),
@@ -40,7 +41,7 @@ impl Tensor {
     }
     /// An i32 tensor.
     pub fn i32(shape: Vec<usize>, values: Vec<i32>) -> Tensor {
-        debug_assert_eq!(shape.iter().product::<usize>(), values.len());
+        debug_assert_eq!(alloc::numel(&shape), Some(values.len()));
         Tensor {
             shape,
             data: Data::I32(values),
@@ -48,15 +49,47 @@ impl Tensor {
     }
     /// A bool tensor.
     pub fn bool(shape: Vec<usize>, values: Vec<bool>) -> Tensor {
-        debug_assert_eq!(shape.iter().product::<usize>(), values.len());
+        debug_assert_eq!(alloc::numel(&shape), Some(values.len()));
         Tensor {
             shape,
             data: Data::Bool(values),
         }
     }
+    /// A tensor of `shape` with every element `value`, stored as `dtype` is (f16/bf16 values
+    /// rounded to their precision, i32 truncated, bool `value != 0`); the memory is checked and
+    /// allocated through [`crate::alloc`], and `what` names the tensor if it does not fit.
+    pub fn full(
+        dtype: DType,
+        shape: Vec<usize>,
+        value: f64,
+        what: impl Fn() -> String,
+    ) -> Result<Tensor, AllocError> {
+        let n = alloc::numel(&shape).ok_or_else(|| AllocError {
+            message: format!("{} has more elements than this machine can address", what()),
+        })?;
+        let what = || format!("{} {}", what(), alloc::describe(&shape, dtype));
+        let data = match dtype {
+            DType::F64 => Data::F64(alloc::checked_vec(n, value, what)?),
+            DType::I32 => Data::I32(alloc::checked_vec(n, value as i32, what)?),
+            DType::Bool => Data::Bool(alloc::checked_vec(n, value != 0.0, what)?),
+            DType::F16 => Data::F32(alloc::checked_vec(
+                n,
+                half::f16::from_f64(value).to_f32(),
+                what,
+            )?),
+            DType::BF16 => Data::F32(alloc::checked_vec(
+                n,
+                half::bf16::from_f64(value).to_f32(),
+                what,
+            )?),
+            DType::F32 | DType::NF4 => Data::F32(alloc::checked_vec(n, value as f32, what)?),
+        };
+        Ok(Tensor { shape, data })
+    }
     /// The number of elements.
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        // A tensor holds its elements, so the product fits (0 when any dimension is 0).
+        alloc::numel(&self.shape).unwrap_or(usize::MAX)
     }
     /// The storage kind as an IR dtype (f32, f16 and bf16 report f32).
     pub fn dtype(&self) -> DType {
@@ -125,6 +158,22 @@ impl Tensor {
             _ => None,
         }
     }
+    /// [`Tensor::to_f64`] into memory checked and allocated through [`crate::alloc`].
+    pub fn try_to_f64(&self) -> Result<Vec<f64>, AllocError> {
+        let n = self.numel();
+        let what = || {
+            format!(
+                "an f64 copy of a {} tensor",
+                alloc::describe(&self.shape, self.dtype())
+            )
+        };
+        match &self.data {
+            Data::F32(v) => alloc::collect(n, v.iter().map(|&x| f64::from(x)), what),
+            Data::F64(v) => alloc::collect(n, v.iter().copied(), what),
+            Data::I32(v) => alloc::collect(n, v.iter().map(|&x| f64::from(x)), what),
+            Data::Bool(v) => alloc::collect(n, v.iter().map(|&x| f64::from(u8::from(x))), what),
+        }
+    }
     /// Every element converted to f64 (bool as 0/1).
     pub fn to_f64(&self) -> Vec<f64> {
         match &self.data {
@@ -140,11 +189,12 @@ impl Tensor {
     }
 }
 
-/// Row-major strides of a shape.
+/// Row-major strides of a shape. (Only a shape with no elements can have strides past
+/// `usize`, `[0, 2^40, 2^40]`; they saturate there, and nothing is ever indexed with them.)
 pub fn strides(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1; shape.len()];
+    let mut s = vec![1usize; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * shape[i + 1];
+        s[i] = s[i + 1].saturating_mul(shape[i + 1]);
     }
     s
 }

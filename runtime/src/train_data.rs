@@ -35,6 +35,8 @@ pub struct Example {
     /// 1 where the token is a target, 0 for prompt tokens.
     pub mask: Vec<f32>,
     pub image: Option<PathBuf>,
+    /// The line of the data file it came from (1-based; 0 when made otherwise).
+    pub line: usize,
 }
 
 /// A tokenizer and what the data needs from it.
@@ -47,9 +49,8 @@ pub struct Tok {
 impl Tok {
     /// Loads a `tokenizer.json` (its padding and truncation settings are ignored).
     pub fn load(path: &Path) -> Result<Tok, DataError> {
-        let mut tok = tokenizers::Tokenizer::from_file(path).map_err(|e| DataError {
-            message: format!("cannot load the tokenizer {}: {e}", path.display()),
-        })?;
+        let mut tok =
+            crate::inputs::load_tokenizer(path).map_err(|e| DataError { message: e.message })?;
         let id = |names: &[&str]| {
             names
                 .iter()
@@ -94,7 +95,7 @@ pub fn read_jsonl(
     prompt_masked: bool,
     max_len: Option<usize>,
 ) -> Result<Vec<Example>, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|e| DataError {
+    let text = crate::files::read_to_string(path).map_err(|e| DataError {
         message: format!("cannot read {}: {e}", path.display()),
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
@@ -169,7 +170,12 @@ pub fn read_jsonl(
             ids.truncate(m.max(1));
             mask.truncate(m.max(1));
         }
-        out.push(Example { ids, mask, image });
+        out.push(Example {
+            ids,
+            mask,
+            image,
+            line: n + 1,
+        });
     }
     if out.is_empty() {
         return derr(format!("{} has no rows", path.display()));
@@ -271,6 +277,105 @@ pub fn collate(
     Ok(out)
 }
 
+/// The largest tensor a graph makes at some sizes of its inputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Largest {
+    /// The op and where it is, e.g. `matmul in language_model.layers.0.self_attn`.
+    pub what: String,
+    /// Its type with the sizes in, e.g. `f32[1, 2, 2000003, 2000003]`.
+    pub ty: String,
+    /// Its size in bytes (saturated at `u128::MAX`).
+    pub bytes: u128,
+}
+
+/// The largest tensor of `graph` when its inputs have the shapes in `shapes` (by input name;
+/// inputs not given bind no size), in exact integers (no overflow: sizes saturate). Tensors
+/// with a size that no given input fixes are left out.
+pub fn largest_tensor(
+    graph: &vlmc::ir::Graph,
+    shapes: &BTreeMap<String, Vec<usize>>,
+) -> Option<Largest> {
+    let mut dims: BTreeMap<String, i64> = BTreeMap::new();
+    for (_, name, ty) in graph.inputs() {
+        if let Some(sh) = shapes.get(name) {
+            for (d, &n) in ty.shape.0.iter().zip(sh) {
+                if let Some(sym) = d.as_symbol() {
+                    dims.insert(sym.to_string(), i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
+        }
+    }
+    let mut best: Option<Largest> = None;
+    for id in graph.node_ids() {
+        let node = graph.node(id);
+        let mut sizes: Vec<u128> = Vec::new();
+        let mut known = true;
+        for d in &node.ty.shape.0 {
+            if d.symbols().iter().any(|s| !dims.contains_key(*s)) {
+                known = false;
+                break;
+            }
+            // `None` with every symbol known: the size overflowed an i64.
+            sizes.push(
+                d.eval(&|s| dims.get(s).copied())
+                    .map_or(u128::MAX, |v| v.max(0) as u128),
+            );
+        }
+        if !known {
+            continue;
+        }
+        let numel = sizes.iter().fold(1u128, |a, &n| a.saturating_mul(n));
+        let bits = u128::from(node.ty.dtype.bits().max(1));
+        let bytes = numel.saturating_mul(bits).div_ceil(8);
+        if best.as_ref().is_none_or(|b| bytes > b.bytes) {
+            let shown: Vec<String> = sizes
+                .iter()
+                .map(|&n| {
+                    if n == u128::MAX {
+                        "(overflow)".to_string()
+                    } else {
+                        n.to_string()
+                    }
+                })
+                .collect();
+            best = Some(Largest {
+                what: if node.scope.is_empty() {
+                    node.op.name().to_string()
+                } else {
+                    format!("{} in {}", node.op.name(), node.scope)
+                },
+                ty: format!("{}[{}]", node.ty.dtype, shown.join(", ")),
+                bytes,
+            });
+        }
+    }
+    best
+}
+
+/// Checks that a batch of `batch` rows padded to `len` tokens fits in memory when `graph`
+/// (a training step, or an evaluation graph) runs on it: the largest tensor it makes must be
+/// smaller than the memory available ([`crate::alloc::available`]). The error says which
+/// tensor, of which size; the caller names the row.
+pub fn check_fits(graph: &vlmc::ir::Graph, batch: usize, len: usize) -> Result<(), String> {
+    let mut shapes = BTreeMap::new();
+    for name in ["ids", "loss_mask"] {
+        shapes.insert(name.to_string(), vec![batch, len]);
+    }
+    let Some(big) = largest_tensor(graph, &shapes) else {
+        return Ok(());
+    };
+    let available = crate::alloc::available();
+    if big.bytes > u128::from(available.bytes) {
+        return Err(format!(
+            "a batch of {batch} row(s) of {len} tokens needs a tensor of {} ({} {}); {available}",
+            crate::alloc::human_bytes(big.bytes),
+            big.what,
+            big.ty,
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,11 +406,13 @@ mod tests {
             ids: vec![5, 6, 7],
             mask: vec![0.0, 1.0, 1.0],
             image: None,
+            line: 1,
         };
         let e2 = Example {
             ids: vec![8],
             mask: vec![1.0],
             image: None,
+            line: 2,
         };
         let b = collate(&[&e1, &e2], 0, None).expect("collates");
         assert_eq!(b["ids"], Tensor::i32(vec![2, 3], vec![5, 6, 7, 8, 0, 0]));

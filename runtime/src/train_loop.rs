@@ -3,9 +3,10 @@
 
 use crate::tensor::Tensor;
 use crate::train::{Session, StepStats, TrainRunError};
-use crate::train_ckpt::{self, TrainerState};
+use crate::train_ckpt::{self, FileId, Fingerprint, TrainerState};
 use crate::train_data::{self, Position, Tok};
 use crate::train_eval::Evaluator;
+use crate::train_folder::{self, FolderLock};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,7 +25,8 @@ pub struct TrainOptions<'a> {
     pub weights: Option<BTreeMap<String, Tensor>>,
     pub weights_dir: Option<PathBuf>,
     pub out: &'a Path,
-    /// Continue from the latest checkpoint in this folder.
+    /// Continue from the latest checkpoint in this folder (or this checkpoint folder). It must
+    /// be a checkpoint of this run: same trainer, model, data, tokenizer, settings and steps.
     pub resume: Option<&'a Path>,
     /// Override the trainer's step count.
     pub steps: Option<u64>,
@@ -33,9 +35,18 @@ pub struct TrainOptions<'a> {
     /// Evaluation data (JSONL like the training data): its mean loss is computed every
     /// `eval_every` steps and at the last step, and logged as `eval_loss`.
     pub eval_data: Option<&'a Path>,
-    /// Do nothing when `out` already holds this trainer's finished run (its latest checkpoint
-    /// is at the run's total steps, and `model.safetensors` is there): stages re-run this way.
+    /// Do nothing when `out` already holds this run, finished (its latest checkpoint is at the
+    /// run's total steps, its fingerprint is this run's, and `model.safetensors` is there):
+    /// stages re-run this way.
     pub skip_finished: bool,
+    /// Start again when `out` holds an earlier run: delete that run's checkpoints, log, final
+    /// weights and adapter first (nothing else in the folder). Without it (or `resume` of
+    /// that run), a folder holding a run is refused.
+    pub overwrite: bool,
+    /// When `out` holds a run that wrote no checkpoint and no weights (only its log: it was
+    /// stopped before its first checkpoint), start it again from step 0 (a chain of stages
+    /// resumed with `--resume`).
+    pub restart_unfinished: bool,
     /// What runs the step and evaluation graphs (default: compiled for the CPU).
     pub backend: crate::train::Backend,
 }
@@ -78,14 +89,15 @@ pub fn eval_warning(cfg: &TrainConfig, eval_data: Option<&Path>) -> Option<Strin
     }
 }
 
-/// The latest checkpoint in `out` when it finishes a run of `trainer` of `total` steps and
-/// the final `model.safetensors` is beside it.
-pub fn finished_run(out: &Path, trainer: &str, total: u64) -> Option<PathBuf> {
+/// The latest checkpoint in `out` when it finishes this run (trainer `trainer`, `total`
+/// steps, fingerprint `fp`) and the final `model.safetensors` is beside it.
+pub fn finished_run(out: &Path, trainer: &str, total: u64, fp: &Fingerprint) -> Option<PathBuf> {
     let ck = train_ckpt::latest_checkpoint(out).ok()?;
     let st = train_ckpt::read_state(&ck).ok()?;
     (st.trainer == trainer
         && st.step == total
         && st.total_steps == total
+        && st.fingerprint.differences(fp).is_empty()
         && out.join("model.safetensors").is_file())
     .then_some(ck)
 }
@@ -96,7 +108,217 @@ fn err(message: impl Into<String>) -> TrainRunError {
     }
 }
 
+/// Why `out`, holding the files `found` of an earlier run, is not written over.
+fn refuse_earlier(
+    out: &Path,
+    found: &[String],
+    trainer: &str,
+    total: u64,
+    fp: &Fingerprint,
+) -> String {
+    let d = out.display();
+    let files = found.join(", ");
+    let Some(st) = train_ckpt::latest_checkpoint(out)
+        .ok()
+        .and_then(|ck| train_ckpt::read_state(&ck).ok())
+    else {
+        return format!(
+            "{d} already holds files of an earlier run ({files}): start again with --overwrite \
+             (it deletes them, nothing else), or write to another folder"
+        );
+    };
+    let same = st.trainer == trainer
+        && st.total_steps == total
+        && st.fingerprint.differences(fp).is_empty();
+    let what = format!(
+        "trainer `{}`, step {} of {}{}",
+        st.trainer,
+        st.step,
+        st.total_steps,
+        if same {
+            ""
+        } else {
+            ", with other settings or data"
+        }
+    );
+    if st.step == st.total_steps {
+        format!(
+            "{d} already holds a finished run ({what}: {files}): start again with --overwrite \
+             (it deletes that run's checkpoints, log and weights), or write to another folder"
+        )
+    } else {
+        format!(
+            "{d} already holds an unfinished run ({what}: {files}): continue it with --resume \
+             {d}, start again with --overwrite (it deletes that run's checkpoints, log and \
+             weights), or write to another folder"
+        )
+    }
+}
+
+/// Rows a token objective cannot learn from: no target token after the first position.
+fn check_targets(
+    cfg: &TrainConfig,
+    path: &Path,
+    rows: &[train_data::Example],
+) -> Result<(), TrainRunError> {
+    if !cfg.objective.is_token_loss() {
+        return Ok(());
+    }
+    for e in rows {
+        if e.mask.iter().skip(1).all(|&m| m == 0.0) {
+            return Err(err(format!(
+                "{}:{}: the row gives no token to predict: it has {} token(s) and none is a \
+                 target after the first (the first predicts nothing{}); give it more text or \
+                 remove it",
+                path.display(),
+                e.line,
+                e.ids.len(),
+                if cfg.max_len.is_some() {
+                    ", and rows are cut to the trainer's `max_len`"
+                } else {
+                    ""
+                }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the longest row of `rows` fits in memory in a batch run by `graph`.
+fn check_longest(
+    graph: &vlmc::ir::Graph,
+    cfg: &TrainConfig,
+    path: &Path,
+    rows: &[train_data::Example],
+) -> Result<(), TrainRunError> {
+    let Some(longest) = rows.iter().max_by_key(|e| e.ids.len()) else {
+        return Ok(());
+    };
+    // A training batch always has `batch` rows (drawn across epochs when the data has fewer).
+    let batch = cfg.batch.max(1);
+    train_data::check_fits(graph, batch, longest.ids.len()).map_err(|m| {
+        err(format!(
+            "{}:{}: the row is too long ({} tokens): {m}; shorten it or set `max_len` in \
+             trainer `{}`",
+            path.display(),
+            longest.line,
+            longest.ids.len(),
+            cfg.name
+        ))
+    })
+}
+
+/// The data position after `rows` examples were drawn (an epoch rolls over only when the
+/// next batch needs a row).
+fn position_after(rows: u128, n: u128) -> Option<(u128, u128)> {
+    if n == 0 {
+        return None;
+    }
+    if rows == 0 {
+        return Some((0, 0));
+    }
+    Some(((rows - 1) / n, (rows - 1) % n + 1))
+}
+
+/// Checks that the checkpoint `ck` (read as `l`) continues this run: trainer, fingerprint,
+/// step count, data position, and every parameter and optimiser tensor by name and shape.
+#[allow(clippy::too_many_arguments)]
+fn check_resume(
+    ck: &Path,
+    l: &train_ckpt::Loaded,
+    session: &Session,
+    fp: &Fingerprint,
+    total: u64,
+    steps_flag: Option<u64>,
+    rows: usize,
+    per_step: usize,
+) -> Result<(), TrainRunError> {
+    let c = ck.display();
+    let name = &session.cfg.name;
+    if l.state.trainer != *name {
+        return Err(err(format!(
+            "{c} is a checkpoint of trainer `{}`, not `{name}`",
+            l.state.trainer
+        )));
+    }
+    let diff = l.state.fingerprint.differences(fp);
+    if !diff.is_empty() {
+        return Err(err(format!(
+            "cannot resume from {c}: it is a checkpoint of another run; what differs: {}. \
+             Resume with what that run had, or start a new run (--overwrite, or another folder)",
+            diff.join("; ")
+        )));
+    }
+    if l.state.total_steps != total {
+        return Err(err(match steps_flag {
+            Some(s) => format!(
+                "--steps {s} disagrees with the checkpoint {c}, whose run is {} steps: resume \
+                 with --steps {} (or without --steps)",
+                l.state.total_steps, l.state.total_steps
+            ),
+            None => format!(
+                "the checkpoint {c} is of a run of {} steps, but this run is {total} steps: \
+                 resume with --steps {}",
+                l.state.total_steps, l.state.total_steps
+            ),
+        }));
+    }
+    if l.state.seed != session.cfg.seed {
+        return Err(err(format!(
+            "{c}: the checkpoint's seed is {}, the trainer's {}",
+            l.state.seed, session.cfg.seed
+        )));
+    }
+    let p = l.state.position;
+    let want = (u128::from(l.state.step))
+        .checked_mul(per_step as u128)
+        .and_then(|k| position_after(k, rows as u128));
+    if want != Some((u128::from(p.epoch), p.index as u128)) {
+        return Err(err(format!(
+            "{c}/trainer_state.json is inconsistent: after {} steps of {per_step} rows over {rows} \
+             rows the data position is {}, but it says epoch {}, index {}",
+            l.state.step,
+            want.map_or("out of range".to_string(), |(e, i)| format!("epoch {e}, index {i}")),
+            p.epoch,
+            p.index
+        )));
+    }
+    let same = |file: &str,
+                theirs: &BTreeMap<String, Tensor>,
+                ours: &BTreeMap<String, Tensor>|
+     -> Result<(), TrainRunError> {
+        for (k, t) in ours {
+            match theirs.get(k) {
+                None => {
+                    return Err(err(format!("{c}/{file} has no `{k}`")));
+                }
+                Some(x) if x.shape != t.shape => {
+                    return Err(err(format!(
+                        "{c}/{file}: `{k}` is {:?}, but the run's is {:?}",
+                        x.shape, t.shape
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(k) = theirs.keys().find(|k| !ours.contains_key(*k)) {
+            return Err(err(format!(
+                "{c}/{file} holds `{k}`, which is not in this run"
+            )));
+        }
+        Ok(())
+    };
+    same("model.safetensors", &l.params, &session.params)?;
+    same("optimizer.safetensors", &l.optim, &session.state)?;
+    Ok(())
+}
+
 /// Runs a trainer; `on_step` is called after every optimiser step.
+///
+/// The output folder is locked for the whole run (a second run into it fails at once, naming
+/// the holder). A folder holding an earlier run is refused unless the run resumes it
+/// (`resume`) or starts again (`overwrite`); resuming checks that the checkpoint is this
+/// run's and cuts `log.jsonl` back to the checkpoint's step.
 pub fn train(
     o: &TrainOptions<'_>,
     on_step: &mut dyn FnMut(&Event<'_>),
@@ -123,16 +345,40 @@ pub fn train(
             prompt_masked: true
         }
     );
+    let data_bytes = crate::files::read(o.data)
+        .map_err(|e| err(format!("cannot read {}: {e}", o.data.display())))?;
     let examples = train_data::read_jsonl(o.data, &tok, prompt_masked, cfg.max_len)
         .map_err(|e| err(e.message))?;
+    check_targets(&cfg, o.data, &examples)?;
     let n = examples.len();
     let per_step = cfg.batch * cfg.grad_accum;
     let total = o
         .steps
         .or(cfg.steps)
         .unwrap_or_else(|| cfg.epochs.unwrap_or(1) * n.div_ceil(per_step) as u64);
-    if o.skip_finished {
-        if let Some(ck) = finished_run(o.out, &cfg.name, total) {
+    if total == 0 {
+        return Err(err(format!("trainer `{}`: the run has no step", cfg.name)));
+    }
+    let fp = Fingerprint::of(
+        o.model,
+        &cfg,
+        o.weights.as_ref(),
+        FileId::of_bytes(o.data, &data_bytes),
+        n as u64,
+        FileId::read(&tok_path).map_err(|e| err(e.message))?,
+    );
+    drop(data_bytes);
+
+    // The folder, locked until the run returns; then what is in it.
+    let _lock = FolderLock::acquire(o.out).map_err(err)?;
+    train_folder::clear_temporary(o.out).map_err(|e| {
+        err(format!(
+            "{}: cannot remove temporary files: {e}",
+            o.out.display()
+        ))
+    })?;
+    if o.skip_finished && !o.overwrite {
+        if let Some(ck) = finished_run(o.out, &cfg.name, total, &fp) {
             return Ok(Summary {
                 steps: total,
                 total_steps: total,
@@ -144,6 +390,31 @@ pub fn train(
             });
         }
     }
+    let resume_ck = match o.resume {
+        Some(dir) => Some(train_ckpt::latest_checkpoint(dir).map_err(|e| err(e.message))?),
+        None => None,
+    };
+    // Whether the checkpoint resumed is one of `out`'s own.
+    let here = resume_ck
+        .as_ref()
+        .and_then(|ck| ck.parent())
+        .is_some_and(|p| train_folder::same_path(p, o.out));
+    if let (true, Some(ck)) = (o.overwrite && here, &resume_ck) {
+        return Err(err(format!(
+            "--overwrite would delete the checkpoint that --resume continues ({}): give one or \
+             the other",
+            ck.display()
+        )));
+    }
+    let earlier = train_folder::run_files(o.out);
+    let clear = if earlier.is_empty() || here {
+        false
+    } else if o.overwrite || (o.restart_unfinished && earlier.iter().all(|f| f == "log.jsonl")) {
+        true
+    } else {
+        return Err(err(refuse_earlier(o.out, &earlier, &cfg.name, total, &fp)));
+    };
+
     let params = match &o.weights {
         Some(w) => w.clone(),
         None => crate::init::init_params(&o.model.graph, cfg.seed).map_err(|e| err(e.message))?,
@@ -154,25 +425,26 @@ pub fn train(
     let dropout = cfg.lora_dropout();
     let eval_every = cfg.eval_every;
     let mut session = Session::with_backend(o.model, cfg, params, total, &o.backend)?;
+    {
+        let step = session
+            .fused
+            .as_ref()
+            .or(session.grad.as_ref())
+            .ok_or_else(|| err("no step graph"))?;
+        check_longest(&step.step.graph, &session.cfg, o.data, &examples)?;
+    }
     let mut pos = Position { epoch: 0, index: 0 };
     // The last good checkpoint: the one resumed from, until a new one is written.
     let mut last_ckpt: Option<PathBuf> = None;
-    if let Some(dir) = o.resume {
-        let ck = train_ckpt::latest_checkpoint(dir).map_err(|e| err(e.message))?;
-        let l = train_ckpt::load_checkpoint(&ck).map_err(|e| err(e.message))?;
-        if l.state.trainer != name {
-            return Err(err(format!(
-                "{} is a checkpoint of trainer `{}`, not `{name}`",
-                ck.display(),
-                l.state.trainer
-            )));
-        }
+    if let Some(ck) = &resume_ck {
+        let l = train_ckpt::load_checkpoint(ck).map_err(|e| err(e.message))?;
+        check_resume(ck, &l, &session, &fp, total, o.steps, n, per_step)?;
         session.params = l.params;
         session.state = l.optim;
         session.step = l.state.step;
         session.total_steps = l.state.total_steps;
         pos = l.state.position;
-        last_ckpt = Some(ck);
+        last_ckpt = Some(ck.clone());
     }
     // Image inputs: the model's `pixels` (or declared image preprocessing).
     let images = o
@@ -189,25 +461,63 @@ pub fn train(
         Some(path) => {
             let rows = train_data::read_jsonl(path, &tok, prompt_masked, session.cfg.max_len)
                 .map_err(|e| err(e.message))?;
-            Some(Evaluator::new(
+            check_targets(&session.cfg, path, &rows)?;
+            let ev = Evaluator::new(
                 o.model,
                 &session.cfg,
                 &rows,
                 tok.pad_id,
                 images.as_ref(),
                 &o.backend,
-            )?)
+            )?;
+            check_longest(ev.runner.graph(), &session.cfg, path, &rows)?;
+            Some(ev)
         }
         None => None,
     };
-    let mut eval_losses = Vec::new();
-    std::fs::create_dir_all(o.out).map_err(|e| err(format!("{}: {e}", o.out.display())))?;
+
+    // Everything is checked: now the folder changes.
+    if clear {
+        train_folder::clear_run(o.out).map_err(err)?;
+    }
     let log_path = o.out.join("log.jsonl");
+    match &resume_ck {
+        Some(ck) => {
+            if here {
+                // Checkpoints after the one resumed belong to the history being redone.
+                for f in train_folder::run_files(o.out) {
+                    let later = train_folder::checkpoint_step(f.trim_end_matches('/'))
+                        .is_some_and(|s| s > session.step);
+                    if later {
+                        let p = o.out.join(f.trim_end_matches('/'));
+                        std::fs::remove_dir_all(&p)
+                            .map_err(|e| err(format!("cannot delete {}: {e}", p.display())))?;
+                    }
+                }
+            }
+            // The log up to the checkpoint (the steps after it run again).
+            let src = if log_path.is_file() {
+                log_path.clone()
+            } else {
+                ck.parent().unwrap_or(Path::new(".")).join("log.jsonl")
+            };
+            train_folder::cut_log(&src, &log_path, session.step).map_err(err)?;
+        }
+        None => {
+            crate::weights::write_atomic(&log_path, b"")
+                .map_err(|e| err(format!("{}: {e}", log_path.display())))?;
+        }
+    }
     let mut log = std::fs::OpenOptions::new()
-        .create(true)
         .append(true)
         .open(&log_path)
         .map_err(|e| err(format!("{}: {e}", log_path.display())))?;
+    // One write per line.
+    let mut write_line = |v: serde_json::Value| -> Result<(), TrainRunError> {
+        log.write_all(format!("{v}\n").as_bytes())
+            .map_err(|e| err(format!("{}: {e}", log_path.display())))
+    };
+    let mut eval_losses = Vec::new();
     let save_every = session.cfg.save_every;
     let state_of = |s: &Session, pos: Position| TrainerState {
         trainer: name.clone(),
@@ -215,6 +525,7 @@ pub fn train(
         total_steps: s.total_steps,
         seed,
         position: pos,
+        fingerprint: fp.clone(),
     };
     let mut losses = Vec::new();
     let stop = o.stop_after.unwrap_or(u64::MAX).min(session.total_steps);
@@ -251,7 +562,7 @@ pub fn train(
             "epoch": pos.epoch,
             "examples_per_s": eps,
         });
-        writeln!(log, "{line}").map_err(|e| err(format!("{}: {e}", log_path.display())))?;
+        write_line(line)?;
         losses.push(stats.loss);
         let mut eval_loss = None;
         if let Some(ev) = &eval {
@@ -262,7 +573,7 @@ pub fn train(
                     "eval_loss": l,
                     "eval_items": ev.items,
                 });
-                writeln!(log, "{line}").map_err(|e| err(format!("{}: {e}", log_path.display())))?;
+                write_line(line)?;
                 eval_losses.push((session.step, l));
                 eval_loss = Some(l);
             }

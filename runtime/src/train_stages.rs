@@ -6,7 +6,10 @@
 //! from `OUT/align/model.safetensors`. A stage that trained a LoRA adapter hands on its base
 //! weights with the adapter merged in (the LoRA-merge pass); the next stage's own adapter
 //! starts afresh from its init rules. A stage whose folder already holds its finished run is
-//! skipped, so running the chain again continues where it stopped.
+//! skipped, so running the chain again continues where it stopped. Each stage folder follows
+//! the rules of a single run's folder (see [`crate::train_loop::train`]): locked while it
+//! trains, an unfinished or different earlier run refused unless `--resume` (which continues
+//! it, checked) or `--overwrite` (which starts it again).
 
 use crate::tensor::Tensor;
 use crate::train::TrainRunError;
@@ -116,6 +119,9 @@ pub struct StagesOptions<'a> {
     pub steps: Option<u64>,
     /// Stop each stage after this many steps (the chain stops at a stage left unfinished).
     pub stop_after: Option<u64>,
+    /// Start every stage again, deleting what earlier runs wrote into the stage folders
+    /// (instead of skipping finished stages and refusing unfinished ones).
+    pub overwrite: bool,
     /// What runs the graphs.
     pub backend: crate::train::Backend,
 }
@@ -152,6 +158,8 @@ pub fn train_stages(
 ) -> Result<Vec<(String, Summary)>, TrainRunError> {
     let names = chain(o.model, o.trainer)?;
     let count = names.len();
+    // One chain at a time in the folder (each stage also locks its own).
+    let _lock = crate::train_folder::FolderLock::acquire(o.out).map_err(err)?;
     let mut done: Vec<(String, Summary)> = Vec::new();
     for (index, name) in names.iter().enumerate() {
         let dir = o.out.join(name);
@@ -188,6 +196,8 @@ pub fn train_stages(
             stop_after: o.stop_after,
             eval_data: o.eval_data,
             skip_finished: true,
+            overwrite: o.overwrite,
+            restart_unfinished: o.resume.is_some(),
             backend: o.backend.clone(),
         };
         let summary = train(&opts, &mut |ev| on_event(&StageEvent::Step(ev))).map_err(|e| {

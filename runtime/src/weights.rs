@@ -3,6 +3,8 @@
 
 use crate::tensor::{Data, Tensor};
 use memmap2::Mmap;
+/// The `safetensors` crate's error, for [`describe_error`].
+pub use safetensors::SafeTensorError;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -29,15 +31,19 @@ pub struct WeightFile {
 }
 
 impl WeightFile {
-    /// Opens and validates a safetensors file (header, offsets, sizes).
+    /// Opens and validates a safetensors file (header, offsets, sizes). Only a regular file is
+    /// opened (a FIFO, directory or device node is refused, saying which it is).
     pub fn open(path: &Path) -> Result<WeightFile, WeightError> {
-        let file = std::fs::File::open(path).map_err(|e| WeightError {
+        let file = crate::files::open_regular(path).map_err(|e| WeightError {
             message: format!("cannot open {}: {e}", path.display()),
         })?;
         // SAFETY: the map is read-only; a file changed underneath us gives wrong numbers, not UB
         // in our code (the bytes are copied out when a tensor is read).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| WeightError {
             message: format!("cannot map {}: {e}", path.display()),
+        })?;
+        check_layout(&mmap).map_err(|why| WeightError {
+            message: format!("{} is not a valid safetensors file: {why}", path.display()),
         })?;
         let wf = WeightFile {
             path: path.to_path_buf(),
@@ -86,6 +92,11 @@ impl WeightFile {
         let shape = view.shape().to_vec();
         let b = view.data();
         let chunks = |w: usize| b.chunks_exact(w);
+        // Every dtype is read into 4-byte elements (bools into 1-byte ones).
+        let elem = if view.dtype() == Dtype::BOOL { 1 } else { 4 };
+        crate::alloc::ensure_shape(&shape, elem, || {
+            format!("tensor `{name}` {shape:?} of {}", self.path.display())
+        })?;
         let data = match view.dtype() {
             Dtype::F32 => Data::F32(chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
             Dtype::F64 => Data::F32(
@@ -123,19 +134,183 @@ impl WeightFile {
     }
 }
 
-fn describe_error(e: &safetensors::SafeTensorError) -> String {
+/// The largest header the safetensors crate reads (100 MB).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Checks the layout of a safetensors file before the `safetensors` crate reads it, saying
+/// exactly what is wrong: the header length, its text, each entry (dtype, shape, offsets), the
+/// tensors' byte ranges against each other, and the data against the file's length (missing
+/// bytes: truncated; extra bytes: trailing data).
+pub fn check_layout(bytes: &[u8]) -> Result<(), String> {
+    use safetensors::tensor::TensorInfo;
+    let len = bytes.len();
+    let Some(first) = bytes.get(..8) else {
+        return Err(format!(
+            "the file is {len} bytes long, too short to hold the 8-byte header length \
+             (empty or truncated)"
+        ));
+    };
+    let mut n8 = [0u8; 8];
+    n8.copy_from_slice(first);
+    let n = u64::from_le_bytes(n8);
+    let rest = (len - 8) as u64;
+    if n > MAX_HEADER {
+        return Err(format!(
+            "its first 8 bytes give a header length of {n} bytes, more than the 100 MB a \
+             safetensors header may have (not a safetensors file?)"
+        ));
+    }
+    if n > rest {
+        return Err(format!(
+            "its header length is {n} bytes but only {rest} bytes follow the length field \
+             (truncated, or not a safetensors file)"
+        ));
+    }
+    let stop = 8 + n as usize;
+    let text = std::str::from_utf8(&bytes[8..stop]).map_err(|e| {
+        format!(
+            "the {n}-byte header is not UTF-8 text (invalid byte at header offset {}; not a \
+             safetensors file?)",
+            e.valid_up_to()
+        )
+    })?;
+    let header: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("the header is not valid JSON: {e}"))?;
+    let serde_json::Value::Object(entries) = header else {
+        return Err(format!(
+            "the header is JSON but not an object of tensors (it is {})",
+            json_kind(&header)
+        ));
+    };
+    let mut tensors: Vec<(String, TensorInfo)> = Vec::with_capacity(entries.len());
+    for (name, v) in entries {
+        if name == "__metadata__" {
+            serde_json::from_value::<Option<std::collections::HashMap<String, String>>>(v)
+                .map_err(|e| {
+                    format!("the header's `__metadata__` must map strings to strings: {e}")
+                })?;
+            continue;
+        }
+        let info: TensorInfo = serde_json::from_value(v).map_err(|e| {
+            format!(
+                "the header entry of tensor `{name}` is invalid: {e} (each entry needs \
+                 `dtype`, `shape` and `data_offsets`)"
+            )
+        })?;
+        let (start, end) = info.data_offsets;
+        if end < start {
+            return Err(format!(
+                "tensor `{name}` has data_offsets [{start}, {end}]: the end is before the start"
+            ));
+        }
+        let numel = info
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|e| e.checked_mul(info.dtype.size()));
+        let Some(want) = numel else {
+            return Err(format!(
+                "tensor `{name}` has shape {:?}: its size overflows",
+                info.shape
+            ));
+        };
+        if end - start != want {
+            return Err(format!(
+                "tensor `{name}` is {:?}{:?}, {want} bytes, but its data_offsets [{start}, {end}] \
+                 span {} bytes",
+                info.dtype,
+                info.shape,
+                end - start
+            ));
+        }
+        tensors.push((name, info));
+    }
+    tensors.sort_by_key(|(_, i)| i.data_offsets);
+    let mut at = 0usize;
+    let mut prev: Option<&str> = None;
+    for (name, info) in &tensors {
+        let (start, end) = info.data_offsets;
+        if start != at {
+            let after = match prev {
+                Some(p) => format!("tensor `{p}` ends at byte {at}"),
+                None => "the data starts at byte 0".to_string(),
+            };
+            let what = if start > at { "a gap" } else { "an overlap" };
+            return Err(format!(
+                "tensor `{name}` starts at data byte {start}, but {after} ({what}: tensors must \
+                 cover the data contiguously)"
+            ));
+        }
+        at = end;
+        prev = Some(name);
+    }
+    let data = rest - n;
+    let at = at as u64;
+    if at > data {
+        return Err(format!(
+            "the header describes {at} bytes of tensor data but the file holds only {data} \
+             after the header: {} bytes missing (truncated)",
+            at - data
+        ));
+    }
+    if at < data {
+        return Err(format!(
+            "{} bytes of trailing data after the last tensor (the header describes {at} bytes \
+             of tensor data, the file holds {data})",
+            data - at
+        ));
+    }
+    Ok(())
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Every error of the `safetensors` crate in words ([`check_layout`] says more about the ones
+/// it catches first).
+pub fn describe_error(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
     match e {
-        E::HeaderTooSmall => "the file is too short to hold a header (truncated?)".into(),
+        E::InvalidHeader => "the header is not UTF-8 text (not a safetensors file?)".into(),
+        E::InvalidHeaderStart => {
+            "the header does not start with `{` (not a safetensors file?)".into()
+        }
+        E::InvalidHeaderDeserialization => {
+            "the header is not a valid JSON description of tensors".into()
+        }
         E::HeaderTooLarge => {
-            "the header length is implausibly large (not a safetensors file?)".into()
+            "the header length is larger than the 100 MB limit (not a safetensors file?)".into()
         }
-        E::InvalidHeaderLength => "the header length exceeds the file (truncated?)".into(),
-        E::InvalidOffset(n) => format!("tensor `{n}` lies outside the data (truncated?)"),
+        E::HeaderTooSmall => {
+            "the file is too short to hold the 8-byte header length (empty or truncated)".into()
+        }
+        E::InvalidHeaderLength => {
+            "the header length runs past the end of the file (truncated?)".into()
+        }
+        E::TensorNotFound(n) => format!("there is no tensor `{n}`"),
+        E::TensorInvalidInfo => "a tensor's byte range does not match its dtype and shape".into(),
+        E::InvalidOffset(n) => {
+            format!("tensor `{n}` has data_offsets that do not follow the previous tensor's")
+        }
+        E::IoError(e) => format!("read error: {e}"),
+        E::JsonError(e) => format!("the header is not valid JSON: {e}"),
+        E::InvalidTensorView(d, shape, n) => {
+            format!("a {d:?}{shape:?} tensor cannot be made from {n} bytes")
+        }
         E::MetadataIncompleteBuffer => {
-            "the data is shorter than the header says (truncated)".into()
+            "the tensors described by the header do not cover the data exactly (truncated, or \
+             trailing data after the last tensor)"
+                .into()
         }
-        other => format!("{other:?}"),
+        E::ValidationOverflow => "a tensor's shape is so large that its size overflows".into(),
     }
 }
 
@@ -268,6 +443,14 @@ fn closest(path: &str, by_param: &BTreeMap<String, String>) -> String {
 
 /// Writes tensors as a safetensors file: to a temporary name first, then renamed into place.
 pub fn save(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<(), WeightError> {
+    // The raw bytes of every tensor and the serialised file are both held in memory.
+    let raw: Option<u128> = tensors.values().try_fold(0u128, |acc, t| {
+        let elem = t.dtype().bits() as usize / 8;
+        acc.checked_add(crate::alloc::shape_bytes(&t.shape, elem)?)
+    });
+    crate::alloc::ensure(raw.and_then(|r| r.checked_mul(2)), || {
+        format!("writing {} ({} tensors)", path.display(), tensors.len())
+    })?;
     let mut bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, t) in tensors {
         let (dtype, raw) = match &t.data {
@@ -284,39 +467,19 @@ pub fn save(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<(), Weigh
             safetensors::tensor::TensorView::new(*d, s.clone(), b)
                 .map(|v| (n.clone(), v))
                 .map_err(|e| WeightError {
-                    message: format!("tensor `{n}`: {e:?}"),
+                    message: format!("tensor `{n}`: {}", describe_error(&e)),
                 })
         })
         .collect::<Result<_, _>>()?;
     let data = safetensors::serialize(views, &None).map_err(|e| WeightError {
-        message: format!("cannot serialise: {e:?}"),
+        message: format!("cannot serialise: {}", describe_error(&e)),
     })?;
     write_atomic(path, &data).map_err(|e| WeightError {
         message: format!("cannot write {}: {e}", path.display()),
     })
 }
 
-/// Writes bytes to a temporary file beside `path`, syncs, then renames it over `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
+/// Writes bytes atomically: see [`crate::files::write_atomic`] (a temporary name unique to the
+/// process, synced and renamed; symlinks written through; FIFOs, directories and device nodes
+/// other than `/dev/null` refused).
+pub use crate::files::write_atomic;

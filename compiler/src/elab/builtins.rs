@@ -255,7 +255,10 @@ impl Elaborator<'_> {
         if let Some((op, f)) = unary {
             return match a.get("x") {
                 Value::Tensor(x) => Ok(Value::Tensor(self.prim_unary(cx, op, *x, span)?)),
-                Value::Int(i) if name == "abs" => Ok(Value::Int(i.abs())),
+                Value::Int(i) if name == "abs" => i
+                    .checked_abs()
+                    .map(Value::Int)
+                    .ok_or_else(|| self.overflow(cx, span, format!("`abs({i})`"))),
                 v => match v.as_f64() {
                     Some(x) => Ok(Value::Float(f(x))),
                     None => Err(self
@@ -458,7 +461,9 @@ impl Elaborator<'_> {
                 let prod = ty.shape.0[s..=e]
                     .iter()
                     .try_fold(Dim::c(1), |acc, d| acc.checked_mul(d))
-                    .ok_or_else(|| self.err(cx, span, "integer overflow"))?;
+                    .ok_or_else(|| {
+                        self.overflow(cx, span, format!("the product of the dimensions of {ty}"))
+                    })?;
                 dims.push(prod);
                 dims.extend(ty.shape.0[e + 1..].iter().cloned());
                 Ok(Value::Tensor(self.reshape(cx, x, dims, span)?))
@@ -475,7 +480,7 @@ impl Elaborator<'_> {
             }
             "concat" | "stack" => {
                 let xs = match a.get("xs") {
-                    Value::List(v) | Value::Tuple(v) => v.clone(),
+                    Value::List(v) | Value::Tuple(v) => v.to_vec(),
                     v => {
                         return Err(self
                             .err(
@@ -695,13 +700,29 @@ impl Elaborator<'_> {
             }
             "len" => match a.get("x") {
                 Value::List(v) | Value::Tuple(v) => Ok(Value::Int(v.len() as i64)),
-                Value::Range(lo, hi) => Ok(Value::Int((hi - lo).max(0))),
+                Value::Range(lo, hi) if hi <= lo => Ok(Value::Int(0)),
+                Value::Range(lo, hi) => hi
+                    .checked_sub(*lo)
+                    .map(Value::Int)
+                    .ok_or_else(|| self.overflow(cx, span, format!("`len({lo}..{hi})`"))),
                 Value::Str(s) => Ok(Value::Int(s.chars().count() as i64)),
                 v => Err(self.err(cx, a.span("x"), format!("`len` of {}", v.kind()))),
             },
             "int" => match a.get("x") {
                 Value::Int(i) => Ok(Value::Int(*i)),
-                Value::Float(f) if f.is_finite() => Ok(Value::Int(*f as i64)),
+                // Truncated toward zero; the range check is on the truncated value, whose
+                // bounds -2^63 and 2^63 are exact in f64.
+                Value::Float(f) if f.is_finite() => {
+                    let t = f.trunc();
+                    if (-9_223_372_036_854_775_808.0..9_223_372_036_854_775_808.0).contains(&t) {
+                        Ok(Value::Int(t as i64))
+                    } else {
+                        Err(self.overflow(cx, span, format!("`int({f:e})`")))
+                    }
+                }
+                Value::Float(f) => Err(self
+                    .err(cx, a.span("x"), format!("cannot convert {f} to int"))
+                    .label("not a finite number")),
                 Value::Bool(b) => Ok(Value::Int(i64::from(*b))),
                 v => Err(self.err(
                     cx,
@@ -779,7 +800,7 @@ impl Elaborator<'_> {
     /// A shape argument (`[B, T * heads, -1]`); `-1` is inferred from `like`'s element count.
     fn shape_arg(&self, cx: &Ctx, v: &Value, span: Span, like: Option<NodeId>) -> R<Vec<Dim>> {
         let items = match v {
-            Value::List(items) | Value::Tuple(items) => items.clone(),
+            Value::List(items) | Value::Tuple(items) => items.to_vec(),
             v => {
                 return Err(self
                     .err(

@@ -5,6 +5,7 @@ use super::value::{Func, Value};
 use super::{Ctx, Elaborator};
 use crate::diag::Diagnostic;
 use crate::ir::BinaryOp;
+use std::rc::Rc;
 use vlmc_grammar::ast::{Arg, BinOp, Expr, ExprKind, Ident, Span, UnaryOp};
 
 type R<T> = Result<T, Diagnostic>;
@@ -44,8 +45,14 @@ impl Elaborator<'_> {
         super::builtins::lookup(name).map(|b| Value::Func(Func::Builtin(b)))
     }
 
-    /// Evaluates an expression.
+    /// Evaluates an expression. The parser bounds how deep an expression nests, but calls of
+    /// blocks and functions recurse through here too: on a short stack (a test thread) it moves
+    /// to a new segment rather than overflow.
     pub fn eval(&mut self, cx: &mut Ctx, e: &Expr) -> R<Value> {
+        stacker::maybe_grow(256 << 10, 16 << 20, || self.eval_here(cx, e))
+    }
+
+    fn eval_here(&mut self, cx: &mut Ctx, e: &Expr) -> R<Value> {
         self.budget = self.budget.saturating_sub(1);
         if self.budget == 0 {
             return Err(self.err(
@@ -68,14 +75,14 @@ impl Elaborator<'_> {
                 for it in items {
                     out.push(self.eval(cx, it)?);
                 }
-                Ok(Value::List(out))
+                Ok(Value::List(out.into()))
             }
             ExprKind::Tuple(items) => {
                 let mut out = Vec::with_capacity(items.len());
                 for it in items {
                     out.push(self.eval(cx, it)?);
                 }
-                Ok(Value::Tuple(out))
+                Ok(Value::Tuple(out.into()))
             }
             ExprKind::Comprehension {
                 elem,
@@ -86,7 +93,7 @@ impl Elaborator<'_> {
                 .comprehension(cx, var, iter, filter.as_deref(), |s, cx, _| {
                     s.eval(cx, elem)
                 })
-                .map(Value::List),
+                .map(|v| Value::List(v.into())),
             ExprKind::Unary { op, operand } => {
                 let v = self.eval(cx, operand)?;
                 self.unary(cx, *op, v, e.span)
@@ -215,7 +222,7 @@ impl Elaborator<'_> {
                 }
                 Ok((lo..hi).map(Value::Int).collect())
             }
-            Value::List(v) | Value::Tuple(v) => Ok(v),
+            Value::List(v) | Value::Tuple(v) => Ok(Rc::unwrap_or_clone(v)),
             v => Err(self
                 .err(
                     cx,
@@ -226,17 +233,29 @@ impl Elaborator<'_> {
         }
     }
 
+    /// The diagnostic of compile-time integer arithmetic whose result does not fit in 64 bits
+    /// (`what`: the operation with its operands, as code: `` `9223372036854775807 + 1` ``).
+    pub fn overflow(&self, cx: &Ctx, span: Span, what: impl std::fmt::Display) -> Diagnostic {
+        self.err(cx, span, format!("integer overflow in {what}"))
+            .label("the result does not fit in a 64-bit integer")
+            .note(format!(
+                "compile-time integers are 64-bit: {} to {}",
+                i64::MIN,
+                i64::MAX
+            ))
+    }
+
     fn unary(&mut self, cx: &mut Ctx, op: UnaryOp, v: Value, span: Span) -> R<Value> {
         match (op, v) {
             (UnaryOp::Neg, Value::Int(i)) => i
                 .checked_neg()
                 .map(Value::Int)
-                .ok_or_else(|| self.err(cx, span, "integer overflow")),
+                .ok_or_else(|| self.overflow(cx, span, format!("`-({i})`"))),
             (UnaryOp::Neg, Value::Float(f)) => Ok(Value::Float(-f)),
             (UnaryOp::Neg, Value::Dim(d)) => d
                 .checked_neg()
                 .map(Value::from_dim)
-                .ok_or_else(|| self.err(cx, span, "integer overflow")),
+                .ok_or_else(|| self.overflow(cx, span, format!("`-({d})`"))),
             (UnaryOp::Neg, Value::Tensor(t)) => {
                 let r = self.prim_unary(cx, crate::ir::UnaryOp::Neg, t, span)?;
                 Ok(Value::Tensor(r))
@@ -391,9 +410,9 @@ impl Elaborator<'_> {
                 }))
             }
             BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem => match (&l, &r) {
-                (V::List(a), V::List(b)) if op == BinOp::Add => {
-                    Ok(V::List(a.iter().chain(b).cloned().collect()))
-                }
+                (V::List(a), V::List(b)) if op == BinOp::Add => Ok(V::List(
+                    a.iter().chain(b.iter()).cloned().collect::<Vec<_>>().into(),
+                )),
                 (V::Float(_), _) | (_, V::Float(_)) => {
                     let (Some(a), Some(b)) = (l.as_f64(), r.as_f64()) else {
                         return Err(bad(self, &l, &r));
@@ -418,6 +437,12 @@ impl Elaborator<'_> {
                             if b.as_const() == Some(0) {
                                 return Err(self.err(cx, rspan, "division by zero"));
                             }
+                            if let (Some(x), Some(y)) = (a.as_const(), b.as_const()) {
+                                // `i64::MIN / -1` is exact, but its result does not fit.
+                                if x.checked_div(y).is_none() {
+                                    return Err(self.overflow(cx, span, format!("`{x} / {y}`")));
+                                }
+                            }
                             match a.div_exact(&b) {
                                 Some(d) => Some(d),
                                 None => {
@@ -432,6 +457,13 @@ impl Elaborator<'_> {
                             if b.as_const() == Some(0) {
                                 return Err(self.err(cx, rspan, "remainder by zero"));
                             }
+                            if let (Some(x), Some(y @ ..=-1)) = (a.as_const(), b.as_const()) {
+                                // A negative divisor: the result takes its sign, as in Python
+                                // (`7 % -2` is `-1`); `i64::MIN % -1` is 0, without overflow.
+                                let r = x.checked_rem(y).unwrap_or(0);
+                                let r = if r > 0 { r + y } else { r };
+                                return Ok(V::Int(r));
+                            }
                             match a.rem(&b) {
                                 Some(d) => Some(d),
                                 None => {
@@ -444,8 +476,9 @@ impl Elaborator<'_> {
                             }
                         }
                     };
-                    res.map(V::from_dim)
-                        .ok_or_else(|| self.err(cx, span, "integer overflow"))
+                    res.map(V::from_dim).ok_or_else(|| {
+                        self.overflow(cx, span, format!("`{a} {} {b}`", op.symbol()))
+                    })
                 }
             },
             BinOp::MatMul => Err(bad(self, &l, &r).note("`@` multiplies tensors")),
@@ -595,7 +628,13 @@ impl Elaborator<'_> {
                         Ok(Value::Tensor(self.permute(cx, *t, perm, name.span)?))
                     }
                     "shape" => Ok(Value::List(
-                        ty.shape.0.iter().cloned().map(Value::from_dim).collect(),
+                        ty.shape
+                            .0
+                            .iter()
+                            .cloned()
+                            .map(Value::from_dim)
+                            .collect::<Vec<_>>()
+                            .into(),
                     )),
                     "rank" => Ok(Value::Int(ty.rank() as i64)),
                     "dtype" => Ok(Value::DType(ty.dtype)),
@@ -669,7 +708,7 @@ fn values_equal(l: &Value, r: &Value) -> Option<bool> {
         (V::List(a), V::List(b)) | (V::Tuple(a), V::Tuple(b)) => {
             a.len() == b.len()
                 && a.iter()
-                    .zip(b)
+                    .zip(b.iter())
                     .all(|(x, y)| values_equal(x, y) == Some(true))
         }
         (V::Func(_), V::Func(_)) => func_id(l) == func_id(r),

@@ -303,13 +303,13 @@ impl Elaborator<'_> {
                 .comprehension(cx, var, iter, filter.as_deref(), |s, cx, k| {
                     s.member_value(cx, elem, &format!("{path}.{k}"))
                 })
-                .map(Value::List),
+                .map(|v| Value::List(v.into())),
             ExprKind::List(items) => {
                 let mut out = Vec::new();
                 for (i, it) in items.iter().enumerate() {
                     out.push(self.member_value(cx, it, &format!("{path}.{i}"))?);
                 }
-                Ok(Value::List(out))
+                Ok(Value::List(out.into()))
             }
             _ => self.eval(cx, e),
         }

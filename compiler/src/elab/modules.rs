@@ -84,7 +84,7 @@ struct Loader {
 
 /// Loads `root` and everything it imports. Returns the program and the root module index.
 pub fn load(root: &Path) -> Result<(Program, usize), (Program, Vec<Diagnostic>)> {
-    match std::fs::read_to_string(root) {
+    match crate::files::read_to_string(root) {
         Ok(text) => load_text(root, text),
         Err(e) => {
             let mut prog = Program::default();
@@ -332,7 +332,7 @@ impl Loader {
         if let Some(&i) = self.by_path.get(&canon) {
             return Some(i);
         }
-        let text = match std::fs::read_to_string(&found) {
+        let text = match crate::files::read_to_string(&found) {
             Ok(t) => t,
             Err(e) => {
                 self.diags.push(

@@ -296,7 +296,7 @@ impl Elaborator<'_> {
                                 ));
                             }
                         }
-                        _ => bind(callee, &name.name, Value::List(dims)),
+                        _ => bind(callee, &name.name, Value::List(dims.into())),
                     }
                 }
                 DimPat::Expr(e) => {

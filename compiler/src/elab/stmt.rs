@@ -116,7 +116,7 @@ impl Elaborator<'_> {
                         )
                         .label("wrong number of values"));
                 }
-                for ((_, t), v) in items.iter().zip(vs) {
+                for ((_, t), v) in items.iter().zip(vs.iter()) {
                     self.check_ret_one(cx, t, v, span, what)?;
                 }
                 Ok(())
@@ -200,7 +200,9 @@ impl Elaborator<'_> {
                         Target::Name(n) => self.define(cx, &n.name, v),
                         Target::Tuple(names) => {
                             let items = match v {
-                                Value::Tuple(items) | Value::List(items) => items,
+                                Value::Tuple(items) | Value::List(items) => {
+                                    Rc::unwrap_or_clone(items)
+                                }
                                 other => {
                                     return Err(self
                                         .err(
@@ -377,7 +379,7 @@ impl Elaborator<'_> {
             _ => Vec::new(),
         };
         let outs = match result {
-            Value::Tuple(items) => items,
+            Value::Tuple(items) => Rc::unwrap_or_clone(items),
             v => vec![v],
         };
         let single = outs.len() == 1;

@@ -388,7 +388,8 @@ impl Elaborator<'_> {
                             (s..e_.max(s))
                                 .step_by(st as usize)
                                 .map(|i| v[i as usize].clone())
-                                .collect(),
+                                .collect::<Vec<_>>()
+                                .into(),
                         ))
                     }
                     IndexItem::Ellipsis(s) => Err(self.err(cx, *s, "`...` only indexes tensors")),

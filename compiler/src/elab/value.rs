@@ -17,8 +17,9 @@ pub enum Value {
     None,
     /// A symbolic size such as `B` or `16 + T` (constant sizes are `Int`).
     Dim(Dim),
-    List(Vec<Value>),
-    Tuple(Vec<Value>),
+    /// Shared: naming a list (`layers[i]` in a loop) must not copy it.
+    List(Rc<Vec<Value>>),
+    Tuple(Rc<Vec<Value>>),
     /// `lo..hi`.
     Range(i64, i64),
     /// A variant of an enum parameter (`rope`, `learned`).

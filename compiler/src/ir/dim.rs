@@ -147,6 +147,20 @@ impl Dim {
         Some(total)
     }
 
+    /// [`Dim::eval`] in 128-bit arithmetic, for figures (memory, FLOPs) at sizes where a
+    /// product passes `i64`; `None` if a symbol is unknown or on overflow of `i128`.
+    pub fn eval_i128(&self, value_of: &dyn Fn(&str) -> Option<i64>) -> Option<i128> {
+        let mut total: i128 = 0;
+        for (mono, &coef) in &self.terms {
+            let mut term = i128::from(coef);
+            for sym in mono {
+                term = term.checked_mul(i128::from(value_of(sym)?))?;
+            }
+            total = total.checked_add(term)?;
+        }
+        Some(total)
+    }
+
     /// The symbol, when this dimension is exactly one symbol (`T`, not `2*T` or `T + 1`).
     pub fn as_symbol(&self) -> Option<&str> {
         let mut it = self.terms.iter();
@@ -514,6 +528,21 @@ mod tests {
         assert_eq!(d("T*B + B*B + 1").symbols(), vec!["B", "T"]);
         assert_eq!(d("T + 16").const_diff(&d("T + 1")), Some(15));
         assert_eq!(d("T").const_diff(&d("B")), None);
+    }
+
+    #[test]
+    fn evaluation_overflow_is_none_in_i64_and_exact_in_i128() {
+        let big = |s: &str| (s == "T").then_some(10_000_000_000i64);
+        assert_eq!(d("T*T").eval(&big), None);
+        assert_eq!(d("T*T").eval_i128(&big), Some(10i128.pow(20)));
+        assert_eq!(
+            d("12*T*T - T").eval_i128(&big),
+            Some(12 * 10i128.pow(20) - 10i128.pow(10))
+        );
+        assert_eq!(d("T*T*T*T").eval_i128(&big), None);
+        assert_eq!(d("B").eval_i128(&big), None);
+        // The division that overflows (i64::MIN / -1) is not exact-divisible: it is refused.
+        assert_eq!(Dim::c(i64::MIN).div_exact(&d("-1")), None);
     }
 
     fn arb_dim() -> impl Strategy<Value = Dim> {

@@ -17,7 +17,7 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, IrError> {
         name: op.name(),
     };
     rule.arity(operands)?;
-    match op {
+    let ty = match op {
         Op::Input { .. }
         | Op::Param { .. }
         | Op::Const { .. }
@@ -51,7 +51,9 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, IrError> {
         } => rule.pad(*axis, before, after, *value, operands[0]),
         Op::Cast { dtype } => Ok(TensorType::new(*dtype, operands[0].shape.clone())),
         Op::StopGradient => Ok(operands[0].clone()),
-    }
+    }?;
+    rule.countable(&ty)?;
+    Ok(ty)
 }
 
 /// Checks the given type of a source op (input, param, const, iota, random).
@@ -61,6 +63,7 @@ pub fn check_source(op: &Op, ty: &TensorType) -> Result<(), IrError> {
         name: op.name(),
     };
     rule.given_shape(&ty.shape)?;
+    rule.countable(ty)?;
     match op {
         Op::Input { name } if name.is_empty() => Err(rule.fail("the name is empty")),
         Op::Param { path, .. } if path.is_empty() => Err(rule.fail("the path is empty")),
@@ -120,6 +123,17 @@ impl Rule<'_> {
 
     fn overflow(&self) -> IrError {
         self.fail("dimension arithmetic overflows i64")
+    }
+
+    /// The element count of a type fits in `i64` (sizes and memory are computed from it).
+    fn countable(&self, ty: &TensorType) -> Result<(), IrError> {
+        match ty.shape.numel() {
+            Some(_) => Ok(()),
+            None => Err(self.fail(format!(
+                "{ty} has too many elements: the product of its dimensions overflows a 64-bit \
+                 integer"
+            ))),
+        }
     }
 
     /// A shape written in the program (a source type or a reshape target) has no negative sizes.

@@ -34,6 +34,7 @@ struct Lowering<'g> {
     buffer_of: HashMap<NodeId, usize>,
     /// Load-time views stored in their own layout (see [`weights_to_materialise`]).
     materialised: std::collections::HashSet<NodeId>,
+    gathers: Vec<GatherBound>,
 }
 
 /// The right operands of matmuls that are permuted (and reshaped) parameters, such as the
@@ -115,6 +116,7 @@ pub fn lower_with(
             true => weights_to_materialise(g, fusion),
             false => Default::default(),
         },
+        gathers: Vec::new(),
     };
     // Temporaries: every value a kernel writes for others, at its planned offset (the plan
     // counts 4-byte slots: every dtype is stored in one).
@@ -144,6 +146,7 @@ pub fn lower_with(
         kernels,
         outputs,
         arena,
+        gathers: l.gathers,
     })
 }
 
@@ -193,7 +196,10 @@ fn mul(a: Idx, c: i64) -> Idx {
     }
 }
 
+/// `a / c`. A divisor of 0 comes from an empty axis, whose loops never run: any index does, and
+/// `a / 1` is one that evaluates without a fault.
 fn div(a: Idx, c: i64) -> Idx {
+    let c = c.max(1);
     match a {
         _ if c == 1 => a,
         Idx::Const(x) => Idx::Const(x / c),
@@ -201,7 +207,9 @@ fn div(a: Idx, c: i64) -> Idx {
     }
 }
 
+/// `a % c` (a divisor of 0 as in [`div`]).
 fn rem(a: Idx, c: i64) -> Idx {
+    let c = c.max(1);
     match a {
         _ if c == 1 => Idx::Const(0),
         Idx::Const(x) => Idx::Const(x % c),
@@ -219,9 +227,21 @@ impl Lowering<'_> {
             .iter()
             .map(|d| match d.eval(&|s| self.dims.get(s).copied()) {
                 Some(v) if v >= 0 => Ok(v as usize),
-                _ => lerr(format!("dimension {d} has no size")),
+                Some(v) => lerr(format!(
+                    "dimension {d} is negative ({v}) at these sizes (of {})",
+                    self.g.node(id).ty
+                )),
+                None => lerr(format!("dimension {d} has no size")),
             })
             .collect()
+    }
+
+    /// The value of a size expression at the run's sizes.
+    fn size_of(&self, d: &crate::ir::Dim) -> R<i64> {
+        d.eval(&|v| self.dims.get(v).copied())
+            .ok_or_else(|| LowerError {
+                message: format!("dimension {d} has no size"),
+            })
     }
 
     fn add_buffer(&mut self, id: NodeId, kind: BufferKind, shape: Vec<usize>) -> usize {
@@ -257,8 +277,20 @@ impl Lowering<'_> {
         Ok(Some(self.add_buffer(id, kind, shape)))
     }
 
-    /// The value of node `id` at multi-index `idx`, inside kernel `group`.
+    /// The value of node `id` at multi-index `idx`, inside kernel `group`. The recursion is as
+    /// deep as a kernel's tree (bounded by the fusion's `MAX_KERNEL_TREE`): on a short stack it
+    /// moves to a segment of its own.
     fn val(
+        &mut self,
+        id: NodeId,
+        idx: &[Idx],
+        group: usize,
+        accs: &HashMap<NodeId, usize>,
+    ) -> R<Val> {
+        stacker::maybe_grow(256 << 10, 16 << 20, || self.val_here(id, idx, group, accs))
+    }
+
+    fn val_here(
         &mut self,
         id: NodeId,
         idx: &[Idx],
@@ -340,13 +372,22 @@ impl Lowering<'_> {
                 self.val(ops[0], &src, group, accs)?
             }
             Op::Slice {
-                axis, start, step, ..
+                axis,
+                start,
+                end,
+                step,
             } => {
-                let s = start
-                    .eval(&|v| self.dims.get(v).copied())
-                    .ok_or(LowerError {
-                        message: "slice start".into(),
-                    })?;
+                // With symbolic sizes (`x[:, T - 1]`) the bounds are only known now: a slice
+                // outside its operand would read outside its buffer.
+                let (s, e) = (self.size_of(start)?, self.size_of(end)?);
+                let n = self.shape(ops[0])?[*axis] as i64;
+                if s < 0 || s > e || e > n {
+                    return lerr(format!(
+                        "slice {start}..{end} = {s}..{e} is out of range for axis {axis} of size \
+                         {n} (of {})",
+                        self.g.node(ops[0]).ty
+                    ));
+                }
                 let mut src = idx.to_vec();
                 src[*axis] = add(mul(idx[*axis].clone(), *step), Idx::Const(s));
                 self.val(ops[0], &src, group, accs)?
@@ -357,12 +398,15 @@ impl Lowering<'_> {
                 value,
                 ..
             } => {
-                let b = before
-                    .eval(&|v| self.dims.get(v).copied())
-                    .ok_or(LowerError {
-                        message: "pad size".into(),
-                    })?;
+                let b = self.size_of(before)?;
+                if b < 0 {
+                    return lerr(format!("pad before {before} = {b} is negative"));
+                }
                 let len = self.shape(ops[0])?[*axis] as i64;
+                // Padding around nothing is all padding (the operand is empty: no load).
+                if len == 0 {
+                    return Ok(Val::Const(*value, dtype));
+                }
                 let mut src = idx.to_vec();
                 src[*axis] = Idx::Clamp(
                     Box::new(add(idx[*axis].clone(), Idx::Const(-b))),
@@ -381,6 +425,11 @@ impl Lowering<'_> {
                 let mut off = 0i64;
                 for &o in &ops {
                     let len = self.shape(o)?[*axis] as i64;
+                    // An empty part is never selected, but its load would still be computed
+                    // (both sides of a select are): it is left out.
+                    if len == 0 {
+                        continue;
+                    }
                     let mut src = idx.to_vec();
                     src[*axis] = Idx::Clamp(
                         Box::new(add(idx[*axis].clone(), Idx::Const(-off))),
@@ -390,9 +439,10 @@ impl Lowering<'_> {
                     parts.push((off, off + len, self.val(o, &src, group, accs)?));
                     off += len;
                 }
-                let (_, _, mut v) = parts.pop().ok_or(LowerError {
-                    message: "empty concat".into(),
-                })?;
+                // Every part empty: so is the result, and nothing reads this value.
+                let Some((_, _, mut v)) = parts.pop() else {
+                    return Ok(Val::Const(0.0, dtype));
+                };
                 while let Some((lo, hi, p)) = parts.pop() {
                     v = Val::Select(
                         Box::new(Val::InRange(idx[*axis].clone(), lo, hi)),
@@ -407,7 +457,21 @@ impl Lowering<'_> {
                 let ir = idx_shape.len();
                 let at =
                     match self.val(ops[1], &idx[*axis..*axis + ir], group, accs)? {
-                        Val::Load(b, i) => Idx::Load(b, Box::new(i)),
+                        Val::Load(b, i) => {
+                            let len = self.shape(ops[0])?[*axis] as i64;
+                            if !self.gathers.iter().any(|g| g.index == b && g.len == len) {
+                                let scope = match node.scope.is_empty() {
+                                    true => String::new(),
+                                    false => format!(" in `{}`", node.scope),
+                                };
+                                self.gathers.push(GatherBound {
+                                    index: b,
+                                    len,
+                                    what: format!("gather ({}{scope})", node.ty),
+                                });
+                            }
+                            Idx::Load(b, Box::new(i))
+                        }
                         Val::Index(i) => i,
                         _ => return lerr(
                             "gather with a computed index tensor: materialise the indices first",
@@ -689,8 +753,8 @@ impl Lowering<'_> {
                 let mut f = |b: usize, i: i64, j: i64| -> i64 {
                     let mut rest = b;
                     for d in (0..rank - 2).rev() {
-                        p[d] = (rest % batch_shape[d]) as i64;
-                        rest /= batch_shape[d];
+                        p[d] = (rest % batch_shape[d].max(1)) as i64;
+                        rest /= batch_shape[d].max(1);
                     }
                     p[rank - 2] = i;
                     p[rank - 1] = j;

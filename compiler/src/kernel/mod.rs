@@ -6,6 +6,7 @@
 //! A [`Plan`] is the whole compiled model: its buffers (inputs, parameters, values computed at
 //! load time, temporaries placed by the memory plan) and its kernels in launch order.
 
+pub mod bounds;
 mod lower;
 pub mod simplify;
 
@@ -217,6 +218,37 @@ pub struct Plan {
     pub outputs: Vec<(String, usize)>,
     /// Size of the activation arena in elements of 4 bytes.
     pub arena: usize,
+    /// The gathers whose indices a kernel loads from a buffer: what each index must stay
+    /// below, to name the value when the generated code reports one out of range.
+    pub gathers: Vec<GatherBound>,
+}
+
+/// The indices in buffer `index` select along an axis of `len` elements of `what`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GatherBound {
+    pub index: usize,
+    pub len: i64,
+    /// The gather as the interpreter names it: `gather (f32[B, T, 384] in `embeddings.word_embeddings`)`.
+    pub what: String,
+}
+
+impl Plan {
+    /// The first gather index out of range, described, given each buffer's i32 contents
+    /// (`None` for a buffer that cannot be read).
+    pub fn bad_gather_index<'a>(
+        &self,
+        contents: impl Fn(usize) -> Option<&'a [i32]>,
+    ) -> Option<String> {
+        self.gathers.iter().find_map(|g| {
+            let bad = contents(g.index)?
+                .iter()
+                .find(|&&i| i < 0 || i64::from(i) >= g.len)?;
+            Some(format!(
+                "{}: index {bad} is out of range for an axis of size {}",
+                g.what, g.len
+            ))
+        })
+    }
 }
 
 impl fmt::Display for Idx {

@@ -96,6 +96,8 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
     let mut group_of: HashMap<NodeId, usize> = HashMap::new();
     // deps[g]: the kernels g reads from.
     let mut deps: Vec<HashSet<usize>> = Vec::new();
+    // The size of each fused node's expression tree inside its kernel.
+    let mut tree: HashMap<NodeId, usize> = HashMap::new();
     for &id in &order {
         let node = graph.node(id);
         if lt.contains(&id)
@@ -109,7 +111,11 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
         // The kernels this op reads from: its operands' kernels, looking through cheap views.
         let mut producer_groups: Vec<usize> = Vec::new();
         let mut stack = ops.clone();
+        let mut seen = HashSet::new();
         while let Some(o) = stack.pop() {
+            if !seen.insert(o) {
+                continue;
+            }
             if let Some(&g) = group_of.get(&o) {
                 if !producer_groups.contains(&g) {
                     producer_groups.push(g);
@@ -198,6 +204,10 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
                     }
                 }),
         };
+        // A kernel's values are expression trees (a value used twice is computed twice):
+        // past a bound, a chain starts a new kernel instead of growing one without limit.
+        let joined = joined
+            .filter(|&g| tree_size(graph, id, g, &group_of, &cheap, &tree) <= MAX_KERNEL_TREE);
         match joined {
             Some(g) => {
                 if let (Op::Reduce { axis, .. }, Anchor::Pointwise) = (&node.op, &groups[g].anchor)
@@ -237,6 +247,7 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
                 }
                 groups[g].nodes.push(id);
                 group_of.insert(id, g);
+                tree.insert(id, tree_size(graph, id, g, &group_of, &cheap, &tree));
                 for &h in &producer_groups {
                     if h != g {
                         deps[g].insert(h);
@@ -245,7 +256,12 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
             }
             // A view that joins no kernel is an index transformation that its consumers apply
             // when they read the (materialised) operand.
-            None if node.op.kind() == OpKind::View => {
+            // (Unless what it inlines is large: a chain of views that each read their operand
+            // twice, such as a rotation by `concat` of two slices in a loop, doubles each step.)
+            None if node.op.kind() == OpKind::View
+                && tree_size(graph, id, usize::MAX, &group_of, &cheap, &tree)
+                    <= MAX_KERNEL_TREE =>
+            {
                 cheap.insert(id);
             }
             None => {
@@ -259,6 +275,10 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
                     _ => Anchor::Pointwise,
                 };
                 group_of.insert(id, groups.len());
+                tree.insert(
+                    id,
+                    tree_size(graph, id, groups.len(), &group_of, &cheap, &tree),
+                );
                 deps.push(producer_groups.iter().copied().collect());
                 groups.push(Group {
                     anchor,
@@ -277,7 +297,11 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
             // It reads the kernels its operands come from (through cheap views) ...
             let mut producers = HashSet::new();
             let mut stack = graph.operands(*id);
+            let mut seen = HashSet::new();
             while let Some(o) = stack.pop() {
+                if !seen.insert(o) {
+                    continue;
+                }
                 if let Some(&h) = group_of.get(&o) {
                     producers.insert(h);
                 } else if cheap.contains(&o) {
@@ -286,7 +310,11 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
             }
             // ... and the kernels that read it (they inlined it as a view) now read its buffer.
             let mut stack = graph.users(*id);
+            let mut seen = HashSet::new();
             while let Some(u) = stack.pop() {
+                if !seen.insert(u) {
+                    continue;
+                }
                 if let Some(&h) = group_of.get(&u) {
                     // (Never a cycle: a kernel that also produces the operand keeps its order.)
                     if !producers.contains(&h) {
@@ -313,9 +341,13 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
     // A value is materialised when a kernel other than its own reads it, directly or through
     // cheap views, or when an output names it (directly or through views).
     let mut out_ids: HashSet<NodeId> = HashSet::new();
+    let mut seen_out: HashSet<NodeId> = HashSet::new();
     for (_, id) in &graph.outputs {
         let mut stack = vec![*id];
         while let Some(v) = stack.pop() {
+            if out_ids.contains(&v) || !seen_out.insert(v) {
+                continue;
+            }
             if cheap.contains(&v) {
                 stack.extend(graph.operands(v));
             } else {
@@ -326,7 +358,11 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
     let readers = |n: NodeId, cheap: &HashSet<NodeId>| -> Vec<NodeId> {
         let mut out = Vec::new();
         let mut stack = graph.users(n);
+        let mut seen = HashSet::new();
         while let Some(u) = stack.pop() {
+            if !seen.insert(u) {
+                continue;
+            }
             if cheap.contains(&u) {
                 stack.extend(graph.users(u));
             } else {
@@ -470,6 +506,43 @@ fn sort_groups(
 }
 
 /// Whether kernel `from` reads, directly or not, from kernel `to`.
+/// The most nodes in the expression tree of one fused value (values computed inside a kernel
+/// are inlined where they are used, so a value read twice counts twice). The zoo's kernels stay
+/// below half of it (the largest, 548, is a ViT's patch and position embeddings with the layer
+/// norm after them; the MiniLM pairs training step's largest is 309); it keeps the kernels of
+/// generated chains (`y = y * y + y` in a loop, whose tree triples every step) small, and their
+/// compilation linear in the length of the chain.
+pub const MAX_KERNEL_TREE: usize = 1024;
+
+/// The size of `id`'s expression tree if it is computed in kernel `g`: operands computed in
+/// `g` count their trees, cheap views are looked through, anything else is one load. Saturates.
+fn tree_size(
+    graph: &Graph,
+    id: NodeId,
+    g: usize,
+    group_of: &HashMap<NodeId, usize>,
+    cheap: &HashSet<NodeId>,
+    tree: &HashMap<NodeId, usize>,
+) -> usize {
+    let mut size = 1usize;
+    let mut stack = graph.operands(id);
+    while let Some(o) = stack.pop() {
+        size = size.saturating_add(match group_of.get(&o) {
+            Some(&h) if h == g => tree.get(&o).copied().unwrap_or(1),
+            Some(_) => 1,
+            None if cheap.contains(&o) => {
+                stack.extend(graph.operands(o));
+                1
+            }
+            None => 1,
+        });
+        if size > MAX_KERNEL_TREE {
+            break;
+        }
+    }
+    size
+}
+
 fn depends_on(deps: &[HashSet<usize>], from: usize, to: usize) -> bool {
     let mut seen = HashSet::new();
     let mut stack = vec![from];

@@ -54,7 +54,8 @@ pub struct GpuModel {
 
 impl GpuModel {
     /// Compiles `program` for the device, allocates every buffer and uploads the parameters and
-    /// load-time values.
+    /// load-time values. A driver that fails inside the CUDA bindings (a missing function) is
+    /// an error, not a panic.
     pub fn new(
         plan: Plan,
         program: &Program,
@@ -63,6 +64,18 @@ impl GpuModel {
         opts: &CudaOptions,
     ) -> Result<GpuModel, RunError> {
         super::check_driver()?;
+        super::guarded("loading the model", || {
+            Self::load(plan, program, params, load_time, opts)
+        })
+    }
+
+    fn load(
+        plan: Plan,
+        program: &Program,
+        params: &BTreeMap<String, Tensor>,
+        load_time: &HashMap<usize, Tensor>,
+        opts: &CudaOptions,
+    ) -> Result<GpuModel, RunError> {
         let ctx = CudaContext::new(opts.device).map_err(|e| RunError {
             message: format!("no usable CUDA device {}: {e:?}", opts.device),
         })?;
@@ -323,10 +336,12 @@ impl GpuModel {
         &mut self,
         inputs: &BTreeMap<String, Tensor>,
     ) -> Result<BTreeMap<String, Tensor>, RunError> {
-        self.set_inputs(inputs)?;
-        self.launch()?;
-        self.synchronize()?;
-        self.outputs()
+        super::guarded("running the model", || {
+            self.set_inputs(inputs)?;
+            self.launch()?;
+            self.synchronize()?;
+            self.outputs()
+        })
     }
 
     /// The number of launches (kernels and cuBLAS calls) per run.

@@ -160,9 +160,18 @@ impl DiskCache {
     }
 
     /// The entry stored under `key`, if there is a valid one (an invalid one is counted as
-    /// rejected; the caller counts hits).
+    /// rejected; the caller counts hits). Only regular files are read: anything else under an
+    /// entry's name (a FIFO, which would block the read forever, a directory, a device node)
+    /// is rejected like a corrupted entry.
     pub fn load(&mut self, key: &[u8]) -> Option<Entry> {
-        let bytes = std::fs::read(self.path(key)).ok()?;
+        let bytes = match crate::files::read(self.path(key)) {
+            Ok(b) => b,
+            Err(e) if crate::files::is_not_regular(&e) => {
+                self.stats.rejected += 1;
+                return None;
+            }
+            Err(_) => return None,
+        };
         let e = decode(&bytes, key);
         if e.is_none() {
             self.stats.rejected += 1;
@@ -524,6 +533,32 @@ mod tests {
             assert!(String::from_utf8(k).expect("text").contains("has_fma=0"));
             assert!(text.contains("has_fma=1"));
         }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_or_a_folder_under_an_entry_name_is_rejected_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("vlmc-cache-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut cache = DiskCache::new(&dir, &*isa("speed", true), &[]);
+        let key = b"some key".to_vec();
+        let path = cache.path(&key);
+        let c = std::ffi::CString::new(path.to_str().expect("utf-8")).expect("c string");
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        // Reading the FIFO would block forever: the entry is rejected instead.
+        assert_eq!(cache.load(&key), None);
+        assert_eq!(cache.stats.rejected, 1);
+        // Storing replaces it with a regular file that reads back.
+        cache.store(&key, &entry());
+        assert!(std::fs::metadata(&path).expect("entry").is_file());
+        assert_eq!(cache.load(&key), Some(entry()));
+        let other = b"other key".to_vec();
+        std::fs::create_dir_all(cache.path(&other)).expect("a folder as an entry");
+        assert_eq!(cache.load(&other), None);
+        assert_eq!(cache.stats.rejected, 2);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -331,8 +331,13 @@ impl<'a, 'b> Cg<'a, 'b> {
         }
     }
 
-    /// The value of `v` in `env`'s mode.
+    /// The value of `v` in `env`'s mode. A kernel's tree is bounded (the fusion's
+    /// `MAX_KERNEL_TREE`), but deep enough to need more than a test thread's stack.
     pub(super) fn val(&mut self, v: &V, env: &Env, memo: &mut Memo) -> R<Value> {
+        stacker::maybe_grow(256 << 10, 16 << 20, || self.val_here(v, env, memo))
+    }
+
+    fn val_here(&mut self, v: &V, env: &Env, memo: &mut Memo) -> R<Value> {
         let invariant = match env.inner {
             Some(var) => self.invariant(v, var),
             None => true,

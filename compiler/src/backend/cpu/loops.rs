@@ -126,6 +126,11 @@ impl Cg<'_, '_> {
         env: &Env,
         memo: &mut Memo,
     ) -> R<()> {
+        // An empty loop runs nothing: hoisting its invariant loads would read them anyway (from
+        // buffers that may be empty).
+        if n == 0 {
+            return Ok(());
+        }
         let saved = self.ranges[var];
         self.ranges[var] = (0, n as i64 - 1);
         for s in body {
@@ -167,9 +172,6 @@ impl Cg<'_, '_> {
         env: &Env,
         memo: &mut Memo,
     ) -> R<Value> {
-        let saved = self.ranges[var];
-        self.ranges[var] = (0, len.max(1) as i64 - 1);
-        self.hoist(value, var, env, memo)?;
         let float = is_float(dtype);
         if !float && dtype != DType::I32 {
             return Err(CpuError::new(format!("reductions of {dtype}")));
@@ -182,6 +184,14 @@ impl Cg<'_, '_> {
             (ReduceOp::Sum, false) => self.b.ins().iconst(types::I32, 0),
             (ReduceOp::Max, false) => self.b.ins().iconst(types::I32, i64::from(i32::MIN)),
         };
+        // A reduction over nothing is its identity; nothing of its value is evaluated (its loads
+        // would read empty buffers).
+        if len == 0 {
+            return Ok(init_s);
+        }
+        let saved = self.ranges[var];
+        self.ranges[var] = (0, len as i64 - 1);
+        self.hoist(value, var, env, memo)?;
         let combine = |cg: &mut Self, a: Value, x: Value| match (op, float) {
             (ReduceOp::Sum, true) => cg.b.ins().fadd(a, x),
             (ReduceOp::Max, true) => cg.b.ins().fmax(a, x),

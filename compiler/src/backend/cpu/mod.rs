@@ -225,6 +225,7 @@ fn check_matmul(plan: &Plan, m: &MatMul) -> Result<(), CpuError> {
 /// Compiles every kernel of a plan to machine code.
 pub fn compile(plan: &Plan, opts: &CpuOptions) -> Result<CpuProgram, CpuError> {
     let t0 = std::time::Instant::now();
+    crate::kernel::bounds::prove(plan).map_err(CpuError::new)?;
     let mut module = new_module()?;
     let mut sigs: HashMap<&'static str, FuncId> = HashMap::new();
     for (name, _, n) in math::symbols() {

@@ -9,7 +9,9 @@
 //! The scalar semantics are the plan executor's (`runtime/src/plan.rs`), computed in f32 and
 //! i32: see `prelude.cuh`, which starts every source.
 
-pub mod bounds;
+/// The interval arithmetic of index expressions lives with the kernel IR (the CPU backend proves
+/// its plans with it too).
+pub use crate::kernel::bounds;
 pub mod emit;
 pub mod expr;
 pub mod launch;
@@ -72,6 +74,7 @@ pub struct Program {
 
 /// Generates the CUDA program of a plan.
 pub fn generate(plan: &Plan, opts: &Options) -> Result<Program, CudaError> {
+    bounds::prove(plan).map_err(CudaError::new)?;
     for (i, b) in plan.buffers.iter().enumerate() {
         emit::check_dtype(b.dtype, i)?;
     }

@@ -105,12 +105,26 @@ pub fn available() -> Result<(), NvrtcError> {
 /// NVRTC's version (major, minor).
 pub fn version() -> Result<(i32, i32), NvrtcError> {
     available()?;
-    let (mut major, mut minor) = (0, 0);
-    // SAFETY: two out-parameters.
-    unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
-        .result()
-        .map_err(|e| NvrtcError::Other(format!("nvrtcVersion: {e:?}")))?;
-    Ok((major, minor))
+    guarded(|| {
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: two out-parameters.
+        unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
+            .result()
+            .map_err(|e| NvrtcError::Other(format!("nvrtcVersion: {e:?}")))?;
+        Ok((major, minor))
+    })
+}
+
+/// Runs `f`, which calls NVRTC through cudarc: cudarc panics when the library lacks a function
+/// it looks up (a wrong or broken `libnvrtc.so`); that becomes an error, and the panic message
+/// is not printed.
+fn guarded<T>(f: impl FnOnce() -> Result<T, NvrtcError>) -> Result<T, NvrtcError> {
+    crate::backend::catch_library_panic(f).unwrap_or_else(|why| {
+        Err(NvrtcError::Unavailable(format!(
+            "the NVRTC library that was found is not usable ({why}): point VLMC_NVRTC or \
+             LD_LIBRARY_PATH at a real libnvrtc.so.12"
+        )))
+    })
 }
 
 /// Whether `arch` is a real architecture name such as `sm_80` or `sm_90a`.
@@ -186,7 +200,7 @@ pub fn compile(
         .as_ref()
         .map(|d| d.join(format!("{key}.cubin")));
     if let Some(p) = &path {
-        if let Ok(cubin) = std::fs::read(p) {
+        if let Ok(cubin) = crate::files::read(p) {
             if !cubin.is_empty() {
                 return Ok(Binary {
                     cubin,
@@ -196,7 +210,7 @@ pub fn compile(
             }
         }
     }
-    let cubin = compile_uncached(src, &options).map_err(|log| {
+    let cubin = guarded(|| Ok(compile_uncached(src, &options)))?.map_err(|log| {
         let kernel = error_line(&log)
             .map(|line| kernel_at(starts, line))
             .unwrap_or_else(|| "?".into());

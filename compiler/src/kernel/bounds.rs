@@ -1,7 +1,7 @@
 //! Interval arithmetic over index expressions: the range of every [`Idx`] given the ranges of
-//! the loop variables. The code generator uses it to pick `int` or `long long` arithmetic and
+//! the loop variables. The CUDA code generator uses it to pick `int` or `long long` arithmetic and
 //! plain `/` where the dividend cannot be negative; [`check`] uses it to prove that every load
-//! and store of a plan stays inside its buffer.
+//! and store of a plan stays inside its buffer (both backends refuse a plan it cannot prove).
 
 use crate::kernel::{Idx, LoopNest, MatMul, Plan, Step, Stmt, Val};
 
@@ -128,6 +128,26 @@ pub fn check(plan: &Plan) -> BoundsReport {
         }
     }
     r
+}
+
+/// `Ok` when [`check`] proves every access of `plan` in bounds (data-dependent indices are
+/// clamped or checked by the generated code); otherwise the accesses it could not prove. Both
+/// backends call it before generating code: generated code never reads or writes outside a
+/// buffer, whatever the sizes.
+pub fn prove(plan: &Plan) -> Result<BoundsReport, String> {
+    let r = check(plan);
+    if r.errors.is_empty() {
+        return Ok(r);
+    }
+    let shown: Vec<&str> = r.errors.iter().take(3).map(String::as_str).collect();
+    let more = match r.errors.len() - shown.len() {
+        0 => String::new(),
+        n => format!(" (and {n} more)"),
+    };
+    Err(format!(
+        "the kernels would access memory outside their buffers at these sizes: {}{more}",
+        shown.join("; ")
+    ))
 }
 
 struct Checker<'a> {
