@@ -608,8 +608,16 @@ fn check_setting(
             )),
             _ => Err(bad()),
         },
+        // `lr` and `clip_grad`: positive and finite (a NaN step size trains on garbage).
         'f' => match v {
-            Setting::Int(_) | Setting::Float(_) => Ok(()),
+            Setting::Int(i) if *i > 0 => Ok(()),
+            Setting::Float(f) if f.is_finite() && *f > 0.0 => Ok(()),
+            Setting::Int(_) | Setting::Float(_) => Err(err(
+                prog,
+                m,
+                span,
+                format!("`{key}` must be a positive finite number"),
+            )),
             _ => Err(bad()),
         },
         'n' => {
