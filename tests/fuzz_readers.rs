@@ -4,6 +4,8 @@
 //! parsers. None may panic; every refusal is a rendered English message (no raw enum names of
 //! the libraries underneath). Cases are bounded so the whole file runs in seconds.
 
+mod common;
+
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -174,49 +176,30 @@ fn exercise_safetensors(bytes: &[u8]) {
     let _ = std::fs::remove_file(&path);
 }
 
+/// The bytes of `values`, each written by `bytes` (e.g. `f32::to_le_bytes`).
+fn bytes_of<T: Copy, const N: usize>(values: &[T], bytes: fn(T) -> [u8; N]) -> Vec<u8> {
+    values.iter().flat_map(|&x| bytes(x)).collect()
+}
+
 /// A valid .npy file of one of the dtypes vlmc reads.
 fn valid_npy(kind: u8) -> Vec<u8> {
     let (descr, data): (&str, Vec<u8>) = match kind % 5 {
         0 => (
             "<f4",
-            [1.5f32, -2.0, 0.25, 8.0, 1e-3, 7.0]
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
+            bytes_of(&[1.5f32, -2.0, 0.25, 8.0, 1e-3, 7.0], f32::to_le_bytes),
         ),
         1 => (
             "<f8",
-            [1.5f64, -2.0, 0.25, 8.0, 1e-3, 7.0]
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
+            bytes_of(&[1.5f64, -2.0, 0.25, 8.0, 1e-3, 7.0], f64::to_le_bytes),
         ),
-        2 => (
-            "<i4",
-            [1i32, -2, 3, 4, 5, 6]
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-        3 => (
-            ">i8",
-            [1i64, -2, 3, 4, 5, 6]
-                .iter()
-                .flat_map(|x| x.to_be_bytes())
-                .collect(),
-        ),
+        2 => ("<i4", bytes_of(&[1i32, -2, 3, 4, 5, 6], i32::to_le_bytes)),
+        3 => (">i8", bytes_of(&[1i64, -2, 3, 4, 5, 6], i64::to_be_bytes)),
         _ => ("|b1", vec![1, 0, 1, 1, 0, 0]),
     };
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': (2, 3), }}");
-    while !(10 + header.len() + 1).is_multiple_of(64) {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(&data);
-    out
+    common::npy_bytes(
+        &format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': (2, 3), }}"),
+        &data,
+    )
 }
 
 fn exercise_npy(bytes: &[u8]) {

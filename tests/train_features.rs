@@ -286,14 +286,7 @@ fn eval_loss_is_the_training_loss_of_the_same_batch_and_falls() {
     // parameters that step k + 1 starts from.
     let model = load("tests/fixtures/train/tiny_lm.vlm");
     let dir = tmp("eval");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let data = dir.join("text.jsonl");
-    std::fs::write(
-        &data,
-        "{\"text\": \"red green blue\"}\n{\"text\": \"what colour is the square ? cyan\"}\n\
-         {\"text\": \"yellow cyan magenta red\"}\n{\"text\": \"the square is blue\"}\n",
-    )
-    .expect("data");
+    let data = common::text_data(&dir);
     let out = dir.join("out");
     let o = TrainOptions {
         model: &model,

@@ -1,6 +1,9 @@
 //! Weights: binding safetensors files to a model by name, every bad-file case with its error,
 //! name rules, saving, and initialisation from the declared init rules.
 
+mod common;
+
+use common::npy_bytes;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use vlmc::elab::Elaborated;
@@ -482,49 +485,58 @@ fn safetensors_errors_say_what_is_wrong_in_words() {
         b.extend_from_slice(text.as_bytes());
         b
     };
-    cases.push(("not-json", header("{\"a\": not json }"), "not valid JSON"));
-    cases.push((
-        "array",
-        header("[1, 2]"),
-        "not an object of tensors (it is an array)",
-    ));
-    cases.push((
-        "no-dtype",
-        header(r#"{"a": {"shape": [1], "data_offsets": [0, 4]}}"#),
-        "tensor `a` is invalid: missing field `dtype`",
-    ));
-    cases.push((
-        "bad-dtype",
-        header(r#"{"a": {"dtype": "F128", "shape": [1], "data_offsets": [0, 4]}}"#),
-        "unknown variant `F128`",
-    ));
-    cases.push((
-        "bad-size",
-        header(r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}"#),
-        "tensor `a` is F32[2], 8 bytes, but its data_offsets [0, 4] span 4 bytes",
-    ));
-    cases.push((
-        "gap",
-        header(r#"{"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}"#),
-        "a gap",
-    ));
-    cases.push((
-        "backwards",
-        header(r#"{"a": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}}"#),
-        "the end is before the start",
-    ));
-    cases.push((
-        "overflow",
-        header(
-            r#"{"a": {"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 4]}}"#,
+    // Headers that are not a table of tensors: (case, header text, what the error says).
+    let a = |dtype: &str, shape: &str, offsets: &str| {
+        format!(r#"{{"a": {{"dtype": "{dtype}", "shape": {shape}, "data_offsets": {offsets}}}}}"#)
+    };
+    let headers = [
+        (
+            "not-json",
+            "{\"a\": not json }".to_string(),
+            "not valid JSON",
         ),
-        "its size overflows",
-    ));
-    cases.push((
-        "metadata",
-        header(r#"{"__metadata__": {"k": 3}}"#),
-        "`__metadata__` must map strings to strings",
-    ));
+        (
+            "array",
+            "[1, 2]".to_string(),
+            "not an object of tensors (it is an array)",
+        ),
+        (
+            "no-dtype",
+            r#"{"a": {"shape": [1], "data_offsets": [0, 4]}}"#.to_string(),
+            "tensor `a` is invalid: missing field `dtype`",
+        ),
+        (
+            "bad-dtype",
+            a("F128", "[1]", "[0, 4]"),
+            "unknown variant `F128`",
+        ),
+        (
+            "bad-size",
+            a("F32", "[2]", "[0, 4]"),
+            "tensor `a` is F32[2], 8 bytes, but its data_offsets [0, 4] span 4 bytes",
+        ),
+        ("gap", a("F32", "[1]", "[4, 8]"), "a gap"),
+        (
+            "backwards",
+            a("F32", "[1]", "[8, 4]"),
+            "the end is before the start",
+        ),
+        (
+            "overflow",
+            a("F32", "[4294967296, 4294967296]", "[0, 4]"),
+            "its size overflows",
+        ),
+        (
+            "metadata",
+            r#"{"__metadata__": {"k": 3}}"#.to_string(),
+            "`__metadata__` must map strings to strings",
+        ),
+    ];
+    cases.extend(
+        headers
+            .into_iter()
+            .map(|(name, text, want)| (name, header(&text), want)),
+    );
     let mut latin1 = 4u64.to_le_bytes().to_vec();
     latin1.extend_from_slice(&[b'{', 0xff, 0xfe, b'}']);
     cases.push(("latin1", latin1, "not UTF-8 text"));
@@ -566,15 +578,6 @@ fn safetensors_errors_say_what_is_wrong_in_words() {
     }
 }
 
-#[cfg(unix)]
-fn mkfifo(p: &Path) {
-    let st = std::process::Command::new("mkfifo")
-        .arg(p)
-        .status()
-        .expect("mkfifo runs");
-    assert!(st.success());
-}
-
 /// Runs `f` on another thread and fails the test if it takes more than 20 s (a read that
 /// blocks on a FIFO would otherwise hang the suite).
 fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -593,7 +596,7 @@ fn weights_and_inputs_must_be_regular_files() {
     std::fs::create_dir_all(&dir).expect("dir");
     let fifo = dir.join("pipe.safetensors");
     let _ = std::fs::remove_file(&fifo);
-    mkfifo(&fifo);
+    common::mkfifo(&fifo);
     let f = fifo.clone();
     let e = within_seconds(move || WeightFile::open(&f).err().expect("a FIFO").message);
     assert_eq!(
@@ -612,7 +615,7 @@ fn weights_and_inputs_must_be_regular_files() {
     assert!(e.contains("character device"), "{e}");
     let npy = dir.join("pipe.npy");
     let _ = std::fs::remove_file(&npy);
-    mkfifo(&npy);
+    common::mkfifo(&npy);
     let n = npy.clone();
     let e = within_seconds(move || {
         vlmc_runtime::inputs::read_npy(&n)
@@ -636,20 +639,6 @@ fn weights_and_inputs_must_be_regular_files() {
     assert!(e.contains("FIFO"), "{e}");
     let _ = std::fs::remove_file(&fifo);
     let _ = std::fs::remove_file(&npy);
-}
-
-/// A float32 .npy file's bytes with the given header dict and data.
-fn npy_bytes(dict: &str, data: &[u8]) -> Vec<u8> {
-    let mut header = dict.to_string();
-    while !(10 + header.len() + 1).is_multiple_of(64) {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(data);
-    out
 }
 
 #[test]
@@ -764,7 +753,7 @@ fn save_writes_through_symlinks_and_refuses_fifos_and_folders() {
         .is_symlink());
     assert_eq!(WeightFile::open(&real).expect("target").names().len(), 4);
     let fifo = dir.join("pipe.safetensors");
-    mkfifo(&fifo);
+    common::mkfifo(&fifo);
     let e = within_seconds({
         let fifo = fifo.clone();
         move || save(&fifo, &good_tensors()).expect_err("a FIFO").message

@@ -2,6 +2,8 @@
 //! with exit status 1 past them (never a stack overflow, exit 134), every command working at
 //! them; `--emit ast` prints deep trees in one pass.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -114,15 +116,11 @@ fn every_command_works_at_the_limits() {
     }
     // The sum runs compiled: 2000·x.
     let x: Vec<f32> = (0..8).map(|i| i as f32 * 0.5 - 1.0).collect();
-    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
-    let mut header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 4), }".to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    npy.extend((header.len() as u16).to_le_bytes());
-    npy.extend(header.as_bytes());
-    npy.extend(x.iter().flat_map(|v| v.to_le_bytes()));
+    let data: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let npy = common::npy_bytes(
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 4), }",
+        &data,
+    );
     std::fs::write(dir.join("x.npy"), npy).expect("npy");
     let out = vlmc(
         &dir,

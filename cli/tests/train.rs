@@ -3,53 +3,14 @@
 //! untouched; cycles in `from` and unknown trainers are clear errors; `eval_every` without
 //! evaluation data warns.
 
+mod common;
+
+use common::{fresh, s, stderr, text_data, tmp, train_args, vlmc, weights, ROOT, TINY_LM};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use vlmc_runtime::weights::WeightFile;
-use vlmc_runtime::Tensor;
+use std::path::Path;
+use std::process::Output;
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 const COLOURS: &str = "tests/fixtures/train/colours";
-const TINY_LM: &str = "tests/fixtures/train/tiny_lm.vlm";
-
-fn vlmc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vlmc"))
-        .args(args)
-        .current_dir(ROOT)
-        // Compiled kernels are cached here, not in the user's home.
-        .env(
-            "VLMC_CACHE_DIR",
-            std::env::temp_dir().join(format!("vlmc-cli-train-cache-{}", std::process::id())),
-        )
-        .output()
-        .expect("vlmc runs")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vlmc-cli-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-fn weights(path: &Path) -> BTreeMap<String, Tensor> {
-    let f = WeightFile::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    f.names()
-        .into_iter()
-        .map(|n| {
-            let t = f.get(&n).expect("tensor");
-            (n, t)
-        })
-        .collect()
-}
 
 /// The `loss` of each step and the `eval_loss` lines of a log.
 fn log(dir: &Path) -> (Vec<f64>, Vec<(u64, f64)>) {
@@ -75,10 +36,11 @@ fn mean(v: &[f64]) -> f64 {
 #[test]
 fn the_two_llava_stages_run_in_order_each_from_the_last() {
     let t0 = std::time::Instant::now();
-    let (a, b) = (tmp("stages"), tmp("stages-resumed"));
+    let (a, b) = (fresh("stages"), fresh("stages-resumed"));
     let data = format!("{COLOURS}/train.jsonl");
     let held = format!("{COLOURS}/heldout.jsonl");
-    let args = |out: &Path, extra: &[&str]| -> Output {
+    // `vlmc train` of the LLaVA chain on the colours: `settings` after `--data`, `extra` last.
+    let llava = |out: &Path, settings: &[&str], extra: &[&str]| -> Output {
         let mut v = vec![
             "train",
             "models/llava_tiny.vlm",
@@ -86,17 +48,14 @@ fn the_two_llava_stages_run_in_order_each_from_the_last() {
             "instruct",
             "--data",
             &data,
-            "--eval-data",
-            &held,
-            "--steps",
-            "30",
-            "--quiet",
-            "-o",
-            s(out),
         ];
+        v.extend_from_slice(settings);
+        v.extend_from_slice(&["--quiet", "-o", s(out)]);
         v.extend_from_slice(extra);
         vlmc(&v)
     };
+    let args =
+        |out: &Path, extra: &[&str]| llava(out, &["--eval-data", &held, "--steps", "30"], extra);
     let out = args(&a, &[]);
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
@@ -180,19 +139,7 @@ fn the_two_llava_stages_run_in_order_each_from_the_last() {
     assert_eq!(weights(&a.join("instruct/model.safetensors")), w2);
     // Other settings into the finished chain: stage 1's folder holds a run of 30 steps, so
     // it is refused (not skipped, not trained over), and nothing changes.
-    let other = vlmc(&[
-        "train",
-        "models/llava_tiny.vlm",
-        "--trainer",
-        "instruct",
-        "--data",
-        &data,
-        "--steps",
-        "29",
-        "--quiet",
-        "-o",
-        s(&a),
-    ]);
+    let other = llava(&a, &["--steps", "29"], &[]);
     let err = stderr(&other);
     assert_eq!(other.status.code(), Some(1), "{err}");
     assert!(
@@ -232,18 +179,6 @@ fn the_two_llava_stages_run_in_order_each_from_the_last() {
     let _ = std::fs::remove_dir_all(&b);
 }
 
-fn text_data(dir: &Path) -> PathBuf {
-    std::fs::create_dir_all(dir).expect("mkdir");
-    let p = dir.join("text.jsonl");
-    std::fs::write(
-        &p,
-        "{\"text\": \"red green blue\"}\n{\"text\": \"what colour is the square ? cyan\"}\n\
-         {\"text\": \"yellow cyan magenta red\"}\n{\"text\": \"the square is blue\"}\n",
-    )
-    .expect("write data");
-    p
-}
-
 fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
     for e in std::fs::read_dir(dir).expect("dir").flatten() {
@@ -259,24 +194,7 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     let work = tmp("nan");
     let data = text_data(&work);
-    let tok = format!("{COLOURS}/tokenizer.json");
-    let run = |out: &Path, extra: &[&str]| -> Output {
-        let mut v = vec![
-            "train",
-            TINY_LM,
-            "--trainer",
-            "diverge",
-            "--data",
-            s(&data),
-            "--tokenizer",
-            &tok,
-            "--quiet",
-            "-o",
-            s(out),
-        ];
-        v.extend_from_slice(extra);
-        vlmc(&v)
-    };
+    let run = |out: &Path, extra: &[&str]| vlmc(&train_args("diverge", &data, out, extra));
     // One good step, checkpointed; then the second step, resumed, diverges.
     let out = work.join("run");
     let first = run(&out, &["--stop-after", "1"]);
@@ -365,27 +283,15 @@ fn cycles_and_unknown_trainers_are_clear_errors() {
 fn eval_every_without_eval_data_warns_once() {
     let work = tmp("eval-warn");
     let data = text_data(&work);
-    let tok = format!("{COLOURS}/tokenizer.json");
     let run = |extra: &[&str]| {
         let out = work.join("out");
         let _ = std::fs::remove_dir_all(&out);
-        let mut v = vec![
-            "train",
-            TINY_LM,
-            "--trainer",
+        let o = vlmc(&train_args(
             "evaluated",
-            "--data",
-            s(&data),
-            "--tokenizer",
-            &tok,
-            "--steps",
-            "2",
-            "--quiet",
-            "-o",
-            s(&out),
-        ];
-        v.extend_from_slice(extra);
-        let o = vlmc(&v);
+            &data,
+            &out,
+            &[&["--steps", "2"], extra].concat(),
+        ));
         assert!(o.status.success(), "{}", stderr(&o));
         (stderr(&o), log(&out).1)
     };

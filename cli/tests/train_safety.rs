@@ -5,77 +5,17 @@
 //! cut back to the checkpoint after a kill, merge's checks of the adapter, and data whose
 //! sizes cannot fit (a huge row) or that gives nothing to learn (rows without targets).
 
+mod common;
+
+use common::{command, s, stderr, text_data, tmp, vlmc, weights, ROOT};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use vlmc_runtime::weights::WeightFile;
+use std::process::{Output, Stdio};
 use vlmc_runtime::Tensor;
-
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-const TOKENIZER: &str = "tests/fixtures/train/colours/tokenizer.json";
-const TINY_LM: &str = "tests/fixtures/train/tiny_lm.vlm";
-
-fn cache_dir() -> PathBuf {
-    std::env::temp_dir().join(format!("vlmc-train-safety-cache-{}", std::process::id()))
-}
-
-fn command(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_vlmc"));
-    c.args(args)
-        .current_dir(ROOT)
-        // Compiled kernels are cached here, not in the user's home.
-        .env("VLMC_CACHE_DIR", cache_dir());
-    c
-}
-
-fn vlmc(args: &[&str]) -> Output {
-    command(args).output().expect("vlmc runs")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vlmc-train-safety-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("mkdir");
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-/// Four rows of TinyLm text.
-fn text_data(dir: &Path) -> PathBuf {
-    let p = dir.join("text.jsonl");
-    std::fs::write(
-        &p,
-        "{\"text\": \"red green blue\"}\n{\"text\": \"what colour is the square ? cyan\"}\n\
-         {\"text\": \"yellow cyan magenta red\"}\n{\"text\": \"the square is blue\"}\n",
-    )
-    .expect("write data");
-    p
-}
 
 /// `vlmc train` of TinyLm's `evaluated` trainer (AdamW, batch 4) on `data` into `out`.
 fn train_args<'a>(data: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec![
-        "train",
-        TINY_LM,
-        "--trainer",
-        "evaluated",
-        "--data",
-        s(data),
-        "--tokenizer",
-        TOKENIZER,
-        "--quiet",
-        "-o",
-        s(out),
-    ];
-    v.extend_from_slice(extra);
-    v
+    common::train_args("evaluated", data, out, extra)
 }
 
 fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
@@ -550,20 +490,9 @@ fn peft_config(targets: &[&str]) -> serde_json::Value {
     })
 }
 
-fn read(path: &Path) -> BTreeMap<String, Tensor> {
-    let f = WeightFile::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    f.names()
-        .into_iter()
-        .map(|n| {
-            let t = f.get(&n).expect("tensor");
-            (n, t)
-        })
-        .collect()
-}
-
 /// merged − base of one weight.
 fn delta(merged: &Path, base: &Path, name: &str) -> Vec<f64> {
-    let (m, b) = (read(merged), read(base));
+    let (m, b) = (weights(merged), weights(base));
     m[name]
         .to_f64()
         .iter()
@@ -727,7 +656,7 @@ fn fan_in_fan_out_is_honoured_for_conv1d_and_must_match_the_layers() {
     let base = work.join("base.safetensors");
     let o = vlmc(&["init", s(&spec), "-o", s(&base)]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let w = read(&base);
+    let w = weights(&base);
     // Rank 4, alpha 8: scale 2.
     let adapter = |module: &str, inp: usize, out: usize, ffo: bool| -> PathBuf {
         let dir = work.join(format!("{module}-{ffo}"));
@@ -766,7 +695,7 @@ fn fan_in_fan_out_is_honoured_for_conv1d_and_must_match_the_layers() {
     };
     // W + 2·(B·A)ᵀ for the Conv1D [in 8, out 12]; W + 2·B·A for the Linear [out 8, in 12].
     let expect = |adir: &Path, module: &str, transposed: bool| -> Vec<f64> {
-        let t = read(&adir.join("adapter_model.safetensors"));
+        let t = weights(&adir.join("adapter_model.safetensors"));
         let a = t[&format!("base_model.model.{module}.lora_A.weight")].to_f64();
         let b = t[&format!("base_model.model.{module}.lora_B.weight")].to_f64();
         let wv = w[&format!("{module}.weight")].to_f64();
@@ -801,17 +730,17 @@ fn fan_in_fan_out_is_honoured_for_conv1d_and_must_match_the_layers() {
     let o = merge(&conv, &out);
     assert!(o.status.success(), "{}", stderr(&o));
     close(
-        &read(&out)["proj.weight"].to_f64(),
+        &weights(&out)["proj.weight"].to_f64(),
         &expect(&conv, "proj", true),
     );
-    assert_eq!(read(&out)["out.weight"], w["out.weight"]);
+    assert_eq!(weights(&out)["out.weight"], w["out.weight"]);
     // The Linear without it: B·A.
     let lin = adapter("out", 12, 8, false);
     let out = work.join("lin.safetensors");
     let o = merge(&lin, &out);
     assert!(o.status.success(), "{}", stderr(&o));
     close(
-        &read(&out)["out.weight"].to_f64(),
+        &weights(&out)["out.weight"].to_f64(),
         &expect(&lin, "out", false),
     );
 

@@ -6,6 +6,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use vlmc_runtime::Tensor;
 
+mod files;
+#[allow(unused_imports)] // not every test binary uses them
+pub use files::*;
+
 /// Every parameter path of a model (a trainer that trains them all).
 pub fn all_params(m: &vlmc::elab::Elaborated) -> Vec<String> {
     m.graph.params().iter().map(|p| p.1.to_string()).collect()
