@@ -16,19 +16,14 @@ const MODEL: &str = "model Big {
 }
 ";
 
+/// The model, elaborated from text (no file: parallel tests shared one and saw it removed).
 fn elaborate() -> Elaborated {
-    let dir = std::env::temp_dir().join(format!("vlmc-overflow-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp");
-    let path = dir.join("big.vlm");
-    std::fs::write(&path, MODEL).expect("write");
-    let checked = vlmc::elab::check_file(&path);
+    let checked = vlmc::elab::check_text(std::path::Path::new("big.vlm"), MODEL.to_string());
     let text = checked.render();
-    let m = checked
+    checked
         .result
         .unwrap_or_else(|_| panic!("{text}"))
-        .remove(0);
-    std::fs::remove_dir_all(&dir).ok();
-    m
+        .remove(0)
 }
 
 fn dims(b: i64, t: i64) -> HashMap<String, i64> {

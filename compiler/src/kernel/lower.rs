@@ -720,12 +720,10 @@ impl Lowering<'_> {
         shape
             .0
             .iter()
-            .map(|d| {
-                d.eval(&|s| self.dims.get(s).copied())
-                    .map(|v| v as usize)
-                    .ok_or(LowerError {
-                        message: format!("dimension {d} has no size"),
-                    })
+            .map(|d| match d.eval(&|s| self.dims.get(s).copied()) {
+                Some(v) if v >= 0 => Ok(v as usize),
+                Some(v) => lerr(format!("dimension {d} is negative ({v}) at these sizes")),
+                None => lerr(format!("dimension {d} has no size")),
             })
             .collect()
     }
