@@ -87,6 +87,8 @@ fn zero_sizes_run_compiled_as_interpreted() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Every plan of the small models at sizes with 0 and 1 in them: proven in bounds, and its CUDA
+/// launches within the device's limits.
 #[test]
 fn plans_at_every_size_are_proven_in_bounds() {
     let mut checked = 0;
@@ -112,6 +114,20 @@ fn plans_at_every_size_are_proven_in_bounds() {
                     let Ok(plan) = lowered else { continue };
                     if let Err(e) = vlmc::kernel::bounds::prove(&plan) {
                         panic!("{} at B={b} T={t}: {e}", path.display());
+                    }
+                    // The CUDA launches at these sizes: no grid of 0 blocks, no launch past
+                    // the device's limits (an empty kernel is not launched).
+                    for cublas in [true, false] {
+                        use vlmc::backend::cuda;
+                        let p = cuda::generate(&plan, &cuda::Options { cublas })
+                            .unwrap_or_else(|e| panic!("{} at B={b} T={t}: {e}", path.display()));
+                        let errors = cuda::launch::check(&plan, &p.launches);
+                        assert!(
+                            errors.is_empty(),
+                            "{} at B={b} T={t}: {}",
+                            path.display(),
+                            errors.join("; ")
+                        );
                     }
                     checked += 1;
                 }
