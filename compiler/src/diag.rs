@@ -147,13 +147,11 @@ impl Diagnostic {
             let (line_no, col) = sources.line_col(loc.file, start);
             let end = clamp_to_char(text, loc.span.end).clamp(start, line_end);
             let n_marks = text[start..end].chars().count().max(1);
-            out.push_str(&format!(
-                "{line_no:>width$} | {}\n",
-                line_text.replace('\t', " ")
-            ));
+            let (shown, at, n_marks) = window(&line_text.replace('\t', " "), col - 1, n_marks);
+            out.push_str(&format!("{line_no:>width$} | {shown}\n"));
             let mut under = format!(
                 "{pad} | {}{}",
-                " ".repeat(col - 1),
+                " ".repeat(at),
                 mark.to_string().repeat(n_marks)
             );
             if let Some(l) = label {
@@ -176,8 +174,64 @@ impl Diagnostic {
     }
 }
 
+/// The most characters of a source line a diagnostic shows: a longer line (a generated file)
+/// is shown around the marked column, cut with `…`.
+const LINE_SHOWN: usize = 160;
+
+/// The part of `line` to show for a mark at character `col` over `marks` characters: the text,
+/// the mark's column in it and how many marks fit.
+fn window(line: &str, col: usize, marks: usize) -> (String, usize, usize) {
+    let chars: Vec<char> = line.chars().collect();
+    if chars.len() <= LINE_SHOWN {
+        return (line.to_string(), col, marks);
+    }
+    let col = col.min(chars.len());
+    let lo = col.saturating_sub(LINE_SHOWN / 3);
+    let hi = (lo + LINE_SHOWN).min(chars.len());
+    let lo = lo.min(hi.saturating_sub(LINE_SHOWN));
+    let mut shown = String::new();
+    let mut at = col - lo;
+    if lo > 0 {
+        shown.push('…');
+        at += 1;
+    }
+    shown.extend(&chars[lo..hi]);
+    if hi < chars.len() {
+        shown.push('…');
+    }
+    (shown, at, marks.min(hi.saturating_sub(col)).max(1))
+}
+
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_lines_are_shown_around_the_mark() {
+        // Short lines are shown whole.
+        assert_eq!(window("let x = 1", 4, 1), ("let x = 1".to_string(), 4, 1));
+        // A long line: the marked character stays under the mark, cut on both sides.
+        let line: String = (0..1000)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let (shown, at, marks) = window(&line, 500, 3);
+        assert!(shown.starts_with('…') && shown.ends_with('…'), "{shown}");
+        assert_eq!(shown.chars().count(), LINE_SHOWN + 2);
+        assert_eq!(shown.chars().nth(at), line.chars().nth(500));
+        assert_eq!(marks, 3);
+        // Near the start: no cut before; near the end: no cut after, marks clipped to the line.
+        let (shown, at, _) = window(&line, 2, 1);
+        assert!(!shown.starts_with('…') && shown.ends_with('…'));
+        assert_eq!(at, 2);
+        let (shown, at, marks) = window(&line, 998, 50);
+        assert!(shown.starts_with('…') && !shown.ends_with('…'));
+        assert_eq!(shown.chars().nth(at), line.chars().nth(998));
+        assert_eq!(marks, 2);
     }
 }
