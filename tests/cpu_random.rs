@@ -8,7 +8,8 @@
 //! merging), and every output is compared with the interpreter's (relative error ≤ 1e-4).
 //! Discontinuous ops (floor, mod, casts to integers, comparisons) only see exact values
 //! (inputs and their views), so that a rounding difference cannot flip them.
-//! `VLMC_RANDOM_GRAPHS=N` sets the number of graphs (default 600).
+//! `VLMC_RANDOM_GRAPHS=N` sets the number of graphs (default 600). Another 300 have an input
+//! with an empty axis.
 
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -238,7 +239,8 @@ impl Gen {
                     s.splice(a..a + 2, [m]);
                 } else {
                     let a = self.rng.below(rank);
-                    let d = (1..=s[a])
+                    // (An empty axis splits into 1 × 0.)
+                    let d = (1..=s[a].max(1))
                         .filter(|d| s[a].is_multiple_of(*d))
                         .collect::<Vec<_>>();
                     let f = d[self.rng.below(d.len())];
@@ -456,6 +458,12 @@ impl Gen {
 
 /// A random graph and its inputs; the seed decides everything.
 fn random_graph(seed: u64) -> Option<(Graph, BTreeMap<String, Tensor>)> {
+    random_graph_with(seed, false)
+}
+
+/// [`random_graph`]; with `empty`, one axis of the first input has size 0 (so does everything
+/// computed along it: empty reductions, matmuls over nothing, views of nothing).
+fn random_graph_with(seed: u64, empty: bool) -> Option<(Graph, BTreeMap<String, Tensor>)> {
     let mut gen = Gen {
         g: Graph::new("Random"),
         rng: Rng(seed),
@@ -463,9 +471,12 @@ fn random_graph(seed: u64) -> Option<(Graph, BTreeMap<String, Tensor>)> {
         inputs: BTreeMap::new(),
     };
     let n_inputs = 1 + gen.rng.below(2);
-    for _ in 0..n_inputs {
+    for i in 0..n_inputs {
         let rank = gen.rng.below(4) + 1;
-        let shape: Vec<usize> = (0..rank).map(|_| gen.rng.size()).collect();
+        let mut shape: Vec<usize> = (0..rank).map(|_| gen.rng.size()).collect();
+        if empty && i == 0 {
+            shape[gen.rng.below(rank)] = 0;
+        }
         let x = gen.input(shape, DType::F32)?;
         gen.pool.push(x);
     }
@@ -514,7 +525,11 @@ fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
 
 /// Compiles and runs one graph with both option sets; Err on a mismatch.
 fn check(seed: u64) -> Result<bool, String> {
-    let Some((graph, inputs)) = random_graph(seed) else {
+    check_with(seed, false)
+}
+
+fn check_with(seed: u64, empty: bool) -> Result<bool, String> {
+    let Some((graph, inputs)) = random_graph_with(seed, empty) else {
         return Ok(false);
     };
     let Ok(want) = vlmc_runtime::run(&graph, &inputs, &BTreeMap::new()) else {
@@ -631,6 +646,36 @@ fn most_random_graphs_are_checked() {
 }
 
 /// `VLMC_SEED=N cargo test --test cpu_random one_seed -- --ignored --nocapture` checks one graph.
+/// Random graphs over an input with an empty axis: compiled code equals the interpreter (and
+/// never reads outside a buffer: every plan is proven in bounds before code is generated).
+#[test]
+fn random_graphs_with_an_empty_axis_compute_what_the_interpreter_computes() {
+    let (mut checked, mut nonempty) = (0, 0);
+    for seed in 0..300u64 {
+        match check_with(seed, true) {
+            Ok(true) => {
+                checked += 1;
+                let (g, inputs) = random_graph_with(seed, true).expect("graph");
+                let out = vlmc_runtime::run(&g, &inputs, &BTreeMap::new()).expect("runs");
+                if out.values().any(|t| t.numel() > 0) {
+                    nonempty += 1;
+                }
+            }
+            Ok(false) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    println!(
+        "{checked} of 300 graphs with an empty axis checked, {nonempty} with a non-empty output"
+    );
+    assert!(checked >= 100, "only {checked} graphs checked");
+    // Reductions over the empty axis and matmuls over nothing give values that are compared.
+    assert!(
+        nonempty >= 50,
+        "only {nonempty} graphs with a non-empty output"
+    );
+}
+
 #[test]
 #[ignore]
 fn one_seed() {
