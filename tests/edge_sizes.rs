@@ -271,6 +271,10 @@ fn generated_chains_compile_to_bounded_kernels() {
             largest <= bound,
             "{body}: a kernel value of {largest} nodes"
         );
+        // The CUDA generator walks the same trees (on this test thread's stack).
+        let cuda = vlmc::backend::cuda::generate(&plan, &vlmc::backend::cuda::Options::default())
+            .expect("CUDA C");
+        assert!(!cuda.launches.is_empty(), "{body}");
         assert!(
             plan.kernels.len() >= *min_kernels,
             "{body}: {} kernels",
