@@ -98,6 +98,17 @@ pub fn read_jsonl(
     let text = crate::files::read_to_string(path).map_err(|e| DataError {
         message: format!("cannot read {}: {e}", path.display()),
     })?;
+    parse_jsonl(path, &text, tok, prompt_masked, max_len)
+}
+
+/// [`read_jsonl`] of text already read from `path` (relative image paths resolve beside it).
+pub fn parse_jsonl(
+    path: &Path,
+    text: &str,
+    tok: &Tok,
+    prompt_masked: bool,
+    max_len: Option<usize>,
+) -> Result<Vec<Example>, DataError> {
     let base = path.parent().unwrap_or(Path::new("."));
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {

@@ -347,7 +347,10 @@ pub fn train(
     );
     let data_bytes = crate::files::read(o.data)
         .map_err(|e| err(format!("cannot read {}: {e}", o.data.display())))?;
-    let examples = train_data::read_jsonl(o.data, &tok, prompt_masked, cfg.max_len)
+    // Read once: parsed here, hashed into the run's fingerprint below.
+    let data_text = std::str::from_utf8(&data_bytes)
+        .map_err(|e| err(format!("cannot read {}: {e}", o.data.display())))?;
+    let examples = train_data::parse_jsonl(o.data, data_text, &tok, prompt_masked, cfg.max_len)
         .map_err(|e| err(e.message))?;
     check_targets(&cfg, o.data, &examples)?;
     let n = examples.len();
