@@ -40,3 +40,24 @@ pub fn text_data(dir: &Path) -> PathBuf {
     .expect("write data");
     p
 }
+
+/// Asserts that an error message is words, never a Debug dump of an error enum (of the
+/// safetensors crate, serde or `std::io`).
+pub fn assert_no_raw_error(message: &str) {
+    for raw in [
+        "InvalidHeader",
+        "HeaderTooSmall",
+        "HeaderTooLarge",
+        "InvalidHeaderLength",
+        "TensorInvalidInfo",
+        "InvalidOffset",
+        "MetadataIncompleteBuffer",
+        "ValidationOverflow",
+        "IoError",
+        "JsonError",
+        "Custom {",
+        "Os {",
+    ] {
+        assert!(!message.contains(raw), "raw error name in: {message}");
+    }
+}
