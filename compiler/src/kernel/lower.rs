@@ -219,21 +219,10 @@ fn rem(a: Idx, c: i64) -> Idx {
 
 impl Lowering<'_> {
     fn shape(&self, id: NodeId) -> R<Vec<usize>> {
-        self.g
-            .node(id)
-            .ty
-            .shape
-            .0
-            .iter()
-            .map(|d| match d.eval(&|s| self.dims.get(s).copied()) {
-                Some(v) if v >= 0 => Ok(v as usize),
-                Some(v) => lerr(format!(
-                    "dimension {d} is negative ({v}) at these sizes (of {})",
-                    self.g.node(id).ty
-                )),
-                None => lerr(format!("dimension {d} has no size")),
-            })
-            .collect()
+        let ty = &self.g.node(id).ty;
+        self.dims_of(&ty.shape).map_err(|e| LowerError {
+            message: format!("{} (of {ty})", e.message),
+        })
     }
 
     /// The value of a size expression at the run's sizes.
@@ -716,14 +705,14 @@ impl Lowering<'_> {
         b
     }
 
+    /// A shape's sizes at the run's sizes (a negative one is an error).
     fn dims_of(&self, shape: &crate::ir::Shape) -> R<Vec<usize>> {
         shape
             .0
             .iter()
-            .map(|d| match d.eval(&|s| self.dims.get(s).copied()) {
-                Some(v) if v >= 0 => Ok(v as usize),
-                Some(v) => lerr(format!("dimension {d} is negative ({v}) at these sizes")),
-                None => lerr(format!("dimension {d} has no size")),
+            .map(|d| match self.size_of(d)? {
+                v if v >= 0 => Ok(v as usize),
+                v => lerr(format!("dimension {d} is negative ({v}) at these sizes")),
             })
             .collect()
     }
