@@ -7,6 +7,7 @@ pub mod backend;
 pub mod diag;
 pub mod elab;
 pub mod files;
+pub mod hash;
 pub mod ir;
 pub mod kernel;
 pub mod passes;

@@ -28,15 +28,10 @@ fn cerr<T>(message: impl Into<String>) -> Result<T, CkptError> {
     })
 }
 
-/// FNV-1a over 64 bits: the identity of a file in a [`Fingerprint`] (it tells files apart,
-/// it does not defend against forgery).
+/// A 64-bit identity of some bytes (a file, a parameter list, the settings) in a
+/// [`Fingerprint`]: the low half of their FNV-1a hash ([`vlmc::hash`]).
 pub fn fnv64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    vlmc::hash::fnv128(bytes) as u64
 }
 
 fn hex(h: u64) -> String {

@@ -21,6 +21,7 @@
 //! an entry and concurrent writers of the same key leave one whole file.
 
 use super::CpuError;
+use crate::hash::fnv128;
 use cranelift_codegen::binemit::Reloc;
 use cranelift_codegen::ir::{Function, LibCall, UserFuncName};
 use cranelift_codegen::isa::TargetIsa;
@@ -91,16 +92,6 @@ pub(super) struct Entry {
     pub align: u64,
     pub code: Vec<u8>,
     relocs: Vec<Relocation>,
-}
-
-/// A 128-bit FNV-1a hash: stable across Rust versions and machines, unlike `DefaultHasher`.
-fn fnv128(bytes: &[u8]) -> u128 {
-    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
-    for &b in bytes {
-        h ^= u128::from(b);
-        h = h.wrapping_mul(0x0000000001000000000000000000013B);
-    }
-    h
 }
 
 /// Warns once per process that the cache cannot be used.

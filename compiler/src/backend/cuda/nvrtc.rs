@@ -168,14 +168,12 @@ fn options(opts: &NvrtcOptions) -> Result<Vec<String>, NvrtcError> {
 
 /// A 128-bit FNV-1a hash as hex: stable across Rust versions, unlike `DefaultHasher`.
 fn hash_hex(parts: &[&[u8]]) -> String {
-    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
+    let mut h = crate::hash::Fnv128::default();
     for p in parts {
-        for &b in p.iter().chain(&[0xffu8]) {
-            h ^= u128::from(b);
-            h = h.wrapping_mul(0x0000000001000000000000000000013B);
-        }
+        h.write(p);
+        h.write(&[0xff]);
     }
-    format!("{h:032x}")
+    format!("{:032x}", h.finish())
 }
 
 /// Compiles a whole program (one translation unit), through the cache.
