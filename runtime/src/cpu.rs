@@ -718,6 +718,16 @@ impl CpuModel {
 
     /// The plan for the sizes of these inputs (compiled now if new).
     pub fn plan_for(&self, inputs: &BTreeMap<String, Tensor>) -> Result<Arc<CpuPlan>, RunError> {
+        self.plan_with(inputs, &self.params)
+    }
+
+    /// [`CpuModel::plan_for`] with parameters held elsewhere (several graphs of one model, such
+    /// as generation's prefill and step, share one copy of the weights).
+    pub fn plan_with(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+        params: &BTreeMap<String, Tensor>,
+    ) -> Result<Arc<CpuPlan>, RunError> {
         let g = &self.compiled.graph;
         let dims = crate::interp::bind_dims(g, inputs)?;
         let mut key: DimsKey = dims.iter().map(|(k, v)| (k.clone(), *v)).collect();
@@ -739,11 +749,16 @@ impl CpuModel {
             let _ = std::fs::create_dir_all(&dir);
             let _ = std::fs::write(std::path::Path::new(&dir).join(name), plan.to_string());
         }
-        let p = Arc::new(CpuPlan::new(plan, g, &self.params, &self.opts)?);
+        let p = Arc::new(CpuPlan::new(plan, g, params, &self.opts)?);
         if let Ok(mut c) = self.cache.lock() {
             c.insert(key, p.clone());
         }
         Ok(p)
+    }
+
+    /// How many plans (sizes) have been compiled.
+    pub fn plans(&self) -> usize {
+        self.cache.lock().map_or(0, |c| c.len())
     }
 
     /// Runs the model's forward on named inputs.

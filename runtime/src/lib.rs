@@ -6,11 +6,13 @@
 pub mod alloc;
 pub mod cpu;
 pub mod cuda;
+pub mod generate;
 pub mod init;
 pub mod inputs;
 pub mod interp;
 pub mod plan;
 pub mod rng;
+pub mod sample;
 pub mod tensor;
 pub mod train;
 pub mod train_ckpt;

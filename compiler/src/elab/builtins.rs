@@ -57,6 +57,10 @@ const SIGS: &[(&str, &[&str])] = &[
     ("len", &["x"]),
     ("int", &["x"]),
     ("float", &["x"]),
+    ("generating", &[]),
+    ("cache_capacity", &[]),
+    ("gen_input", &["name", "shape", "dtype=i32"]),
+    ("past", &["x", "name"]),
 ];
 
 /// The names of all builtins (for suggestions).
@@ -104,6 +108,10 @@ pub const NAMES: &[&str] = &[
     "len",
     "int",
     "float",
+    "generating",
+    "cache_capacity",
+    "gen_input",
+    "past",
 ];
 
 /// The builtin with this name.
@@ -735,6 +743,25 @@ impl Elaborator<'_> {
                 .as_f64()
                 .map(Value::Float)
                 .ok_or_else(|| self.err(cx, a.span("x"), "cannot convert to float")),
+            "generating" => Ok(Value::Bool(self.gen.is_some())),
+            "cache_capacity" => {
+                let name = super::gen::CAPACITY.to_string();
+                if !self.graph.dims.contains(&name) {
+                    self.graph.dims.push(name);
+                }
+                Ok(Value::Dim(Dim::sym(super::gen::CAPACITY)))
+            }
+            "gen_input" => {
+                let dims = self.shape_arg(cx, a.get("shape"), a.span("shape"), None)?;
+                let Value::DType(dt) = a.get("dtype") else {
+                    return Err(self.err(cx, a.span("dtype"), "expected a dtype such as `i32`"));
+                };
+                self.gen_input(cx, a.get("name"), dims, *dt, span)
+            }
+            "past" => {
+                let x = t(self, "x")?;
+                self.past(cx, x, a.get("name"), span)
+            }
             _ => Err(self.err(
                 cx,
                 span,

@@ -8,6 +8,7 @@
 mod builtins;
 mod decls;
 mod eval;
+pub mod gen;
 mod instance;
 pub mod modules;
 mod signature;
@@ -141,6 +142,19 @@ pub fn elaborate_model(
     model: ItemRef,
     overrides: &Overrides,
 ) -> Result<Elaborated, Diagnostic> {
+    elaborate_entry(program, model, overrides, "forward", false)
+}
+
+/// Elaborates one model with the method `entry` as the graph's entry point; with `generating`,
+/// the std attention layers read a key/value cache and return their new keys and values (see
+/// [`gen`]), and the graph gains the generation inputs and `present:` outputs.
+pub fn elaborate_entry(
+    program: &Program,
+    model: ItemRef,
+    overrides: &Overrides,
+    entry: &str,
+    generating: bool,
+) -> Result<Elaborated, Diagnostic> {
     let name = program.item_name(model).unwrap_or("").to_string();
     let (target, mut args) = match program.item(model) {
         Item::Alias(alias) => resolve_alias(program, model.module, alias)?,
@@ -188,6 +202,7 @@ pub fn elaborate_model(
         budget: OP_BUDGET,
         instantiating: Vec::new(),
         model_decls: Vec::new(),
+        gen: generating.then(gen::GenState::default),
     };
     let loc = program.loc(target.module, decl_name_span);
     if let Some(p) = decl
@@ -208,7 +223,8 @@ pub fn elaborate_model(
         _ => loc,
     };
     let root = el.instantiate(target, args, String::new(), site)?;
-    el.run_entry(&root, loc)?;
+    el.run_entry(&root, loc, entry)?;
+    el.finish_generation(loc)?;
     let adapters = decls::check_adapters(program, target, &root, &el.graph)?;
     let trainers = decls::check_trainers(program, target, &root, &el.graph, &adapters)?;
     let (checkpoint, preprocess) =
@@ -244,6 +260,8 @@ pub(crate) struct Elaborator<'p> {
     pub instantiating: Vec<ItemRef>,
     /// The model's `checkpoint` and `preprocess` members.
     pub model_decls: Vec<decls::ModelDecl>,
+    /// Set when elaborating for generation (the key/value cache's inputs and outputs).
+    pub gen: Option<gen::GenState>,
 }
 
 /// One activation: where names resolve and where new ops are attributed.
@@ -343,6 +361,7 @@ fn resolve_alias(
         budget: OP_BUDGET,
         instantiating: Vec::new(),
         model_decls: Vec::new(),
+        gen: None,
     };
     let mut cx = Ctx {
         module,
@@ -385,4 +404,92 @@ fn override_value(program: &Program, module: usize, text: &str) -> Value {
         return Value::Func(value::Func::Builtin(b));
     }
     Value::Enum(t.to_string())
+}
+
+/// A model's two generation graphs: the prefill (its `forward`) and the step that continues it
+/// one token at a time (its `fn step`, or `forward` again when the model has no `step`).
+pub struct Generation {
+    pub prefill: Elaborated,
+    pub step: Elaborated,
+    /// The sources read (for rendering diagnostics).
+    pub program: Program,
+}
+
+/// Elaborates the model `model` (or the last of the file) of `path` for generation. Errors are
+/// rendered against the sources.
+pub fn generation_graphs(
+    path: &Path,
+    model: Option<&str>,
+    overrides: &Overrides,
+) -> Result<Generation, String> {
+    let (program, root) = match modules::load(path) {
+        Ok(x) => x,
+        Err((program, diags)) => return Err(render_all(&program, &diags)),
+    };
+    let models: Vec<ItemRef> = program.modules[root]
+        .ast
+        .items
+        .iter()
+        .enumerate()
+        .filter(|(_, it)| {
+            matches!(it, Item::Block(b) if b.kind == BlockKind::Model)
+                || matches!(it, Item::Alias(_))
+        })
+        .map(|(i, _)| ItemRef {
+            module: root,
+            item: i,
+        })
+        .collect();
+    let chosen = match model {
+        Some(name) => models
+            .iter()
+            .find(|m| program.item_name(**m) == Some(name))
+            .copied()
+            .ok_or_else(|| format!("{} has no model `{name}`", path.display()))?,
+        None => *models
+            .last()
+            .ok_or_else(|| format!("{} declares no model", path.display()))?,
+    };
+    let step_entry = if has_method(&program, chosen, "step") {
+        "step"
+    } else {
+        "forward"
+    };
+    let one = |entry: &str| {
+        elaborate_entry(&program, chosen, overrides, entry, true)
+            .map_err(|d| render_all(&program, &[d]))
+    };
+    let prefill = one("forward")?;
+    let step = one(step_entry)?;
+    Ok(Generation {
+        prefill,
+        step,
+        program,
+    })
+}
+
+fn render_all(program: &Program, diags: &[Diagnostic]) -> String {
+    diags
+        .iter()
+        .map(|d| d.render(&program.sources))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Whether the model (through an alias too) declares a method `name` at its top level.
+fn has_method(program: &Program, model: ItemRef, name: &str) -> bool {
+    let target = match program.item(model) {
+        Item::Alias(alias) => match resolve_alias(program, model.module, alias) {
+            Ok((t, _)) => t,
+            Err(_) => return false,
+        },
+        _ => model,
+    };
+    match program.item(target) {
+        Item::Block(decl) => decl
+            .members
+            .iter()
+            .any(|m| matches!(m, vlmc_grammar::ast::Member::Fn(f) if f.name.name == name)),
+        _ => false,
+    }
 }

@@ -312,16 +312,20 @@ impl Elaborator<'_> {
 
     /// Runs the model's `forward`: its tensor parameters become graph inputs with symbolic
     /// dims, its results become graph outputs.
-    pub fn run_entry(&mut self, root: &Rc<Instance>, loc: Loc) -> R<()> {
+    pub fn run_entry(&mut self, root: &Rc<Instance>, loc: Loc, entry: &str) -> R<()> {
         let module = root.block.module;
-        let Some(decl) = root.methods.get("forward").cloned() else {
+        let Some(decl) = root.methods.get(entry).cloned() else {
+            let label = match entry {
+                "forward" => "every model needs an entry point".to_string(),
+                _ => format!("`{entry}` is the entry point asked for"),
+            };
             return Err(self
                 .err_in(
                     module,
                     loc.span,
-                    format!("model `{}` has no `fn forward`", root.kind),
+                    format!("model `{}` has no `fn {entry}`", root.kind),
                 )
-                .label("every model needs an entry point"));
+                .label(label));
         };
         let mut cx = Ctx {
             module,
@@ -331,6 +335,11 @@ impl Elaborator<'_> {
         };
         for p in &decl.params {
             let v = match (&p.ty.kind, &p.default) {
+                // When generating, optional tensor inputs (a padding mask) are left out: the
+                // engine gives the attention layers their masks.
+                (TypeKind::Tensor(_), Some(d)) if self.gen.is_some() && p.ty.optional => {
+                    self.eval(&mut cx, d)?
+                }
                 (TypeKind::Tensor(tt), _) => {
                     let ty: TensorType = self.declare_tensor_type(&mut cx, tt)?;
                     let id = self
@@ -361,10 +370,10 @@ impl Elaborator<'_> {
             };
             self.define(&mut cx, &p.name.name, v);
         }
-        let what = format!("{}.forward", root.kind);
+        let what = format!("{}.{entry}", root.kind);
         // The entry point is on the stack for recursion checks but not shown in traces.
         self.stack.push((
-            format!("{}:{}.forward", root.block.module, root.block.item),
+            format!("{}:{}.{entry}", root.block.module, root.block.item),
             String::new(),
             loc,
         ));

@@ -289,11 +289,12 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
         }
     }
     // An output that no kernel computes (a view of an input or of another kernel's value, a
-    // constant) gets a copy kernel of its own.
+    // constant) gets a copy kernel of its own, or, when a kernel that computes its operand also
+    // reads it (a step's new keys, cached and attended to in one kernel), joins that kernel.
+    let mut topo_pos: Option<HashMap<NodeId, usize>> = None;
     for (_, id) in &graph.outputs {
         if cheap.contains(id) && !group_of.contains_key(id) {
             cheap.remove(id);
-            let g = groups.len();
             // It reads the kernels its operands come from (through cheap views) ...
             let mut producers = HashSet::new();
             let mut stack = graph.operands(*id);
@@ -309,6 +310,7 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
                 }
             }
             // ... and the kernels that read it (they inlined it as a view) now read its buffer.
+            let mut users = Vec::new();
             let mut stack = graph.users(*id);
             let mut seen = HashSet::new();
             while let Some(u) = stack.pop() {
@@ -316,21 +318,54 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
                     continue;
                 }
                 if let Some(&h) = group_of.get(&u) {
-                    // (Never a cycle: a kernel that also produces the operand keeps its order.)
-                    if !producers.contains(&h) {
-                        deps[h].insert(g);
+                    if !users.contains(&h) {
+                        users.push(h);
                     }
                 } else if cheap.contains(&u) {
                     stack.extend(graph.users(u));
                 }
             }
+            users.sort();
+            let g = match users.iter().copied().find(|h| producers.contains(h)) {
+                // A kernel both computes the operand and reads the output: it computes the
+                // output too (a separate copy would run after it, too late for its read).
+                Some(h) => {
+                    let pos = topo_pos.get_or_insert_with(|| {
+                        graph
+                            .topo_order()
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, n)| (n, i))
+                            .collect()
+                    });
+                    groups[h].nodes.push(*id);
+                    groups[h]
+                        .nodes
+                        .sort_by_key(|n| pos.get(n).copied().unwrap_or(0));
+                    for &p in &producers {
+                        if p != h {
+                            deps[h].insert(p);
+                        }
+                    }
+                    h
+                }
+                None => {
+                    deps.push(producers.clone());
+                    groups.push(Group {
+                        anchor: Anchor::Pointwise,
+                        nodes: vec![*id],
+                        outputs: Vec::new(),
+                    });
+                    groups.len() - 1
+                }
+            };
             group_of.insert(*id, g);
-            deps.push(producers);
-            groups.push(Group {
-                anchor: Anchor::Pointwise,
-                nodes: vec![*id],
-                outputs: Vec::new(),
-            });
+            for h in users {
+                // (Never a cycle: a kernel that also produces the operand keeps its order.)
+                if h != g && !producers.contains(&h) {
+                    deps[h].insert(g);
+                }
+            }
         }
     }
     // Kernels run in dependency order: an op that joined an earlier kernel may read a kernel

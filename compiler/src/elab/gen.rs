@@ -1,0 +1,174 @@
+//! Elaboration for generation: the key/value cache as graph inputs and outputs.
+//!
+//! A model elaborated with `generating` on runs the same `.vlm` code, but `generating()` is true,
+//! so the std attention layers take their cached branch (`std.attention.cached_attend`):
+//!
+//! - `gen_input(name, shape)` declares (once) one of the engine's inputs: `gen.positions`
+//!   (`i32[b, t]`, each current token's position), `gen.valid` (`i32[b, t]`, 0 at padding) and
+//!   `gen.past_valid` (`i32[b, CACHE]`, 1 at the cache slots that hold a token).
+//! - `past(x, name)` declares the cache input `past:<layer path>.<name>` of shape
+//!   `[b, heads, CACHE, d]` for a layer's keys or values `x: [b, heads, t, d]`, and makes `x`
+//!   the output `present:<layer path>.<name>`.
+//!
+//! The graph never writes the cache: it reads it, and returns the current tokens' keys and
+//! values, which the engine (`vlmc_runtime::generate`) copies into the preallocated cache, in
+//! place, at the next free slots. `CACHE` (the capacity) is a symbolic size like `B` and `T`, so
+//! a step compiles once per batch size and capacity.
+
+use super::value::Value;
+use super::{Ctx, Elaborator};
+use crate::diag::{Diagnostic, Loc};
+use crate::ir::{DType, Dim, NodeId, Op, TensorType};
+use std::collections::HashMap;
+use vlmc_grammar::ast::Span;
+
+type R<T> = Result<T, Diagnostic>;
+
+/// The symbolic size of the cache's capacity.
+pub const CAPACITY: &str = "CACHE";
+/// Prefix of the cache inputs (`past:language_model.model.layers.0.self_attn.k`).
+pub const PAST: &str = "past:";
+/// Prefix of the new keys and values returned by a step.
+pub const PRESENT: &str = "present:";
+/// The engine's inputs.
+pub const POSITIONS: &str = "gen.positions";
+pub const VALID: &str = "gen.valid";
+pub const PAST_VALID: &str = "gen.past_valid";
+/// The names `gen_input` accepts (without the `gen.` prefix).
+const GEN_INPUTS: &[&str] = &["positions", "valid", "past_valid"];
+
+/// What a generating elaboration has declared so far.
+#[derive(Debug, Default)]
+pub struct GenState {
+    inputs: HashMap<String, NodeId>,
+    presents: Vec<(String, NodeId)>,
+}
+
+impl Elaborator<'_> {
+    fn need_gen(&self, cx: &Ctx, span: Span, what: &str) -> R<()> {
+        match self.gen {
+            Some(_) => Ok(()),
+            None => Err(self
+                .err(
+                    cx,
+                    span,
+                    format!("`{what}` is only defined while generating"),
+                )
+                .label("not generating")
+                .note("guard it with `if generating() { ... }`")),
+        }
+    }
+
+    /// `gen_input(name, shape, dtype)`: the engine's input `gen.<name>`, declared on first use;
+    /// every use must agree on its type.
+    pub(super) fn gen_input(
+        &mut self,
+        cx: &Ctx,
+        name: &Value,
+        shape: Vec<Dim>,
+        dtype: DType,
+        span: Span,
+    ) -> R<Value> {
+        self.need_gen(cx, span, "gen_input")?;
+        let Value::Str(name) = name else {
+            return Err(self.err(cx, span, "`gen_input` needs a name string"));
+        };
+        if !GEN_INPUTS.contains(&name.as_str()) {
+            return Err(self
+                .err(cx, span, format!("unknown generation input `{name}`"))
+                .note(format!("known: {}", GEN_INPUTS.join(", "))));
+        }
+        let full = format!("gen.{name}");
+        let ty = TensorType::new(dtype, shape);
+        if let Some(id) = self.gen.as_ref().and_then(|g| g.inputs.get(&full)).copied() {
+            let have = self.ty(id);
+            if have != ty {
+                return Err(self
+                    .err(
+                        cx,
+                        span,
+                        format!("generation input `{full}` is {have} here it would be {ty}"),
+                    )
+                    .note("every cached attention layer of a model must see the same batch and sequence sizes"));
+            }
+            return Ok(Value::Tensor(id));
+        }
+        let id = self
+            .graph
+            .add_source(Op::Input { name: full.clone() }, ty, "")
+            .map_err(|e| self.err(cx, span, e.to_string()))?;
+        if let Some(g) = self.gen.as_mut() {
+            g.inputs.insert(full, id);
+        }
+        Ok(Value::Tensor(id))
+    }
+
+    /// `past(x, name)`: this layer's cache for `x` (keys or values, `[b, heads, t, d]`), as the
+    /// input `[b, heads, CACHE, d]`; `x` becomes the step's output for the engine to store.
+    pub(super) fn past(&mut self, cx: &Ctx, x: NodeId, name: &Value, span: Span) -> R<Value> {
+        self.need_gen(cx, span, "past")?;
+        let Value::Str(name) = name else {
+            return Err(self.err(cx, span, "`past` needs a name string (\"k\" or \"v\")"));
+        };
+        let ty = self.ty(x);
+        if ty.rank() != 4 {
+            return Err(self
+                .err(
+                    cx,
+                    span,
+                    format!("`past` caches [batch, heads, tokens, features], got {ty}"),
+                )
+                .label("not rank 4"));
+        }
+        let key = format!("{}.{name}", cx.scope());
+        let key = key.trim_start_matches('.').to_string();
+        let mut dims = ty.shape.0.clone();
+        dims[2] = Dim::sym(CAPACITY);
+        if !self.graph.dims.iter().any(|d| d == CAPACITY) {
+            self.graph.dims.push(CAPACITY.to_string());
+        }
+        let past_name = format!("{PAST}{key}");
+        if self.graph.input(&past_name).is_some() {
+            return Err(self
+                .err(cx, span, format!("the cache `{key}` is declared twice"))
+                .note("a layer caches its keys and values once per step"));
+        }
+        let id = self
+            .graph
+            .add_source(
+                Op::Input { name: past_name },
+                TensorType::new(ty.dtype, dims),
+                "",
+            )
+            .map_err(|e| self.err(cx, span, e.to_string()))?;
+        if let Some(g) = self.gen.as_mut() {
+            g.presents.push((format!("{PRESENT}{key}"), x));
+        }
+        Ok(Value::Tensor(id))
+    }
+
+    /// After the entry point: the step's keys and values become outputs. A model none of whose
+    /// layers cached anything cannot generate.
+    pub(super) fn finish_generation(&mut self, loc: Loc) -> R<()> {
+        let Some(g) = self.gen.take() else {
+            return Ok(());
+        };
+        if g.presents.is_empty() {
+            return Err(Diagnostic::new(
+                loc,
+                "this model cannot generate: none of its layers uses a key/value cache",
+            )
+            .note(
+                "generation needs a causal decoder built from std blocks (Llama, GPT-2, OPT, \
+                 Persimmon, Chameleon) or attention that calls `std.attention.cached_attend` \
+                 when `generating()`",
+            ));
+        }
+        for (name, id) in g.presents {
+            self.graph
+                .set_output(&name, id)
+                .map_err(|e| Diagnostic::new(loc, e.to_string()))?;
+        }
+        Ok(())
+    }
+}

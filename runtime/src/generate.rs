@@ -1,0 +1,654 @@
+//! The generation engine: a prefill over the prompt, then one cached step per new token.
+//!
+//! The model is elaborated twice for generation (see `vlmc::elab::gen`): the prefill is its
+//! `forward` (images and all), the step its `fn step(ids)` (or `forward` when that takes only
+//! token ids). Both read the key/value cache (`past:` inputs, `[B, heads, CACHE, d]`, allocated
+//! here once per batch) and return the current tokens' keys and values (`present:` outputs),
+//! which are copied into the cache at the next free slots: in place, never a copy of the cache.
+//!
+//! Rows are left-padded to a common length (a multiple of [`PREFILL_BUCKET`], so prompts of
+//! nearby lengths share one compiled prefill); padding is masked out of every attention and
+//! skipped by the positions, so a row's tokens do not depend on its batch. The cache's capacity
+//! is rounded up to a multiple of [`CAPACITY_STEP`]: the step compiles once per (batch size,
+//! capacity), the prefill once per (batch size, bucket, capacity).
+
+use crate::cpu::CpuModel;
+use crate::interp::{self, Bindings, RunError};
+use crate::sample::{self, Sampling};
+use crate::tensor::{Data, Tensor};
+use std::collections::BTreeMap;
+use vlmc::backend::cpu::CpuOptions;
+use vlmc::elab::gen::{CAPACITY, PAST, PAST_VALID, POSITIONS, PRESENT, VALID};
+use vlmc::elab::Elaborated;
+use vlmc::ir::{DType, Graph};
+
+type R<T> = Result<T, RunError>;
+
+fn fail<T>(message: impl Into<String>) -> R<T> {
+    Err(RunError {
+        message: message.into(),
+    })
+}
+
+/// Prompts are left-padded to a multiple of this many tokens.
+pub const PREFILL_BUCKET: usize = 16;
+/// The cache's capacity is a multiple of this many slots.
+pub const CAPACITY_STEP: usize = 64;
+
+/// One of the two generation graphs, ready to run.
+pub enum Runner {
+    Interp(Graph),
+    Cpu(Box<CpuModel>),
+}
+
+impl Runner {
+    /// The graph run by the reference interpreter.
+    pub fn interp(m: &Elaborated) -> Runner {
+        Runner::Interp(m.graph.clone())
+    }
+
+    /// The graph optimised and compiled to machine code (per size, on first use).
+    pub fn cpu(m: &Elaborated, opts: CpuOptions) -> R<Runner> {
+        let c =
+            vlmc::passes::compile(m, &vlmc::passes::CompileOptions::default()).map_err(|e| {
+                RunError {
+                    message: e.to_string(),
+                }
+            })?;
+        Ok(Runner::Cpu(Box::new(CpuModel::new(
+            c,
+            BTreeMap::new(),
+            opts,
+        ))))
+    }
+
+    pub fn graph(&self) -> &Graph {
+        match self {
+            Runner::Interp(g) => g,
+            Runner::Cpu(m) => &m.compiled.graph,
+        }
+    }
+
+    fn run(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+        params: &BTreeMap<String, Tensor>,
+    ) -> R<BTreeMap<String, Tensor>> {
+        match self {
+            Runner::Interp(g) => interp::run(g, inputs, params),
+            Runner::Cpu(m) => m.plan_with(inputs, params)?.run(inputs, params),
+        }
+    }
+
+    /// How many plans have been compiled so far.
+    pub fn compiled_plans(&self) -> usize {
+        match self {
+            Runner::Interp(_) => 0,
+            Runner::Cpu(m) => m.plans(),
+        }
+    }
+}
+
+/// A cache of one layer: its name (`language_model.model.layers.0.self_attn.k`) and the sizes
+/// of its heads and features.
+#[derive(Clone, Debug)]
+struct CacheSpec {
+    name: String,
+    heads: usize,
+    features: usize,
+}
+
+/// A model ready to generate: the prefill and step graphs and the weights they share.
+pub struct Generator {
+    pub prefill: Runner,
+    pub step: Runner,
+    pub params: BTreeMap<String, Tensor>,
+    caches: Vec<CacheSpec>,
+    prefill_logits: String,
+    step_logits: String,
+    /// The prefill's inputs besides `ids`, `mask` and the engine's (images, ...).
+    pub extra_inputs: Vec<(String, vlmc::ir::TensorType)>,
+}
+
+/// One prompt: its token ids and, per extra input of the prefill (`pixels`), this row's part
+/// (concatenated over the batch along axis 0).
+#[derive(Clone, Debug, Default)]
+pub struct Prompt {
+    pub ids: Vec<i32>,
+    pub extra: BTreeMap<String, Tensor>,
+}
+
+/// Why a row stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// An end-of-sequence token.
+    Eos,
+    /// `--max-new-tokens` reached.
+    Length,
+    /// The caller stopped it (a stop string, Ctrl-C).
+    Stop,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Eos => "eos",
+            StopReason::Length => "length",
+            StopReason::Stop => "stop",
+        }
+    }
+}
+
+/// What the caller says after each token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// This row is done.
+    StopRow,
+    /// Every row is done (Ctrl-C).
+    StopAll,
+}
+
+/// A row's result.
+#[derive(Clone, Debug)]
+pub struct Generated {
+    pub tokens: Vec<i32>,
+    /// The model's log-probability of each token (log softmax of the raw logits).
+    pub logprobs: Vec<f64>,
+    pub stop: StopReason,
+    /// The raw logits each token was chosen from (only with `Options::keep_logits`).
+    pub logits: Vec<Vec<f32>>,
+}
+
+/// How to generate.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Token ids that end a row (the EOS token is produced, then the row stops).
+    pub eos: Vec<i32>,
+    /// The id padding is filled with (masked out; any valid id).
+    pub pad: i32,
+    /// The largest number of positions the model supports (its context), if known.
+    pub context: Option<usize>,
+    /// Keep every step's logits in the results (for checks).
+    pub keep_logits: bool,
+}
+
+/// The figures of one `generate` call.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub decode_steps: usize,
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub capacity: usize,
+    /// Bytes of the key/value cache.
+    pub cache_bytes: usize,
+}
+
+impl Generator {
+    /// A generator from the prefill and step graphs (elaborated with `generating`).
+    pub fn new(prefill: Runner, step: Runner, params: BTreeMap<String, Tensor>) -> R<Generator> {
+        let caches = caches_of(prefill.graph())?;
+        let step_caches = caches_of(step.graph())?;
+        let names = |c: &[CacheSpec]| c.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+        if names(&caches) != names(&step_caches) {
+            return fail(
+                "the prefill (`forward`) and the step (`fn step`) use different key/value caches: \
+                 the step must run the same decoder",
+            );
+        }
+        let prefill_logits = logits_output(prefill.graph())?;
+        let step_logits = logits_output(step.graph())?;
+        for (_, name, ty) in step.graph().inputs() {
+            if !is_engine_input(name) && name != "ids" && name != "mask" {
+                return fail(format!(
+                    "the step takes an input `{name}` ({ty}); a step takes only `ids` (and \
+                     `mask`): images and other prompt inputs belong to `forward`"
+                ));
+            }
+        }
+        if prefill.graph().input("ids").is_none() || step.graph().input("ids").is_none() {
+            return fail("generation needs the token ids as an input named `ids`");
+        }
+        let extra_inputs = prefill
+            .graph()
+            .inputs()
+            .into_iter()
+            .filter(|(_, n, _)| !is_engine_input(n) && *n != "ids" && *n != "mask")
+            .map(|(_, n, t)| (n.to_string(), t.clone()))
+            .collect();
+        Ok(Generator {
+            prefill,
+            step,
+            params,
+            caches,
+            prefill_logits,
+            step_logits,
+            extra_inputs,
+        })
+    }
+
+    /// Generates for every prompt (one batch). `on_token(row, token, logprob)` is called for
+    /// each new token in order; its answer can stop the row or the batch.
+    pub fn generate(
+        &self,
+        prompts: &[Prompt],
+        rows: &[u64],
+        opts: &Options,
+        on_token: &mut dyn FnMut(usize, i32, f64) -> Control,
+        stats: &mut Stats,
+    ) -> R<Vec<Generated>> {
+        let b = prompts.len();
+        if b == 0 {
+            return Ok(Vec::new());
+        }
+        let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+        if longest == 0 {
+            return fail("a prompt has no tokens");
+        }
+        let t = longest.div_ceil(PREFILL_BUCKET) * PREFILL_BUCKET;
+        // ids, left-padded; the mask marks real tokens
+        let mut ids = vec![opts.pad; b * t];
+        let mut mask = vec![0i32; b * t];
+        for (r, p) in prompts.iter().enumerate() {
+            let off = t - p.ids.len();
+            ids[r * t + off..(r + 1) * t].copy_from_slice(&p.ids);
+            mask[r * t + off..(r + 1) * t].fill(1);
+        }
+        let mut inputs = BTreeMap::new();
+        inputs.insert("ids".to_string(), Tensor::i32(vec![b, t], ids));
+        if self.prefill.graph().input("mask").is_some() {
+            inputs.insert("mask".to_string(), Tensor::i32(vec![b, t], mask.clone()));
+        }
+        for (name, _) in &self.extra_inputs {
+            let parts: Vec<&Tensor> = prompts.iter().filter_map(|p| p.extra.get(name)).collect();
+            if parts.len() != b {
+                return fail(format!(
+                    "every prompt of a batch needs the input `{name}` (a prompt without it: \
+                     this model's prompts all carry one)"
+                ));
+            }
+            inputs.insert(name.clone(), concat0(&parts)?);
+        }
+        // the decoder's length at the prefill: the ids are its last `t` positions
+        let mut dims = self.bind_model_dims(&inputs)?;
+        let pos_ty = self
+            .prefill
+            .graph()
+            .inputs()
+            .into_iter()
+            .find(|(_, n, _)| *n == POSITIONS)
+            .map(|(_, _, t)| t.clone())
+            .ok_or_else(|| RunError {
+                message: "the prefill has no positions input".into(),
+            })?;
+        dims.insert(CAPACITY.to_string(), 0);
+        let l = interp::concrete(&pos_ty.shape.0[1..2], &dims)?[0];
+        if l < t {
+            return fail(format!(
+                "the decoder sees {l} positions but the prompt has {t} tokens"
+            ));
+        }
+        let needed = l + opts.max_new_tokens;
+        if let Some(ctx) = opts.context {
+            let real = l - t + longest;
+            if real + opts.max_new_tokens > ctx {
+                return fail(format!(
+                    "the prompt ({real} positions) and --max-new-tokens {} need {} positions, \
+                     {} more than the model's context of {ctx}",
+                    opts.max_new_tokens,
+                    real + opts.max_new_tokens,
+                    real + opts.max_new_tokens - ctx
+                ));
+            }
+        }
+        let cap = needed.max(1).div_ceil(CAPACITY_STEP) * CAPACITY_STEP;
+        // validity and positions of the prefill's positions: the prefix before the ids is real
+        let mut valid = vec![1i32; b * l];
+        let mut positions = vec![0i32; b * l];
+        let mut count = vec![0i32; b];
+        for r in 0..b {
+            for j in 0..l {
+                let v = if j < l - t {
+                    1
+                } else {
+                    mask[r * t + j - (l - t)]
+                };
+                valid[r * l + j] = v;
+                positions[r * l + j] = if v == 1 { count[r] } else { 1 };
+                count[r] += v;
+            }
+        }
+        let mut caches: Vec<(String, Tensor)> = Vec::new();
+        let mut cache_bytes = 0usize;
+        for c in &self.caches {
+            let n = b * c.heads * cap * c.features;
+            let what = || format!("the key/value cache `{}`", c.name);
+            let v = crate::alloc::checked_vec(n, 0f32, what)?;
+            cache_bytes += n * 4;
+            caches.push((
+                c.name.clone(),
+                Tensor::f32(vec![b, c.heads, cap, c.features], v),
+            ));
+        }
+        stats.cache_bytes = cache_bytes;
+        stats.capacity = cap;
+        stats.batch = b;
+        stats.prompt_len = l;
+        let mut past_valid = vec![0i32; b * cap];
+        inputs.insert(POSITIONS.into(), Tensor::i32(vec![b, l], positions));
+        inputs.insert(VALID.into(), Tensor::i32(vec![b, l], valid.clone()));
+        // run the prefill
+        let t0 = std::time::Instant::now();
+        let mut caches_in = BTreeMap::new();
+        for (n, c) in caches.drain(..) {
+            caches_in.insert(format!("{PAST}{n}"), c);
+        }
+        inputs.append(&mut caches_in);
+        inputs.insert(
+            PAST_VALID.into(),
+            Tensor::i32(vec![b, cap], past_valid.clone()),
+        );
+        let mut out = self.prefill.run(&inputs, &self.params)?;
+        let mut used = 0usize;
+        self.store(&mut inputs, &out, used, l)?;
+        for r in 0..b {
+            past_valid[r * cap..r * cap + l].copy_from_slice(&valid[r * l..(r + 1) * l]);
+        }
+        used += l;
+        // the step's plan is compiled before the first token counts as produced
+        let mut step_inputs = BTreeMap::new();
+        for (k, v) in std::mem::take(&mut inputs) {
+            if k.starts_with(PAST) {
+                step_inputs.insert(k, v);
+            }
+        }
+        let mut step_ids = vec![0i32; b];
+        step_inputs.insert("ids".into(), Tensor::i32(vec![b, 1], step_ids.clone()));
+        if self.step.graph().input("mask").is_some() {
+            step_inputs.insert("mask".into(), Tensor::i32(vec![b, 1], vec![1; b]));
+        }
+        step_inputs.insert(VALID.into(), Tensor::i32(vec![b, 1], vec![1; b]));
+        step_inputs.insert(POSITIONS.into(), Tensor::i32(vec![b, 1], vec![0; b]));
+        step_inputs.insert(
+            PAST_VALID.into(),
+            Tensor::i32(vec![b, cap], past_valid.clone()),
+        );
+        stats.prefill_s = t0.elapsed().as_secs_f64();
+        let mut logits = take_last(&out, &self.prefill_logits, b)?;
+        out.clear();
+        let mut seen: Vec<Vec<i32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+        let mut results: Vec<Generated> = (0..b)
+            .map(|_| Generated {
+                tokens: Vec::new(),
+                logprobs: Vec::new(),
+                stop: StopReason::Length,
+                logits: Vec::new(),
+            })
+            .collect();
+        let mut done = vec![false; b];
+        let t1 = std::time::Instant::now();
+        let mut step_no = 0u64;
+        loop {
+            // choose each live row's token
+            let v = logits.len() / b;
+            let mut stop_all = false;
+            for r in 0..b {
+                if done[r] {
+                    continue;
+                }
+                let row = &logits[r * v..(r + 1) * v];
+                let tok = sample::choose(row, &seen[r], &opts.sampling, rows[r], step_no);
+                let lp = sample::log_prob(row, tok);
+                let tok = tok as i32;
+                results[r].tokens.push(tok);
+                results[r].logprobs.push(lp);
+                if opts.keep_logits {
+                    results[r].logits.push(row.to_vec());
+                }
+                seen[r].push(tok);
+                step_ids[r] = tok;
+                match on_token(r, tok, lp) {
+                    Control::StopAll => {
+                        stop_all = true;
+                        done[r] = true;
+                        results[r].stop = StopReason::Stop;
+                    }
+                    Control::StopRow => {
+                        done[r] = true;
+                        results[r].stop = StopReason::Stop;
+                    }
+                    Control::Continue => {
+                        if opts.eos.contains(&tok) {
+                            done[r] = true;
+                            results[r].stop = StopReason::Eos;
+                        } else if results[r].tokens.len() >= opts.max_new_tokens {
+                            done[r] = true;
+                            results[r].stop = StopReason::Length;
+                        }
+                    }
+                }
+            }
+            if stop_all {
+                for (r, d) in done.iter_mut().enumerate() {
+                    if !*d {
+                        *d = true;
+                        results[r].stop = StopReason::Stop;
+                    }
+                }
+            }
+            if done.iter().all(|d| *d) || used >= cap {
+                break;
+            }
+            // one step: every row feeds its last token (finished rows too; ignored)
+            for r in 0..b {
+                set_i32(&mut step_inputs, "ids", r, step_ids[r]);
+                set_i32(&mut step_inputs, POSITIONS, r, count[r]);
+                count[r] += 1;
+            }
+            let out = self.step.run(&step_inputs, &self.params)?;
+            self.store(&mut step_inputs, &out, used, 1)?;
+            for r in 0..b {
+                set_i32(&mut step_inputs, PAST_VALID, r * cap + used, 1);
+            }
+            used += 1;
+            logits = take_last(&out, &self.step_logits, b)?;
+            step_no += 1;
+        }
+        stats.decode_s = t1.elapsed().as_secs_f64();
+        stats.decode_steps = step_no as usize;
+        Ok(results)
+    }
+
+    /// Copies every `present:` output (`[b, heads, n, d]`) into its cache at slot `at`.
+    fn store(
+        &self,
+        inputs: &mut BTreeMap<String, Tensor>,
+        out: &BTreeMap<String, Tensor>,
+        at: usize,
+        n: usize,
+    ) -> R<()> {
+        for c in &self.caches {
+            let new = out
+                .get(&format!("{PRESENT}{}", c.name))
+                .ok_or_else(|| RunError {
+                    message: format!("the step did not return `{PRESENT}{}`", c.name),
+                })?;
+            let cache = inputs
+                .get_mut(&format!("{PAST}{}", c.name))
+                .ok_or_else(|| RunError {
+                    message: format!("no cache `{}`", c.name),
+                })?;
+            let (Data::F32(dst), Data::F32(src)) = (&mut cache.data, &new.data) else {
+                return fail("the key/value cache holds f32");
+            };
+            let cap = cache.shape[2];
+            let d = c.features;
+            if new.shape.len() != 4 || new.shape[2] != n || new.shape[3] != d || at + n > cap {
+                return fail(format!(
+                    "`{PRESENT}{}` has shape {:?}; expected [_, {}, {n}, {d}] at slot {at} of {cap}",
+                    c.name, new.shape, c.heads
+                ));
+            }
+            let rows = new.shape[0] * new.shape[1];
+            for i in 0..rows {
+                let s = &src[i * n * d..(i + 1) * n * d];
+                dst[(i * cap + at) * d..(i * cap + at + n) * d].copy_from_slice(s);
+            }
+        }
+        Ok(())
+    }
+
+    /// The symbolic sizes of the prefill that the model's own inputs fix (`B`, `T`, ...).
+    fn bind_model_dims(&self, inputs: &BTreeMap<String, Tensor>) -> R<Bindings> {
+        let mut dims = Bindings::new();
+        for (_, name, ty) in self.prefill.graph().inputs() {
+            if is_engine_input(name) {
+                continue;
+            }
+            let Some(t) = inputs.get(name) else {
+                return fail(format!("missing input `{name}` ({ty})"));
+            };
+            if t.shape.len() != ty.rank() {
+                return fail(format!(
+                    "input `{name}` has shape {}, but the model expects {ty}",
+                    t.shape_text()
+                ));
+            }
+            for (d, &n) in ty.shape.0.iter().zip(&t.shape) {
+                if let Some(s) = d.as_symbol() {
+                    dims.entry(s.to_string()).or_insert(n as i64);
+                }
+            }
+        }
+        Ok(dims)
+    }
+
+    /// The number of compiled plans of the prefill and the step.
+    pub fn compiled_plans(&self) -> (usize, usize) {
+        (self.prefill.compiled_plans(), self.step.compiled_plans())
+    }
+}
+
+/// Whether `name` is an input the engine fills (positions, masks, caches).
+pub fn is_engine_input(name: &str) -> bool {
+    name.starts_with(PAST) || name == POSITIONS || name == VALID || name == PAST_VALID
+}
+
+/// The caches a generation graph reads, from its `past:` inputs.
+fn caches_of(g: &Graph) -> R<Vec<CacheSpec>> {
+    let mut out = Vec::new();
+    for (_, name, ty) in g.inputs() {
+        let Some(n) = name.strip_prefix(PAST) else {
+            continue;
+        };
+        let konst = |i: usize| ty.shape.0.get(i).and_then(|d| d.as_const());
+        let (Some(h), Some(d)) = (konst(1), konst(3)) else {
+            return fail(format!(
+                "the cache `{n}` is {ty}: its heads and features must be fixed sizes"
+            ));
+        };
+        if ty.dtype != DType::F32 {
+            return fail(format!("the cache `{n}` is {ty}: caches hold f32"));
+        }
+        out.push(CacheSpec {
+            name: n.to_string(),
+            heads: h as usize,
+            features: d as usize,
+        });
+    }
+    if out.is_empty() {
+        return fail("the model's generation graph reads no key/value cache");
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// The output holding the logits: `logits`, else `output`, else the first other output.
+fn logits_output(g: &Graph) -> R<String> {
+    let names: Vec<&str> = g
+        .outputs
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| !n.starts_with(PRESENT))
+        .collect();
+    let pick = ["logits", "output"]
+        .into_iter()
+        .find(|n| names.contains(n))
+        .or(names.first().copied());
+    match pick {
+        Some(n) => Ok(n.to_string()),
+        None => fail("the model returns no logits"),
+    }
+}
+
+/// The logits of each row's last position, `[b * vocab]`.
+fn take_last(out: &BTreeMap<String, Tensor>, name: &str, b: usize) -> R<Vec<f32>> {
+    let t = out.get(name).ok_or_else(|| RunError {
+        message: format!("no output `{name}`"),
+    })?;
+    let Data::F32(v) = &t.data else {
+        return fail(format!("the logits `{name}` are not f32"));
+    };
+    if t.shape.len() != 3 || t.shape[0] != b || t.shape[1] == 0 {
+        return fail(format!(
+            "the logits `{name}` have shape {}; generation needs [batch, positions, vocab]",
+            t.shape_text()
+        ));
+    }
+    let (l, vocab) = (t.shape[1], t.shape[2]);
+    let mut last = Vec::with_capacity(b * vocab);
+    for r in 0..b {
+        let at = (r * l + l - 1) * vocab;
+        last.extend_from_slice(&v[at..at + vocab]);
+    }
+    Ok(last)
+}
+
+fn set_i32(inputs: &mut BTreeMap<String, Tensor>, name: &str, at: usize, value: i32) {
+    if let Some(Data::I32(v)) = inputs.get_mut(name).map(|t| &mut t.data) {
+        if let Some(x) = v.get_mut(at) {
+            *x = value;
+        }
+    }
+}
+
+/// Tensors of equal trailing shapes stacked along axis 0.
+fn concat0(parts: &[&Tensor]) -> R<Tensor> {
+    let first = parts[0];
+    let mut shape = first.shape.clone();
+    if shape.is_empty() {
+        return fail("a prompt input must have a batch axis");
+    }
+    shape[0] = 0;
+    for p in parts {
+        if p.shape[1..] != first.shape[1..] || p.dtype() != first.dtype() {
+            return fail(format!(
+                "prompt inputs of one batch differ: {} and {}",
+                first.shape_text(),
+                p.shape_text()
+            ));
+        }
+        shape[0] += p.shape[0];
+    }
+    Ok(match &first.data {
+        Data::F32(_) => Tensor::f32(
+            shape,
+            parts
+                .iter()
+                .flat_map(|p| p.as_f32().unwrap_or(&[]).iter().copied())
+                .collect(),
+        ),
+        Data::I32(_) => Tensor::i32(
+            shape,
+            parts
+                .iter()
+                .flat_map(|p| p.as_i32().unwrap_or(&[]).iter().copied())
+                .collect(),
+        ),
+        _ => return fail("prompt inputs are f32 or i32"),
+    })
+}
