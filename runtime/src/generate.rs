@@ -39,6 +39,16 @@ pub const CAPACITY_STEP: usize = 64;
 pub enum Runner {
     Interp(Graph),
     Cpu(Box<CpuModel>),
+    /// On the GPU: one loaded model per input shape. (The cache goes to the device with every
+    /// step's inputs: a device-resident cache is the next step.)
+    Cuda(Box<CudaRunner>),
+}
+
+/// The GPU models of one graph, per set of input shapes.
+pub struct CudaRunner {
+    model: Elaborated,
+    opts: crate::cuda::CudaOptions,
+    loaded: std::sync::Mutex<std::collections::HashMap<Vec<Vec<usize>>, crate::cuda::GpuModel>>,
 }
 
 impl Runner {
@@ -62,10 +72,28 @@ impl Runner {
         ))))
     }
 
+    /// The graph compiled for the GPU (fails cleanly without a driver).
+    pub fn cuda(m: &Elaborated, opts: crate::cuda::CudaOptions) -> R<Runner> {
+        crate::cuda::check_driver()?;
+        Ok(Runner::Cuda(Box::new(CudaRunner {
+            model: Elaborated {
+                model: m.model.clone(),
+                graph: m.graph.clone(),
+                adapters: Vec::new(),
+                trainers: Vec::new(),
+                checkpoint: m.checkpoint.clone(),
+                preprocess: m.preprocess.clone(),
+            },
+            opts,
+            loaded: Default::default(),
+        })))
+    }
+
     pub fn graph(&self) -> &Graph {
         match self {
             Runner::Interp(g) => g,
             Runner::Cpu(m) => &m.compiled.graph,
+            Runner::Cuda(c) => &c.model.graph,
         }
     }
 
@@ -77,7 +105,34 @@ impl Runner {
         match self {
             Runner::Interp(g) => interp::run(g, inputs, params),
             Runner::Cpu(m) => m.plan_with(inputs, params)?.run(inputs, params),
+            Runner::Cuda(c) => {
+                let key: Vec<Vec<usize>> = inputs.values().map(|t| t.shape.clone()).collect();
+                let mut loaded = c.loaded.lock().map_err(|_| RunError {
+                    message: "a previous GPU run panicked".into(),
+                })?;
+                if !loaded.contains_key(&key) {
+                    let gpu = crate::cuda::load_model(&c.model, inputs, params, &c.opts)?;
+                    loaded.insert(key.clone(), gpu);
+                }
+                match loaded.get_mut(&key) {
+                    Some(gpu) => gpu.run(inputs),
+                    None => fail("the GPU model was not loaded"),
+                }
+            }
         }
+    }
+
+    /// Compiles the plan for these inputs now (the interpreter and the GPU prepare on first
+    /// use).
+    fn prepare(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+        params: &BTreeMap<String, Tensor>,
+    ) -> R<()> {
+        if let Runner::Cpu(m) = self {
+            m.plan_with(inputs, params)?;
+        }
+        Ok(())
     }
 
     /// How many plans have been compiled so far.
@@ -85,6 +140,7 @@ impl Runner {
         match self {
             Runner::Interp(_) => 0,
             Runner::Cpu(m) => m.plans(),
+            Runner::Cuda(c) => c.loaded.lock().map_or(0, |l| l.len()),
         }
     }
 }
@@ -377,6 +433,8 @@ impl Generator {
             PAST_VALID.into(),
             Tensor::i32(vec![b, cap], past_valid.clone()),
         );
+        // no kernel is compiled after the first token: the step's plan is made now
+        self.step.prepare(&step_inputs, &self.params)?;
         stats.prefill_s = t0.elapsed().as_secs_f64();
         let mut logits = take_last(&out, &self.prefill_logits, b)?;
         out.clear();

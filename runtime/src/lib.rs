@@ -4,6 +4,7 @@
 //! too large for the machine is an error that names the tensor, never an abort.
 
 pub mod alloc;
+pub mod chat;
 pub mod cpu;
 pub mod cuda;
 pub mod generate;
@@ -28,3 +29,4 @@ pub use interp::{run, RunError};
 pub use tensor::{Data, Tensor};
 /// Reading only regular files, writing atomically: [`vlmc::files`].
 pub use vlmc::files;
+pub use tokenizers;
