@@ -53,19 +53,19 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 (the default) is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f64,
     /// Sample from the K most likely tokens only (0: all).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// Sample from the most likely tokens whose probabilities sum to P (nucleus).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f64,
     /// Drop tokens less likely than P times the most likely one.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub min_p: f64,
     /// Penalise tokens already in the sequence (1: none), as transformers does.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f64,
     /// The sampling seed (a row's samples depend on it and on the row's place in the input).
     #[arg(long, default_value_t = 0)]
