@@ -23,7 +23,33 @@ fn plan_at(path: &Path, dims: &HashMap<String, i64>) -> Plan {
     let models = c
         .result
         .unwrap_or_else(|_| panic!("{} does not check", path.display()));
-    let m = models.last().expect("a model");
+    plan_of(models.last().expect("a model"), path, dims)
+}
+
+/// The generation graphs (prefill at `T` = 16, step at `T` = 1, a cache of 64 slots, batch 2)
+/// of the models with a language model, as plans.
+fn generation_plans() -> Vec<(String, Plan)> {
+    let mut out = Vec::new();
+    for path in [
+        "models/llava_tiny.vlm",
+        "tests/generate/llama.vlm",
+        "tests/generate/gpt2.vlm",
+    ] {
+        let g = vlmc::elab::generation_graphs(Path::new(path), None, &[])
+            .unwrap_or_else(|e| panic!("{e}"));
+        for (what, m, t) in [("prefill", &g.prefill, 16), ("step", &g.step, 1)] {
+            let dims: HashMap<String, i64> = [("B", 2), ("T", t), ("CACHE", 64)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            out.push((format!("{path} ({what})"), plan_of(m, Path::new(path), &dims)));
+        }
+    }
+    out
+}
+
+/// A plan of an elaborated model at `dims`.
+fn plan_of(m: &vlmc::elab::Elaborated, path: &Path, dims: &HashMap<String, i64>) -> Plan {
     let compiled = compile(m, &CompileOptions::default()).expect("compiles");
     let mem = vlmc::passes::memory::plan(&compiled.graph, &compiled.fusion, dims);
     vlmc::kernel::lower(&compiled.graph, &compiled.fusion, &mem, dims)
@@ -70,6 +96,7 @@ fn nvrtc_models() -> Vec<(String, Plan)> {
         "models/llava_tiny.vlm".into(),
         plan_at(Path::new("models/llava_tiny.vlm"), &small_dims()),
     ));
+    out.extend(generation_plans());
     out
 }
 
