@@ -45,24 +45,28 @@ fn opts(n: usize) -> Options {
         pad: 0,
         context: None,
         keep_logits: true,
+        min_capacity: 0,
     }
 }
 
 /// Generates greedily for `prompts` in one batch, then checks every step's logits against the
 /// full forward (no cache) over that row's unpadded sequence so far.
-fn check(c: &Case, prompts: &[Prompt], n: usize) -> f64 {
+fn check(c: &Case, prompts: &[Prompt], n: usize, min_capacity: usize) -> f64 {
     let rows: Vec<u64> = (0..prompts.len() as u64).collect();
     let mut stats = Stats::default();
+    let mut o = opts(n);
+    o.min_capacity = min_capacity;
     let out = c
         .gen
         .generate(
             prompts,
             &rows,
-            &opts(n),
+            &o,
             &mut |_, _, _| Control::Continue,
             &mut stats,
         )
         .expect("generates");
+    assert!(stats.capacity >= min_capacity);
     let mut worst = 0f64;
     for (p, g) in prompts.iter().zip(&out) {
         assert_eq!(g.tokens.len(), n);
@@ -102,15 +106,77 @@ fn cached_equals_uncached_llama_and_gpt2() {
     for path in ["tests/generate/llama.vlm", "tests/generate/gpt2.vlm"] {
         for compiled in [false, true] {
             let c = case(path, compiled);
-            let e1 = check(&c, &[prompt(&[3, 9, 4, 22, 5])], 6);
+            let e1 = check(&c, &[prompt(&[3, 9, 4, 22, 5])], 6, 0);
             // a batch of different lengths (left padding), one longer than a bucket
             let long: Vec<i32> = (0..19).map(|i| (i * 7 + 2) % 50 + 1).collect();
             let e2 = check(
                 &c,
                 &[prompt(&[11, 2]), prompt(&long), prompt(&[5, 6, 7, 8])],
                 5,
+                0,
             );
             eprintln!("{path} compiled={compiled}: max rel err {e1:e} / batch {e2:e}");
         }
     }
+}
+
+#[test]
+fn cached_equals_uncached_llava_tiny_with_images() {
+    for compiled in [false, true] {
+        let c = case("models/llava_tiny.vlm", compiled);
+        let pixels = |seed: u32| {
+            let v: Vec<f32> = (0..3 * 32 * 32)
+                .map(|i| {
+                    (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32
+                        / 500.0
+                        - 1.0
+                })
+                .collect();
+            Tensor::f32(vec![1, 3, 32, 32], v)
+        };
+        let with_image = |ids: &[i32], seed: u32| {
+            let mut p = prompt(ids);
+            p.extra.insert("pixels".into(), pixels(seed));
+            p
+        };
+        let e = check(
+            &c,
+            &[
+                with_image(&[7, 8, 9], 1),
+                with_image(&[40, 41, 42, 43, 44, 45, 46], 2),
+            ],
+            4,
+            0,
+        );
+        eprintln!("llava_tiny compiled={compiled}: max rel err {e:e}");
+    }
+}
+
+/// Random prompt lengths, batch sizes and cache capacities (through --max-new-tokens), with a
+/// fixed seed: every step of every row equals the full forward.
+#[test]
+fn cached_equals_uncached_random_batches() {
+    let c = case("tests/generate/llama.vlm", true);
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let mut worst = 0f64;
+    for _ in 0..5 {
+        let b = 1 + next(4) as usize;
+        let prompts: Vec<Prompt> = (0..b)
+            .map(|_| {
+                let len = 1 + next(40) as usize;
+                prompt(&(0..len).map(|_| 1 + next(60) as i32).collect::<Vec<_>>())
+            })
+            .collect();
+        // 1..4 new tokens checked, with a cache of 64, 128 or 256 slots
+        let n = 1 + next(4) as usize;
+        let cap = [0, 128, 256][next(3) as usize];
+        worst = worst.max(check(&c, &prompts, n, cap));
+    }
+    eprintln!("random batches: max rel err {worst:e}");
 }

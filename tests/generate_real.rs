@@ -77,6 +77,7 @@ fn smollm2_greedy_equals_transformers() {
         pad: 2,
         context: Some(8192),
         keep_logits: false,
+        min_capacity: 0,
     };
     let prompts: Vec<Prompt> = cases
         .iter()

@@ -96,6 +96,7 @@ fn options(n: usize, s: Sampling) -> Options {
         pad: 0,
         context: None,
         keep_logits: true,
+        min_capacity: 0,
     }
 }
 

@@ -229,6 +229,9 @@ pub struct Options {
     pub context: Option<usize>,
     /// Keep every step's logits in the results (for checks).
     pub keep_logits: bool,
+    /// The cache has at least this many slots (rounded up to [`CAPACITY_STEP`]; 0: as many as
+    /// the prompt and the new tokens need).
+    pub min_capacity: usize,
 }
 
 /// The figures of one `generate` call.
@@ -361,7 +364,7 @@ impl Generator {
                 ));
             }
         }
-        let cap = needed.max(1).div_ceil(CAPACITY_STEP) * CAPACITY_STEP;
+        let cap = needed.max(opts.min_capacity).max(1).div_ceil(CAPACITY_STEP) * CAPACITY_STEP;
         // validity and positions of the prefill's positions: the prefix before the ids is real
         let mut valid = vec![1i32; b * l];
         let mut positions = vec![0i32; b * l];
