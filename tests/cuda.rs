@@ -42,7 +42,10 @@ fn generation_plans() -> Vec<(String, Plan)> {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();
-            out.push((format!("{path} ({what})"), plan_of(m, Path::new(path), &dims)));
+            out.push((
+                format!("{path} ({what})"),
+                plan_of(m, Path::new(path), &dims),
+            ));
         }
     }
     out

@@ -226,7 +226,7 @@ pub fn generate(a: &GenerateArgs) -> Result<(), u8> {
             pad: 0,
             context,
             keep_logits: false,
-        min_capacity: 0,
+            min_capacity: 0,
         },
     };
     let stop = Arc::new(AtomicBool::new(false));

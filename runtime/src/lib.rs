@@ -27,6 +27,6 @@ pub mod weights;
 
 pub use interp::{run, RunError};
 pub use tensor::{Data, Tensor};
+pub use tokenizers;
 /// Reading only regular files, writing atomically: [`vlmc::files`].
 pub use vlmc::files;
-pub use tokenizers;

@@ -225,8 +225,20 @@ pub fn elaborate_entry(
     let root = el.instantiate(target, args, String::new(), site)?;
     el.run_entry(&root, loc, entry)?;
     el.finish_generation(loc)?;
-    let adapters = decls::check_adapters(program, target, &root, &el.graph)?;
-    let trainers = decls::check_trainers(program, target, &root, &el.graph, &adapters)?;
+    // Adapters and trainers are checked against `forward`'s graph (not generation's); another
+    // entry (a generation `step`) lacks the inputs that `preprocess` fills.
+    let (adapters, trainers) = match generating {
+        true => (Vec::new(), Vec::new()),
+        false => {
+            let adapters = decls::check_adapters(program, target, &root, &el.graph)?;
+            let trainers = decls::check_trainers(program, target, &root, &el.graph, &adapters)?;
+            (adapters, trainers)
+        }
+    };
+    if entry != "forward" {
+        el.model_decls
+            .retain(|d| matches!(d, decls::ModelDecl::Checkpoint(_)));
+    }
     let (checkpoint, preprocess) =
         decls::check_model_decls(program, target.module, &el.model_decls, &el.graph)?;
     crate::ir::verify(&el.graph).map_err(|errs| {
