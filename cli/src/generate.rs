@@ -441,6 +441,7 @@ fn run_one(a: &GenerateArgs, s: &Session, raw: RawPrompt, stop: &AtomicBool) -> 
         let mut j = result_json(g, &detok.text, n_prompt);
         j["timing"] = json!({
             "first_token_s": ttft,
+            "compile_s": stats.compile_s,
             "decode_tokens_per_s": rate,
             "cache_bytes": stats.cache_bytes,
             "capacity": stats.capacity,
@@ -451,12 +452,13 @@ fn run_one(a: &GenerateArgs, s: &Session, raw: RawPrompt, stop: &AtomicBool) -> 
         println!();
     }
     eprintln!(
-        "{} prompt tokens, {} new ({}); first token after {:.0} ms, then {:.1} tokens/s; \
-         cache {} slots, {:.1} MB",
+        "{} prompt tokens, {} new ({}); first token after {:.0} ms (plans {:.0} ms), then {:.1} \
+         tokens/s; cache {} slots, {:.1} MB",
         n_prompt,
         g.tokens.len(),
         g.stop.as_str(),
         ttft * 1e3,
+        stats.compile_s * 1e3,
         rate,
         stats.capacity,
         stats.cache_bytes as f64 / 1e6

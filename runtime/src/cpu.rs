@@ -432,9 +432,17 @@ impl CpuPlan {
         let Some((scratch_at, scratch_len)) = placed else {
             return fail("the scratch buffers' sizes overflow");
         };
+        let t_code = std::time::Instant::now();
         let program = backend::compile(&plan, opts).map_err(|e| RunError {
             message: format!("CPU code generation: {e}"),
         })?;
+        if std::env::var_os("VLMC_PROFILE").is_some() {
+            eprintln!(
+                "profile: machine code ({} kernels) {:.0} ms",
+                program.kernels.len(),
+                t_code.elapsed().as_secs_f64() * 1e3
+            );
+        }
         let lt = crate::plan::load_time_values(&plan, graph, params)?;
         let mut load_time = HashMap::new();
         for (i, b) in plan.buffers.iter().enumerate() {
@@ -698,6 +706,8 @@ pub struct CpuModel {
     pub compiled: vlmc::passes::Compiled,
     pub params: BTreeMap<String, Tensor>,
     pub opts: CpuOptions,
+    /// The lowering's choices (by default the CPU's: transposed weights copied row-major).
+    pub lower: vlmc::kernel::LowerOptions,
     cache: Mutex<HashMap<DimsKey, Arc<CpuPlan>>>,
 }
 
@@ -712,6 +722,7 @@ impl CpuModel {
             compiled,
             params,
             opts,
+            lower: vlmc::kernel::LowerOptions::cpu(),
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -736,20 +747,32 @@ impl CpuModel {
             return Ok(p);
         }
         let fusion = &self.compiled.fusion;
+        let t_lower = std::time::Instant::now();
         let mem = vlmc::passes::memory::plan(g, fusion, &dims);
         check_plan_memory(g, &mem, &dims)?;
+        let memory_ms = t_lower.elapsed().as_secs_f64() * 1e3;
         let plan =
-            vlmc::kernel::lower_with(g, fusion, &mem, &dims, vlmc::kernel::LowerOptions::cpu())
-                .map_err(|e| RunError {
-                    message: format!("lowering: {e}"),
-                })?;
+            vlmc::kernel::lower_with(g, fusion, &mem, &dims, self.lower).map_err(|e| RunError {
+                message: format!("lowering: {e}"),
+            })?;
         // VLMC_DUMP_PLAN=DIR: the kernel IR of every plan made, one file per graph and size.
         if let Some(dir) = std::env::var_os("VLMC_DUMP_PLAN") {
             let name = format!("{}-{}.kernels", g.name, dims_text(&key));
             let _ = std::fs::create_dir_all(&dir);
             let _ = std::fs::write(std::path::Path::new(&dir).join(name), plan.to_string());
         }
+        let lowered = t_lower.elapsed();
+        let t_new = std::time::Instant::now();
         let p = Arc::new(CpuPlan::new(plan, g, params, &self.opts)?);
+        if std::env::var_os("VLMC_PROFILE").is_some() {
+            eprintln!(
+                "profile: plan {}: memory plan {memory_ms:.0} ms, lowering {:.0} ms, code and \
+                 load-time values {:.0} ms",
+                dims_text(&key),
+                lowered.as_secs_f64() * 1e3 - memory_ms,
+                t_new.elapsed().as_secs_f64() * 1e3
+            );
+        }
         if let Ok(mut c) = self.cache.lock() {
             c.insert(key, p.clone());
         }
