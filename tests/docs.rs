@@ -1,6 +1,7 @@
-//! The documentation's examples are real: every ```vlm block of `docs/language.md` and
-//! `README.md` is checked. A block followed by a ```text block that starts with `error:` must
-//! fail with exactly that diagnostic; every other model must check.
+//! The documentation's examples are real: every ```vlm block of `docs/language.md`,
+//! `docs/generation.md` and `README.md` is checked. A block followed by a ```text block
+//! that starts with `error:` must fail with exactly that diagnostic; every other model must
+//! check.
 
 use std::path::{Path, PathBuf};
 
@@ -110,4 +111,30 @@ fn language_reference_examples_are_real() {
 #[test]
 fn readme_example_checks() {
     assert_eq!(check_document("README.md"), 1);
+}
+
+#[test]
+fn generation_examples_check_and_generate() {
+    assert_eq!(check_document("docs/generation.md"), 2);
+    // the model of the guide really generates: its prefill and step elaborate with caches
+    let text = std::fs::read_to_string("docs/generation.md").expect("doc");
+    let body = fences(&text)
+        .into_iter()
+        .find(|(info, b)| info == "vlm" && b.contains("model MyVlm"))
+        .expect("the MyVlm example")
+        .1;
+    let dir = std::env::temp_dir().join(format!("vlmc-docs-gen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("my_vlm.vlm");
+    std::fs::write(&file, body).expect("write");
+    let g = vlmc::elab::generation_graphs(&file, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let caches = |m: &vlmc::elab::Elaborated| {
+        m.graph
+            .inputs()
+            .iter()
+            .filter(|(_, n, _)| n.starts_with("past:"))
+            .count()
+    };
+    assert_eq!((caches(&g.prefill), caches(&g.step)), (4, 4));
+    std::fs::remove_dir_all(&dir).ok();
 }
