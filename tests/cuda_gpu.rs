@@ -277,3 +277,96 @@ fn gpu_benchmarks() {
         );
     }
 }
+
+/// Generation on the GPU (prefill and cached steps, `vlmc_runtime::generate::Runner::cuda`)
+/// gives the CPU's greedy tokens, and logits within the tolerance, on a Llama, a GPT-2 and
+/// llava_tiny with images, in padded batches.
+#[test]
+#[ignore = "needs an NVIDIA GPU: tests/gpu/check.sh"]
+fn gpu_matches_cpu_generation() {
+    use vlmc_runtime::generate::{Control, Generator, Options, Prompt, Runner, Stats};
+    for path in [
+        "tests/generate/llama.vlm",
+        "tests/generate/gpt2.vlm",
+        "models/llava_tiny.vlm",
+    ] {
+        let g = vlmc::elab::generation_graphs(Path::new(path), None, &[])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let params = vlmc_runtime::init::init_params(&g.prefill.graph, 7).expect("init");
+        let cpu = Generator::new(
+            Runner::cpu(&g.prefill, Default::default()).expect("cpu"),
+            Runner::cpu(&g.step, Default::default()).expect("cpu"),
+            params.clone(),
+        )
+        .expect("cpu generator");
+        let gpu = Generator::new(
+            Runner::cuda(&g.prefill, CudaOptions::default()).expect("gpu"),
+            Runner::cuda(&g.step, CudaOptions::default()).expect("gpu"),
+            params,
+        )
+        .expect("gpu generator");
+        let needs_pixels = gpu.extra_inputs.iter().any(|(n, _)| n == "pixels");
+        let prompts: Vec<Prompt> = [vec![3, 9, 4, 22, 5], vec![11, 2], (1..20).collect()]
+            .into_iter()
+            .enumerate()
+            .map(|(r, ids)| {
+                let mut p = Prompt {
+                    ids,
+                    extra: BTreeMap::new(),
+                };
+                if needs_pixels {
+                    let v: Vec<f32> = (0..3 * 32 * 32)
+                        .map(|i| ((i * 37 + r * 101) % 200) as f32 / 100.0 - 1.0)
+                        .collect();
+                    p.extra
+                        .insert("pixels".into(), Tensor::f32(vec![1, 3, 32, 32], v));
+                }
+                p
+            })
+            .collect();
+        let opts = Options {
+            max_new_tokens: 16,
+            sampling: Default::default(),
+            eos: Vec::new(),
+            pad: 0,
+            context: None,
+            keep_logits: true,
+            min_capacity: 0,
+        };
+        let run = |gen: &Generator| {
+            let mut stats = Stats::default();
+            let t = Instant::now();
+            let out = gen
+                .generate(
+                    &prompts,
+                    &[0, 1, 2],
+                    &opts,
+                    &mut |_, _, _| Control::Continue,
+                    &mut stats,
+                )
+                .expect("generates");
+            (out, t.elapsed().as_secs_f64())
+        };
+        let (want, cpu_s) = run(&cpu);
+        let (got, gpu_s) = run(&gpu);
+        let mut worst = 0f64;
+        for (w, g) in want.iter().zip(&got) {
+            assert_eq!(
+                g.tokens, w.tokens,
+                "{path}: GPU tokens differ from the CPU's"
+            );
+            for (a, b) in g.logits.iter().zip(&w.logits) {
+                let e = relative_error(
+                    &Tensor::f32(vec![a.len()], a.clone()),
+                    &Tensor::f32(vec![b.len()], b.clone()),
+                );
+                worst = worst.max(e);
+            }
+        }
+        println!(
+            "GPU generate {path}: 3 rows x 16 tokens equal the CPU's, logits rel. err {worst:.1e} \
+             (GPU {gpu_s:.2} s, CPU {cpu_s:.2} s, first call, compiling included)"
+        );
+        assert!(worst <= TOLERANCE, "{path}: {worst}");
+    }
+}

@@ -215,6 +215,10 @@ fn bad_input_is_a_clear_error() {
     assert!(e.contains("this model takes no images"), "{e}");
     let e = err_text(&[]);
     assert!(e.contains("give a --prompt TEXT"), "{e}");
+    if !vlmc_runtime::cuda::driver_present() {
+        let e = err_text(&["--prompt", "x", "--target", "cuda"]);
+        assert!(e.contains("CUDA"), "{e}");
+    }
     // a chat template that fails names its line
     let m = tmp("template");
     for f in ["tokenizer.json", "model.safetensors"] {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA backend on a real GPU, in one command (under 5 minutes on an H100):
 #   1. builds vlmc's GPU tests in release;
-#   2. runs every zoo fixture, MiniLM and every per-op case of tests/interp on the GPU against
+#   2. runs every zoo fixture, MiniLM, every per-op case of tests/interp and generation (prefill
+#      and cached steps, against the CPU's tokens) on the GPU against
 #      the reference interpreter (relative error <= 1e-4; tests/cuda_gpu.rs, gpu_matches_*);
 #   3. times MiniLM (batch 64 x 128), a ViT-B/16 encoder (32 images) and LLaVA at LLaVA-1.5-7B's
 #      widths (tests/gpu/models.vlm) on the GPU, then their PyTorch twins, eager and
@@ -53,10 +54,10 @@ rm -rf "$VLMC_CACHE"
 echo "== build (release)"
 cargo test --release --test cuda_gpu --no-run 2>&1 | tail -n 3
 
-echo "== every zoo fixture, MiniLM and every op case on the GPU against the interpreter (rel. err <= 1e-4)"
+echo "== every zoo fixture, MiniLM, every op case and generation on the GPU (rel. err <= 1e-4)"
 cargo test --release --test cuda_gpu -- --ignored --nocapture --test-threads 1 \
   gpu_matches 2>&1 | tee "$out/check.txt" | grep -E '^(GPU|test |thread|failures)' || true
-grep -q 'test result: ok. 2 passed' "$out/check.txt" || {
+grep -q 'test result: ok. 3 passed' "$out/check.txt" || {
   echo "FAILED: see $out/check.txt" >&2
   exit 1
 }
