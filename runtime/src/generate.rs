@@ -37,7 +37,7 @@ pub const CAPACITY_STEP: usize = 64;
 
 /// One of the two generation graphs, ready to run.
 pub enum Runner {
-    Interp(Graph),
+    Interp(Box<Graph>),
     Cpu(Box<CpuModel>),
     /// On the GPU: one loaded model per input shape. (The cache goes to the device with every
     /// step's inputs: a device-resident cache is the next step.)
@@ -54,7 +54,7 @@ pub struct CudaRunner {
 impl Runner {
     /// The graph run by the reference interpreter.
     pub fn interp(m: &Elaborated) -> Runner {
-        Runner::Interp(m.graph.clone())
+        Runner::Interp(Box::new(m.graph.clone()))
     }
 
     /// The graph optimised and compiled to machine code (per size, on first use).

@@ -1,14 +1,15 @@
 """Helpers of tests/bench/generate.sh (text generation, SmolLM2-135M-Instruct, same weights).
 
   generate.py prompts W DIR T          the prompts: DIR/prompt.json (one prompt of exactly T tokens,
-                                       its text and ids) and DIR/batch.jsonl (8 such prompts, vlmc
-                                       --data lines); W is the Hugging Face folder (tokenizer.json)
+                                       its text and ids), DIR/prompt.txt (its text), DIR/batch.jsonl
+                                       (8 such prompts, vlmc --data lines) and DIR/batch_ids.json;
+                                       W is the Hugging Face folder (tokenizer.json)
   generate.py hf W DIR N THREADS       transformers generate (float32, eager attention, KV cache):
                                        batch 1 (time to first token, decode tokens/s), batch 8
   generate.py llama GGUF DIR N THREADS llama.cpp (llama-cpp-python) batch 1 on the same ids
   generate.py weights W                the f32 bytes a decode step reads (safetensors header)
-  generate.py vlmc LABEL JSON DIR N    one line from `vlmc generate --json` output (checks it)
-  generate.py vlmc8 LABEL LOG OUT N    one line from `vlmc generate --data` (stderr log, -o file)
+  generate.py vlmc LABEL JSON DIR N CMD   one line from `vlmc generate --json` output (checks it)
+  generate.py vlmc8 LABEL LOG OUT N CMD   one line from `vlmc generate --data` (stderr log, -o)
   generate.py table LOG                the markdown table of every line in LOG
 
 Every measurement is one line `who key=value ...` on stdout (commands in `cmd="..."`), as in
@@ -65,7 +66,7 @@ def window(tok, words, start, t):
         return None
     ids = ids[:t]
     text = tok.decode(ids, skip_special_tokens=False)
-    if tok.encode(text, add_special_tokens=True).ids != ids:
+    if text != text.strip() or tok.encode(text, add_special_tokens=True).ids != ids:
         return None
     return text, ids
 
@@ -87,6 +88,8 @@ def prompts(w, d, t):
     os.makedirs(d, exist_ok=True)
     text, ids = found[0]
     json.dump({"text": text, "ids": ids}, open(os.path.join(d, "prompt.json"), "w"))
+    with open(os.path.join(d, "prompt.txt"), "w") as f:
+        f.write(text)
     with open(os.path.join(d, "batch.jsonl"), "w") as f:
         for text, _ in found[1:]:
             f.write(json.dumps({"prompt": text}) + "\n")
@@ -147,7 +150,10 @@ def hf(w, d, n, threads):
     toks = out[0].tolist()
     json.dump(toks, open(os.path.join(d, "hf_tokens.json"), "w"))
     cmd = f"python tests/bench/generate.py hf {w} {d} {n} {threads}"
-    print(f"transformers batch=1 ttft_s={ttft:.4f} total_s={t1 - t0:.4f} "
+    import transformers
+
+    ver = f"version={transformers.__version__}"
+    print(f"transformers {ver} batch=1 ttft_s={ttft:.4f} total_s={t1 - t0:.4f} "
           f"decode_tps={(len(toks) - 1) / (t1 - t0 - ttft):.2f} tokens={len(toks)} "
           f"eos_at={toks.index(EOS) if EOS in toks else -1} cmd={shlex.quote(cmd)}")
     # batch 8: the prompts are all t tokens long, so the left padding (pad = EOS, mask 0) is empty;
@@ -155,7 +161,7 @@ def hf(w, d, n, threads):
     run(batch, min(n, 8))  # warm-up at this shape
     t0, t1, out = run(batch, n)
     total = out.shape[0] * out.shape[1]
-    print(f"transformers batch={len(batch)} total_s={t1 - t0:.4f} new_tokens={total} "
+    print(f"transformers {ver} batch={len(batch)} total_s={t1 - t0:.4f} new_tokens={total} "
           f"tps={total / (t1 - t0):.2f} cmd={shlex.quote(cmd)}")
 
 
@@ -223,32 +229,38 @@ def weights(w):
     print(f"weights params={n} f32_bytes={4 * n}")
 
 
-def vlmc(label, path, d, n):
-    j = json.loads(open(path).read().strip().splitlines()[-1])
+def vlmc(label, path, d, n, cmd):
+    try:
+        j = json.loads(open(path).read().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        print(f"vlmc run={label} batch=1 failed=1 cmd={shlex.quote(cmd)}")
+        return
     toks = j["tokens"]
     ref = os.path.join(d, "hf_tokens.json")
     agree = ""
     if os.path.exists(ref):
         agree = f" agree_hf={common_prefix(toks, json.load(open(ref)))}"
     t = j["timing"]
+    plans = f" plans_s={t['compile_s']:.4f}" if "compile_s" in t else ""
     ok = len(toks) == n and j["prompt_tokens"] == len(load_prompts(d)[0])
-    print(f"vlmc run={label} batch=1 ttft_s={t['first_token_s']:.4f} "
+    print(f"vlmc run={label} batch=1 ttft_s={t['first_token_s']:.4f}{plans} "
           f"decode_tps={t['decode_tokens_per_s']:.2f} tokens={len(toks)} "
-          f"prompt_tokens={j['prompt_tokens']} stop={j['stop_reason']}{agree} ok={int(ok)}")
+          f"prompt_tokens={j['prompt_tokens']} stop={j['stop_reason']}{agree} ok={int(ok)} "
+          f"cmd={shlex.quote(cmd)}")
 
 
-def vlmc8(label, log, out, n):
+def vlmc8(label, log, out, n, cmd):
     m = None
     for line in open(log, errors="replace"):
         m = re.search(r"wrote .* \((\d+) prompts, (\d+) new tokens, ([\d.]+) tokens/s\)", line) or m
     if not m:
-        print(f"vlmc run={label} batch={BATCH} failed=1")
+        print(f"vlmc run={label} batch={BATCH} failed=1 cmd={shlex.quote(cmd)}")
         return
     rows = [json.loads(x) for x in open(out) if x.strip()]
     lens = sorted(len(r["tokens"]) for r in rows)
     ok = lens == [n] * BATCH
     print(f"vlmc run={label} batch={m.group(1)} new_tokens={m.group(2)} tps={m.group(3)} "
-          f"min_len={lens[0]} ok={int(ok)}")
+          f"min_len={lens[0]} ok={int(ok)} cmd={shlex.quote(cmd)}")
 
 
 def table(log):
@@ -256,80 +268,98 @@ def table(log):
     for line in open(log, errors="replace"):
         if not line.strip() or "=" not in line:
             continue
-        who = line.split()[0]
-        kv = {k: v for k, v in (p.split("=", 1) for p in shlex.split(line)[1:] if "=" in p)}
-        rows.append((who, kv))
-    get = lambda who, **f: [kv for w, kv in rows if w == who and all(kv.get(k) == v for k, v in f.items())]  # noqa: E731
-    env = {w: kv for w, kv in rows if w in ("setup", "weights", "membw", "prompts")}
-    s = env.get("setup", {})
-    n = int(s.get("new", "0"))
-    bw = float(env["membw"]["gbs"]) if "membw" in env and "gbs" in env["membw"] else None
-    wb = int(env["weights"]["f32_bytes"]) if "weights" in env else None
+        try:
+            parts = shlex.split(line)
+        except ValueError:
+            continue
+        kv = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+        rows.append((parts[0], kv))
+
+    def get(who, **f):
+        return [kv for w, kv in rows if w == who and all(kv.get(k) == v for k, v in f.items())]
+
+    def one(who):
+        r = get(who)
+        return r[-1] if r else {}
+
+    s, mem, mem1, wts = one("setup"), one("membw"), one("membw1"), one("weights")
+    n, t = s.get("new", "?"), s.get("prompt", "?")
+    bws = [float(m["gbs"]) for m in (mem, mem1) if "gbs" in m]
+    bw = max(bws) if bws else None
+    wb = int(wts["f32_bytes"]) if "f32_bytes" in wts else None
     bound = bw * 1e9 / wb if bw and wb else None
-    print()
-    print(f"Batch 1, a {s.get('prompt', '?')}-token prompt, {n} new tokens, greedy, "
-          f"{s.get('threads', '?')} threads:")
-    print()
-    print("| engine | weights | time to first token | decode tokens/s | of the bandwidth bound | "
-          "new tokens (same as transformers) | command |")
-    print("|---|---|---|---|---|---|---|")
 
     def frac(tps):
         return f"{100 * tps / bound:.0f} %" if bound else "-"
 
-    for kv in get("vlmc", batch="1"):
-        if kv.get("run") != "2":
-            continue
-        tps = float(kv["decode_tps"])
-        note = "" if kv.get("ok") == "1" else f" (**not {n}**: stop={kv.get('stop')})"
-        print(f"| vlmc (compiled, 2nd run: kernels from the disk cache) | f32 (from bf16) | "
-              f"{1e3 * float(kv['ttft_s']):.0f} ms | {tps:.1f} | {frac(tps)} | "
-              f"{kv['tokens']}{note} ({kv.get('agree_hf', '-')}) | `{s.get('vlmc1', '')}` |")
+    def ms(x):
+        return f"{1e3 * float(x):.0f} ms"
+
+    print()
+    print(f"Batch 1, a {t}-token prompt, {n} new tokens, greedy, {s.get('threads', '?')} threads "
+          "(decode tokens/s = (new tokens - 1) / (total - time to first token)):")
+    print()
+    print("| engine | weights | time to first token | decode tokens/s | of the bandwidth bound "
+          "| new tokens (equal to transformers') | command |")
+    print("|---|---|---|---|---|---|---|")
     for kv in get("transformers", batch="1"):
         tps = float(kv["decode_tps"])
-        print(f"| transformers {s.get('transformers', '')} generate, eager | f32 | "
-              f"{1e3 * float(kv['ttft_s']):.0f} ms | {tps:.1f} | {frac(tps)} | {kv['tokens']} | "
-              f"`{kv['cmd']}` |")
+        print(f"| transformers {kv.get('version', '')} generate (eager, KV cache, after a warm-up) "
+              f"| f32 | {ms(kv['ttft_s'])} | {tps:.1f} | {frac(tps)} | {kv['tokens']} "
+              f"| `{kv['cmd']}` |")
+    for kv in get("vlmc", batch="1"):
+        if kv.get("failed"):
+            print(f"| vlmc, run {kv['run']} | - | failed | - | - | - | `{kv['cmd']}` |")
+            continue
+        tps = float(kv["decode_tps"])
+        plans = f" (plans {ms(kv['plans_s'])})" if "plans_s" in kv else ""
+        note = "" if kv.get("ok") == "1" else f" **not {n}: {kv.get('stop')}**"
+        what = "2nd run: kernels from the disk cache" if kv["run"] == "2" else "1st run"
+        print(f"| vlmc generate ({what}) | f32 (bf16 file) | {ms(kv['ttft_s'])}{plans} "
+              f"| {tps:.1f} | {frac(tps)} | {kv['tokens']}{note} ({kv.get('agree_hf', '?')}) "
+              f"| `RAYON_NUM_THREADS={s.get('threads', 2)} {kv['cmd']}` |")
     for kv in get("llama.cpp"):
         if kv.get("skipped"):
             print(f"| llama.cpp | - | - | - | - | - | not run: {kv.get('why', '')} |")
             continue
         tps = float(kv["decode_tps"])
-        kind = "f32" if "f32" in kv["weights"] else "f16" if "f16" in kv["weights"] else kv["weights"]
-        b = f"{frac(tps)} (f32 bound)" if kind != "f32" and bound else frac(tps)
-        print(f"| llama.cpp {kv.get('version', '')} (llama-cpp-python) | {kind} GGUF | "
-              f"{1e3 * float(kv['ttft_s']):.0f} ms | {tps:.1f} | {b} | {kv['tokens']} "
-              f"({kv.get('agree_hf', '-')}) | `{kv['cmd']}` |")
+        kind = kv["weights"].replace("model-", "").replace(".gguf", "")
+        b = frac(tps) + (" of the f32 bound" if kind != "f32" and bound else "")
+        print(f"| llama.cpp (llama-cpp-python {kv.get('version', '')}) | {kind} GGUF "
+              f"| {ms(kv['ttft_s'])} | {tps:.1f} | {b} | {kv['tokens']} "
+              f"({kv.get('agree_hf', '?')}) | `{kv['cmd']}` |")
     print()
-    print(f"Batch {BATCH} (8 prompts of {s.get('prompt', '?')} tokens, {n} new tokens each; "
-          "tokens/s = new tokens / the whole generation, prefill included):")
+    print(f"Batch {BATCH} ({BATCH} prompts of {t} tokens, {n} new tokens each; tokens/s = new "
+          "tokens / the whole generation, prefill included):")
     print()
     print("| engine | tokens/s | new tokens | command |")
     print("|---|---|---|---|")
+    for kv in get("transformers", batch=str(BATCH)):
+        print(f"| transformers generate (eager, KV cache, left padding) | {float(kv['tps']):.1f} "
+              f"| {kv['new_tokens']} | `{kv['cmd']}` |")
     for kv in get("vlmc", batch=str(BATCH)):
-        if kv.get("run") != "2":
-            continue
+        what = "2nd run" if kv["run"] == "2" else "1st run"
         if kv.get("failed"):
-            print(f"| vlmc | failed | - | `{s.get('vlmc8', '')}` |")
+            print(f"| vlmc generate --data ({what}) | failed | - | `{kv['cmd']}` |")
             continue
         note = "" if kv.get("ok") == "1" else f" (**a row stopped at {kv['min_len']}**)"
-        print(f"| vlmc (2nd run) | {float(kv['tps']):.1f} | {kv['new_tokens']}{note} | "
-              f"`{s.get('vlmc8', '')}` |")
-    for kv in get("transformers", batch=str(BATCH)):
-        print(f"| transformers generate, eager | {float(kv['tps']):.1f} | {kv['new_tokens']} | "
-              f"`{kv['cmd']}` |")
+        print(f"| vlmc generate --data ({what}) | {float(kv['tps']):.1f} | "
+              f"{kv['new_tokens']}{note} | `RAYON_NUM_THREADS={s.get('threads', 2)} {kv['cmd']}` |")
     print()
     if bw:
-        m = env["membw"]
-        print(f"Memory read bandwidth ({m.get('threads')} threads, sum of a "
-              f"{m.get('gib')} GiB float32 array, best of {m.get('runs')}): {bw:.1f} GB/s "
-              f"(1 thread: {m.get('gbs1', '?')} GB/s; `{s.get('membw', '')}`).")
+        print(f"Memory read bandwidth (sum of a {mem.get('gib', '?')} GiB float32 array, best of "
+              f"{mem.get('runs', '?')}): {mem.get('gbs', '?')} GB/s with {mem.get('threads', '?')} "
+              f"threads, {mem1.get('gbs', '?')} GB/s with 1; the bound uses the larger, {bw:.1f} "
+              f"GB/s (`cc -O3 -march=native -fopenmp tests/bench/membw.c -o membw && ./membw 1 7 "
+              f"{mem.get('threads', 2)}`, and `... 1 7 1`).")
+    else:
+        print("Memory read bandwidth: not measured (cc -fopenmp failed).")
     if wb:
-        print(f"Weights read per decode step (f32): {wb / 1e6:.1f} MB "
-              f"({int(env['weights']['params']) / 1e6:.1f} M parameters x 4 bytes); "
-              + (f"bound = bandwidth / bytes = {bound:.1f} tokens/s." if bound else "no bound."))
-    print("new tokens column: count, then (agree_hf=K: the first K tokens equal transformers' "
-          "greedy tokens).")
+        print(f"Weights read per decode step in f32: {wb / 1e6:.1f} MB "
+              f"({int(wts['params']) / 1e6:.1f} M parameters x 4 bytes, from the safetensors "
+              "header; the tied embedding counted once, as the language head)"
+              + (f"; bound = bandwidth / bytes = {bound:.1f} tokens/s." if bound else "."))
+    print("(agree_hf=K: the first K new tokens equal transformers' greedy tokens.)")
 
 
 def main():
@@ -346,9 +376,9 @@ def main():
     elif cmd == "weights":
         weights(a[0])
     elif cmd == "vlmc":
-        vlmc(a[0], a[1], a[2], int(a[3]))
+        vlmc(a[0], a[1], a[2], int(a[3]), a[4])
     elif cmd == "vlmc8":
-        vlmc8(a[0], a[1], a[2], int(a[3]))
+        vlmc8(a[0], a[1], a[2], int(a[3]), a[4])
     elif cmd == "table":
         table(a[0])
     else:
