@@ -102,6 +102,8 @@ struct Session {
     cfg: TokenizerConfig,
     eos: Vec<i32>,
     image_pre: Option<Preprocess>,
+    /// The placeholder that stands for one image in a prompt, and how many tokens it becomes.
+    image_token: Option<(String, usize)>,
     opts: Options,
 }
 
@@ -219,6 +221,14 @@ pub fn generate(a: &GenerateArgs) -> Result<(), u8> {
         cfg,
         eos: eos.clone(),
         image_pre,
+        image_token: text_pre.as_ref().and_then(|p| {
+            match (p.arg("image_token"), p.arg("image_tokens")) {
+                (Some(Setting::Str(t)), Some(Setting::Int(n))) if !t.is_empty() && *n > 0 => {
+                    Some((t.clone(), *n as usize))
+                }
+                _ => None,
+            }
+        }),
         opts: Options {
             max_new_tokens: a.max_new_tokens,
             sampling,
@@ -272,6 +282,7 @@ impl Session {
             }
             (None, None) => return Err("a prompt needs \"prompt\" text or \"messages\"".into()),
         };
+        let text = self.expand_images(text, raw.images.len())?;
         let enc = self
             .tok
             .encode(text.as_str(), special)
@@ -322,6 +333,24 @@ impl Session {
             }
         }
         Ok(Prompt { ids, extra })
+    }
+}
+
+impl Session {
+    /// Each image placeholder of the prompt (`<image>`) becomes as many placeholder tokens as
+    /// the model's features of one image replace; their count must be the number of images.
+    fn expand_images(&self, text: String, images: usize) -> Result<String, String> {
+        let Some((tok, n)) = &self.image_token else {
+            return Ok(text);
+        };
+        let found = text.matches(tok.as_str()).count();
+        if found != images {
+            return Err(format!(
+                "the prompt has {found} image placeholder(s) `{tok}` but {images} image(s) are \
+                 given: put one `{tok}` where each image goes"
+            ));
+        }
+        Ok(text.replace(tok.as_str(), &tok.repeat(*n)))
     }
 }
 

@@ -244,3 +244,72 @@ fn bad_input_is_a_clear_error() {
         "{e}"
     );
 }
+
+/// A word-level tokenizer for the LLaVA fixture: words w0..w89, `<image>` as id 90.
+fn llava_tokenizer(dir: &Path) -> PathBuf {
+    let mut vocab = serde_json::Map::new();
+    for i in 0..90 {
+        vocab.insert(format!("w{i}"), Json::from(i));
+    }
+    vocab.insert("<image>".into(), Json::from(90));
+    vocab.insert("[UNK]".into(), Json::from(91));
+    let t = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 90, "content": "<image>", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    let p = dir.join("tokenizer.json");
+    std::fs::write(&p, t.to_string()).unwrap();
+    p
+}
+
+#[test]
+fn image_placeholders_expand_to_the_image_tokens() {
+    let d = tmp("llava");
+    let tok = llava_tokenizer(&d);
+    let img_dir = Path::new(common::ROOT).join("tests/fixtures/train/colours/img");
+    let mut imgs: Vec<PathBuf> = std::fs::read_dir(&img_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    imgs.sort();
+    let run = |prompt: &str, images: &[&PathBuf]| {
+        let mut args = vec![
+            "generate",
+            "tests/fixtures/zoo/llava/fixture.vlm",
+            "--weights",
+            "tests/fixtures/zoo/llava/model.safetensors",
+            "--tokenizer",
+            s(&tok),
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ];
+        for i in images {
+            args.extend_from_slice(&["--image", s(i)]);
+        }
+        vlmc(&args)
+    };
+    // two images, each `<image>` expanded to the fixture's 9 patch tokens
+    let o = run("w1 w5 <image> w7 <image> w9", &[&imgs[0], &imgs[1]]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: Json = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["prompt_tokens"], 4 + 2 * 9);
+    assert_eq!(tokens(&j).len(), 4);
+    let o = run("w1 <image> <image> w2", &[&imgs[0]]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("2 image placeholder(s) `<image>` but 1 image(s)"),
+        "{e}"
+    );
+    let o = run("w1 w2", &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("needs an image"), "{e}");
+}

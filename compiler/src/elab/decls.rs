@@ -826,6 +826,10 @@ const PREPROCESS: &[PreprocessSig] = &[
         &[
             ("tokenizer", 's', "tokenizer.json"),
             ("max_len", 'i', "512"),
+            // a placeholder that stands for one image in a prompt, expanded by `vlmc generate`
+            // to `image_tokens` copies (LLaVA's processor: "<image>" x patches)
+            ("image_token", 's', ""),
+            ("image_tokens", 'i', "0"),
         ],
     ),
     (
@@ -933,7 +937,7 @@ fn check_preprocess(
     let Some((_, sig)) = PREPROCESS.iter().find(|(k, _)| *k == kind) else {
         return Err(err(prog, m, source.span, format!("unknown preprocessing `{kind}`"))
             .label("not a preprocessing")
-            .note("preprocessing: text(tokenizer, max_len), image(size, crop, rescale, mean, std, resample)"));
+            .note("preprocessing: text(tokenizer, max_len, image_token, image_tokens), image(size, crop, rescale, mean, std, resample)"));
     };
     let mut args = Vec::new();
     for (k, v) in given {
