@@ -114,10 +114,9 @@ def hf(w, d, n, threads):
         w, dtype=torch.float32, attn_implementation="eager"
     ).eval()
     # greedy, exactly n new tokens (no stop at EOS; the vlmc rows check that it emits none)
-    cfg = GenerationConfig(
-        do_sample=False, max_new_tokens=n, min_new_tokens=0, use_cache=True,
-        eos_token_id=None, pad_token_id=EOS, bos_token_id=1,
-    )
+    def cfg(new):
+        return GenerationConfig(do_sample=False, max_new_tokens=new, use_cache=True,
+                                eos_token_id=None, pad_token_id=EOS, bos_token_id=1)
 
     class FirstToken(BaseStreamer):
         """Records when generate hands over the first new token (put #2; #1 is the prompt)."""
@@ -139,8 +138,8 @@ def hf(w, d, n, threads):
         mask = torch.ones_like(x)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(input_ids=x, attention_mask=mask, generation_config=cfg,
-                                 max_new_tokens=new, streamer=stream)
+            out = model.generate(input_ids=x, attention_mask=mask, generation_config=cfg(new),
+                                 streamer=stream)
         return t0, time.perf_counter(), out[:, x.shape[1]:]
 
     run([ids], n)  # warm-up
