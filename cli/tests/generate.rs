@@ -313,3 +313,49 @@ fn image_placeholders_expand_to_the_image_tokens() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("needs an image"), "{e}");
 }
+
+#[test]
+fn ctrl_c_stops_cleanly() {
+    let w = model_dir().join("model.safetensors");
+    let mut args = vec!["generate", "models/smollm2.vlm", "--weights", s(&w)];
+    // the small model with a context that allows 2000 new tokens
+    args.extend_from_slice(&SETS[..SETS.len() - 2]);
+    args.extend_from_slice(&[
+        "--set",
+        "context=4096",
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "2000",
+    ]);
+    let mut child = common::command(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    // wait until it is generating (the first bytes on stdout), then interrupt it
+    let mut out = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 1];
+    use std::io::Read;
+    out.read_exact(&mut first).expect("generates something");
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let t = std::time::Instant::now();
+    let status = child.wait().expect("ends");
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .ok();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("stopped (Ctrl-C)"), "{err}");
+    assert!(
+        t.elapsed().as_secs() < 20,
+        "it stopped after the current step"
+    );
+}
