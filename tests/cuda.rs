@@ -26,19 +26,20 @@ fn plan_at(path: &Path, dims: &HashMap<String, i64>) -> Plan {
     plan_of(models.last().expect("a model"), path, dims)
 }
 
-/// The generation graphs (prefill at `T` = 16, step at `T` = 1, a cache of 64 slots, batch 2)
-/// of the models with a language model, as plans.
+/// The generation graphs (prefill at `T` = 16, step at `T` = 1, a cache of 64 slots, batch 2,
+/// Flamingo's 2 images per row: `N`) of the models with a language model, as plans.
 fn generation_plans() -> Vec<(String, Plan)> {
     let mut out = Vec::new();
     for path in [
         "models/llava_tiny.vlm",
         "tests/generate/llama.vlm",
         "tests/generate/gpt2.vlm",
+        "tests/fixtures/zoo/flamingo/fixture.vlm",
     ] {
         let g = vlmc::elab::generation_graphs(Path::new(path), None, &[])
             .unwrap_or_else(|e| panic!("{e}"));
         for (what, m, t) in [("prefill", &g.prefill, 16), ("step", &g.step, 1)] {
-            let dims: HashMap<String, i64> = [("B", 2), ("T", t), ("CACHE", 64)]
+            let dims: HashMap<String, i64> = [("B", 2), ("T", t), ("CACHE", 64), ("N", 2)]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();

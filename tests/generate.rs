@@ -180,3 +180,52 @@ fn cached_equals_uncached_random_batches() {
     }
     eprintln!("random batches: max rel err {worst:e}");
 }
+
+/// `keep`/`kept` outside generation, a value kept twice, and a step reading what the prefill
+/// does not keep are clear errors.
+#[test]
+fn kept_state_errors_are_clear() {
+    let dir = std::env::temp_dir().join(format!("vlmc-gen-keep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let write = |name: &str, body: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, body).expect("write");
+        p
+    };
+    let outside = write(
+        "outside.vlm",
+        "model M {\n  fn forward(x: f32[B, 4]) -> f32[B, 4] {\n    return keep(x, \"a\")\n  }\n}\n",
+    );
+    let c = vlmc::elab::check_file(&outside);
+    assert!(
+        c.render()
+            .contains("`keep` is only defined while generating"),
+        "{}",
+        c.render()
+    );
+    let base = "use std.lm.Llama\nmodel M {\n  lm = Llama(vocab: 11, dim: 8, depth: 1, heads: 2, ffn: 8)\n";
+    let twice = write(
+        "twice.vlm",
+        &format!(
+            "{base}  fn forward(ids: i32[B, T]) -> f32[B, T, 11] {{\n    let a = keep(lm.embed(ids), \"e\")\n    let b = keep(lm.embed(ids), \"e\")\n    return lm(ids)\n  }}\n}}\n"
+        ),
+    );
+    let e = vlmc::elab::generation_graphs(&twice, None, &[])
+        .err()
+        .expect("an error");
+    assert!(e.contains("is kept twice"), "{e}");
+    let missing = write(
+        "missing.vlm",
+        &format!(
+            "{base}  fn forward(ids: i32[B, T]) -> f32[B, T, 11] {{\n    return lm(ids)\n  }}\n  fn step(ids: i32[B, T]) -> f32[B, T, 11] {{\n    let m = kept(\"memory\", [B, 4])\n    return lm(ids)\n  }}\n}}\n"
+        ),
+    );
+    let g = vlmc::elab::generation_graphs(&missing, None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let params = vlmc_runtime::init::init_params(&g.prefill.graph, 1).expect("init");
+    let e = Generator::new(Runner::interp(&g.prefill), Runner::interp(&g.step), params)
+        .err()
+        .expect("an error")
+        .message;
+    assert!(e.contains("keeps no `keep:memory`"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

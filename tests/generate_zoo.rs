@@ -123,8 +123,31 @@ fn rows_of(t: &Tensor, a: usize, b: usize) -> Tensor {
     }
 }
 
+/// Columns of `t` (`[1, n, ...]`) where `keep` is nonzero: a prompt input with a token axis
+/// (Flamingo's image mask) without the fixture's padding.
+fn real_tokens(t: &Tensor, keep: &[i32]) -> Tensor {
+    assert_eq!(t.shape[0], 1, "one row");
+    assert_eq!(t.shape[1], keep.len(), "one entry per token");
+    let inner: usize = t.shape[2..].iter().product();
+    let cols: Vec<usize> = (0..keep.len()).filter(|&j| keep[j] != 0).collect();
+    let mut shape = t.shape.clone();
+    shape[1] = cols.len();
+    let pick = |n: usize| {
+        cols.iter()
+            .flat_map(move |&j| j * inner..(j + 1) * inner)
+            .take(n)
+    };
+    match &t.data {
+        Data::F32(v) => Tensor::f32(shape, pick(usize::MAX).map(|i| v[i]).collect()),
+        Data::I32(v) => Tensor::i32(shape, pick(usize::MAX).map(|i| v[i]).collect()),
+        _ => panic!("prompt inputs are f32 or i32"),
+    }
+}
+
 /// The prompts: for a zoo fixture, its rows without their padding (by the mask) and each row's
-/// part of the other inputs; for a language model, the reference's prompts.
+/// part of the other inputs (an input with the ids' token axis, such as Flamingo's image mask,
+/// without the padding's entries: the engine pads it as it pads the ids); for a language model,
+/// the reference's prompts.
 fn prompts(c: &Case, r: &Reference, gen: &Generator) -> Vec<Prompt> {
     let Some(io) = &c.io else {
         return r
@@ -147,6 +170,14 @@ fn prompts(c: &Case, r: &Reference, gen: &Generator) -> Vec<Prompt> {
         all_ids.as_i32().expect("i32 ids"),
         mask.as_i32().expect("i32 mask"),
     );
+    // the ids' token axis (`T`)
+    let token_axis = gen
+        .prefill
+        .graph()
+        .inputs()
+        .into_iter()
+        .find(|(_, n, _)| *n == "ids")
+        .map(|(_, _, ty)| ty.shape.0[1].clone());
     let mut out = Vec::new();
     for row in 0..b {
         let real: Vec<i32> = (0..t)
@@ -159,10 +190,14 @@ fn prompts(c: &Case, r: &Reference, gen: &Generator) -> Vec<Prompt> {
             c.name
         );
         let mut extra = BTreeMap::new();
-        for (name, _) in &gen.extra_inputs {
+        for (name, ty) in &gen.extra_inputs {
             let x = get(name);
             let (a, z) = r.extra_rows.get(name).map_or((row, row + 1), |s| s[row]);
-            extra.insert(name.clone(), rows_of(&x, a, z));
+            let mut part = rows_of(&x, a, z);
+            if ty.rank() >= 2 && token_axis.as_ref() == Some(&ty.shape.0[1]) {
+                part = real_tokens(&part, &mv[row * t..(row + 1) * t]);
+            }
+            extra.insert(name.clone(), part);
         }
         out.push(Prompt { ids: real, extra });
     }
@@ -287,4 +322,4 @@ macro_rules! cases {
     };
 }
 
-cases! { llava, blip2, instructblip, fuyu, chameleon, clipcap, llama, gpt2 }
+cases! { llava, blip2, instructblip, fuyu, chameleon, clipcap, flamingo, llama, gpt2 }

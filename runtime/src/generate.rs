@@ -6,6 +6,10 @@
 //! here once per batch) and return the current tokens' keys and values (`present:` outputs),
 //! which are copied into the cache at the next free slots: in place, never a copy of the cache.
 //!
+//! State the step needs from the prefill (Flamingo's image keys and values) goes the same way
+//! by name: each `keep:` output of the prefill (`keep(x, name)`) is given to every step as its
+//! input of the same name (`kept(name, shape)`).
+//!
 //! Rows are left-padded to a common length (a multiple of [`PREFILL_BUCKET`], so prompts of
 //! nearby lengths share one compiled prefill); padding is masked out of every attention and
 //! skipped by the positions, so a row's tokens do not depend on its batch. The cache's capacity
@@ -18,7 +22,7 @@ use crate::sample::{self, Sampling};
 use crate::tensor::{Data, Tensor};
 use std::collections::BTreeMap;
 use vlmc::backend::cpu::CpuOptions;
-use vlmc::elab::gen::{CAPACITY, PAST, PAST_VALID, POSITIONS, PRESENT, VALID};
+use vlmc::elab::gen::{CAPACITY, KEEP, PAST, PAST_VALID, POSITIONS, PRESENT, VALID};
 use vlmc::elab::Elaborated;
 use vlmc::ir::{DType, Graph};
 
@@ -166,10 +170,14 @@ pub struct Generator {
     step_logits: String,
     /// The prefill's inputs besides `ids`, `mask` and the engine's (images, ...).
     pub extra_inputs: Vec<(String, vlmc::ir::TensorType)>,
+    /// The prefill's `keep:` outputs that the step reads.
+    kept: Vec<String>,
 }
 
 /// One prompt: its token ids and, per extra input of the prefill (`pixels`), this row's part
-/// (concatenated over the batch along axis 0).
+/// (concatenated over the batch along axis 0). An extra input whose axis 1 is the ids' token
+/// axis (Flamingo's `image_mask: i32[B, T, N]`) has one entry per prompt token there; it is
+/// left-padded with zeros like the ids.
 #[derive(Clone, Debug, Default)]
 pub struct Prompt {
     pub ids: Vec<i32>,
@@ -267,7 +275,28 @@ impl Generator {
         }
         let prefill_logits = logits_output(prefill.graph())?;
         let step_logits = logits_output(step.graph())?;
+        let mut kept = Vec::new();
         for (_, name, ty) in step.graph().inputs() {
+            if name.starts_with(KEEP) {
+                match prefill.graph().outputs.iter().find(|(n, _)| n == name) {
+                    Some(&(_, id)) if prefill.graph().node(id).ty.dtype == ty.dtype => {}
+                    Some(&(_, id)) => {
+                        return fail(format!(
+                            "the step reads `{name}` as {ty}, but the prefill keeps it as {}",
+                            prefill.graph().node(id).ty
+                        ))
+                    }
+                    None => {
+                        return fail(format!(
+                            "the step reads `{name}` ({ty}), but the prefill (`forward`) keeps \
+                             no `{name}`: call `keep(x, name)` in the same block when \
+                             `generating()`"
+                        ))
+                    }
+                }
+                kept.push(name.to_string());
+                continue;
+            }
             if !is_engine_input(name) && name != "ids" && name != "mask" {
                 return fail(format!(
                     "the step takes an input `{name}` ({ty}); a step takes only `ids` (and \
@@ -293,6 +322,7 @@ impl Generator {
             prefill_logits,
             step_logits,
             extra_inputs,
+            kept,
         })
     }
 
@@ -336,6 +366,18 @@ impl Generator {
                      this model's prompts all carry one)"
                 ));
             }
+            let tokens_axis = self.token_axis(name);
+            let padded: Vec<Tensor>;
+            let parts = if tokens_axis {
+                padded = prompts
+                    .iter()
+                    .zip(&parts)
+                    .map(|(p, x)| left_pad1(x, p.ids.len(), t, name))
+                    .collect::<R<_>>()?;
+                padded.iter().collect()
+            } else {
+                parts
+            };
             inputs.insert(name.clone(), concat0(&parts)?);
         }
         // the decoder's length at the prefill: the ids are its last `t` positions
@@ -433,6 +475,18 @@ impl Generator {
             if k.starts_with(PAST) {
                 step_inputs.insert(k, v);
             }
+        }
+        for name in &self.kept {
+            let x = out.get(name).ok_or_else(|| RunError {
+                message: format!("the prefill did not return `{name}`"),
+            })?;
+            if x.shape.first() != Some(&b) {
+                return fail(format!(
+                    "`{name}` has shape {}; a kept value's axis 0 is the batch ({b} prompts)",
+                    x.shape_text()
+                ));
+            }
+            step_inputs.insert(name.clone(), x.clone());
         }
         let mut step_ids = vec![0i32; b];
         step_inputs.insert("ids".into(), Tensor::i32(vec![b, 1], step_ids.clone()));
@@ -599,6 +653,21 @@ impl Generator {
         Ok(dims)
     }
 
+    /// Whether the prefill's input `name` has the ids' token axis as its axis 1.
+    fn token_axis(&self, name: &str) -> bool {
+        let g = self.prefill.graph();
+        let of = |n: &str| {
+            g.inputs()
+                .into_iter()
+                .find(|(_, m, _)| *m == n)
+                .and_then(|(_, _, t)| t.shape.0.get(1).cloned())
+        };
+        match (of("ids"), of(name)) {
+            (Some(a), Some(b)) => a == b && a.as_symbol().is_some(),
+            _ => false,
+        }
+    }
+
     /// The number of compiled plans of the prefill and the step.
     pub fn compiled_plans(&self) -> (usize, usize) {
         (self.prefill.compiled_plans(), self.step.compiled_plans())
@@ -607,7 +676,11 @@ impl Generator {
 
 /// Whether `name` is an input the engine fills (positions, masks, caches).
 pub fn is_engine_input(name: &str) -> bool {
-    name.starts_with(PAST) || name == POSITIONS || name == VALID || name == PAST_VALID
+    name.starts_with(PAST)
+        || name.starts_with(KEEP)
+        || name == POSITIONS
+        || name == VALID
+        || name == PAST_VALID
 }
 
 /// The caches a generation graph reads, from its `past:` inputs.
@@ -645,7 +718,7 @@ fn logits_output(g: &Graph) -> R<String> {
         .outputs
         .iter()
         .map(|(n, _)| n.as_str())
-        .filter(|n| !n.starts_with(PRESENT))
+        .filter(|n| !n.starts_with(PRESENT) && !n.starts_with(KEEP))
         .collect();
     let pick = ["logits", "output"]
         .into_iter()
@@ -686,6 +759,34 @@ fn set_i32(inputs: &mut BTreeMap<String, Tensor>, name: &str, at: usize, value: 
             *x = value;
         }
     }
+}
+
+/// A prompt's part `[rows, n, ...]` of an input with a token axis, left-padded with zeros to
+/// `[rows, t, ...]` (`n` is the prompt's number of tokens).
+fn left_pad1(x: &Tensor, n: usize, t: usize, name: &str) -> R<Tensor> {
+    if x.shape.len() < 2 || x.shape[1] != n {
+        return fail(format!(
+            "the prompt's `{name}` has shape {}; its axis 1 must be the prompt's {n} tokens",
+            x.shape_text()
+        ));
+    }
+    let rows = x.shape[0];
+    let inner: usize = x.shape[2..].iter().product();
+    let mut shape = x.shape.clone();
+    shape[1] = t;
+    fn pad<T: Copy>(src: &[T], zero: T, rows: usize, n: usize, t: usize, inner: usize) -> Vec<T> {
+        let mut v = vec![zero; rows * t * inner];
+        for r in 0..rows {
+            let at = (r * t + t - n) * inner;
+            v[at..at + n * inner].copy_from_slice(&src[r * n * inner..(r + 1) * n * inner]);
+        }
+        v
+    }
+    Ok(match &x.data {
+        Data::F32(v) => Tensor::f32(shape, pad(v, 0f32, rows, n, t, inner)),
+        Data::I32(v) => Tensor::i32(shape, pad(v, 0i32, rows, n, t, inner)),
+        _ => return fail(format!("`{name}` is f32 or i32")),
+    })
 }
 
 /// Tensors of equal trailing shapes stacked along axis 0.

@@ -61,6 +61,8 @@ const SIGS: &[(&str, &[&str])] = &[
     ("cache_capacity", &[]),
     ("gen_input", &["name", "shape", "dtype=i32"]),
     ("past", &["x", "name"]),
+    ("keep", &["x", "name"]),
+    ("kept", &["name", "shape", "dtype=f32"]),
 ];
 
 /// The names of all builtins (for suggestions).
@@ -112,6 +114,8 @@ pub const NAMES: &[&str] = &[
     "cache_capacity",
     "gen_input",
     "past",
+    "keep",
+    "kept",
 ];
 
 /// The builtin with this name.
@@ -761,6 +765,35 @@ impl Elaborator<'_> {
             "past" => {
                 let x = t(self, "x")?;
                 self.past(cx, x, a.get("name"), span)
+            }
+            "keep" => {
+                let x = t(self, "x")?;
+                self.keep(cx, x, a.get("name"), span)
+            }
+            "kept" => {
+                // a string entry names a symbolic size of its own (`[b, heads, "S", d]`)
+                let shape = match a.get("shape") {
+                    Value::List(items) | Value::Tuple(items) => Value::List(std::rc::Rc::new(
+                        items
+                            .iter()
+                            .map(|it| match it {
+                                Value::Str(s) => {
+                                    if !self.graph.dims.contains(s) {
+                                        self.graph.dims.push(s.clone());
+                                    }
+                                    Value::Dim(Dim::sym(s))
+                                }
+                                v => v.clone(),
+                            })
+                            .collect(),
+                    )),
+                    v => v.clone(),
+                };
+                let dims = self.shape_arg(cx, &shape, a.span("shape"), None)?;
+                let Value::DType(dt) = a.get("dtype") else {
+                    return Err(self.err(cx, a.span("dtype"), "expected a dtype such as `f32`"));
+                };
+                self.kept(cx, a.get("name"), dims, *dt, span)
             }
             _ => Err(self.err(
                 cx,

@@ -10,6 +10,11 @@
 //!   `[b, heads, CACHE, d]` for a layer's keys or values `x: [b, heads, t, d]`, and makes `x`
 //!   the output `present:<layer path>.<name>`.
 //!
+//! - `keep(x, name)` makes `x` the output `keep:<block path>.<name>` (in the prefill: state the
+//!   step needs, computed once) and returns `x`; `kept(name, shape, dtype)` declares the input
+//!   `keep:<block path>.<name>` (in the step), which the engine gives the prefill's output of the
+//!   same name at every step. A string in `kept`'s shape names a symbolic size of its own.
+//!
 //! The graph never writes the cache: it reads it, and returns the current tokens' keys and
 //! values, which the engine (`vlmc_runtime::generate`) copies into the preallocated cache, in
 //! place, at the next free slots. `CACHE` (the capacity) is a symbolic size like `B` and `T`, so
@@ -30,6 +35,8 @@ pub const CAPACITY: &str = "CACHE";
 pub const PAST: &str = "past:";
 /// Prefix of the new keys and values returned by a step.
 pub const PRESENT: &str = "present:";
+/// Prefix of the state a prefill keeps for every step (`keep(x, name)`, `kept(name, shape)`).
+pub const KEEP: &str = "keep:";
 /// The engine's inputs.
 pub const POSITIONS: &str = "gen.positions";
 pub const VALID: &str = "gen.valid";
@@ -42,6 +49,7 @@ const GEN_INPUTS: &[&str] = &["positions", "valid", "past_valid"];
 pub struct GenState {
     inputs: HashMap<String, NodeId>,
     presents: Vec<(String, NodeId)>,
+    keeps: Vec<(String, NodeId)>,
 }
 
 impl Elaborator<'_> {
@@ -147,6 +155,59 @@ impl Elaborator<'_> {
         Ok(Value::Tensor(id))
     }
 
+    /// The scoped name `<block path>.<name>` of a `keep`/`kept` call.
+    fn keep_key(&self, cx: &Ctx, name: &Value, span: Span, what: &str) -> R<String> {
+        let Value::Str(name) = name else {
+            return Err(self.err(cx, span, format!("`{what}` needs a name string")));
+        };
+        let key = format!("{}.{name}", cx.scope());
+        Ok(format!("{KEEP}{}", key.trim_start_matches('.')))
+    }
+
+    /// `keep(x, name)`: `x` becomes the output `keep:<block path>.<name>`, which the engine
+    /// gives every step as its input of the same name (`kept`); returns `x`.
+    pub(super) fn keep(&mut self, cx: &Ctx, x: NodeId, name: &Value, span: Span) -> R<Value> {
+        self.need_gen(cx, span, "keep")?;
+        let key = self.keep_key(cx, name, span, "keep")?;
+        let twice = self
+            .gen
+            .as_ref()
+            .is_some_and(|g| g.keeps.iter().any(|(n, _)| *n == key));
+        if twice {
+            return Err(self
+                .err(cx, span, format!("`{key}` is kept twice"))
+                .note("each kept value needs a name of its own in its block"));
+        }
+        if let Some(g) = self.gen.as_mut() {
+            g.keeps.push((key, x));
+        }
+        Ok(Value::Tensor(x))
+    }
+
+    /// `kept(name, shape, dtype)`: the input `keep:<block path>.<name>`, what the prefill kept
+    /// under that name. Strings in the shape are symbolic sizes (`[b, heads, "S", d]`).
+    pub(super) fn kept(
+        &mut self,
+        cx: &Ctx,
+        name: &Value,
+        shape: Vec<Dim>,
+        dtype: DType,
+        span: Span,
+    ) -> R<Value> {
+        self.need_gen(cx, span, "kept")?;
+        let key = self.keep_key(cx, name, span, "kept")?;
+        if self.graph.input(&key).is_some() {
+            return Err(self
+                .err(cx, span, format!("`{key}` is declared twice"))
+                .note("read a kept value once and pass it on"));
+        }
+        let id = self
+            .graph
+            .add_source(Op::Input { name: key }, TensorType::new(dtype, shape), "")
+            .map_err(|e| self.err(cx, span, e.to_string()))?;
+        Ok(Value::Tensor(id))
+    }
+
     /// After the entry point: the step's keys and values become outputs. A model none of whose
     /// layers cached anything cannot generate.
     pub(super) fn finish_generation(&mut self, loc: Loc) -> R<()> {
@@ -164,7 +225,7 @@ impl Elaborator<'_> {
                  when `generating()`",
             ));
         }
-        for (name, id) in g.presents {
+        for (name, id) in g.presents.into_iter().chain(g.keeps) {
             self.graph
                 .set_output(&name, id)
                 .map_err(|e| Diagnostic::new(loc, e.to_string()))?;
