@@ -175,7 +175,9 @@ def llama(gguf, d, n, threads):
                           n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def run(new):
-        # greedy (top_k 1), llama.cpp's C sampler; generate() yields each token as it is chosen
+        # greedy (top_k 1), llama.cpp's C sampler; generate() yields each token as it is chosen.
+        # reset() first: else generate() reuses the key/value cache of the previous run's prompt
+        llm.reset()
         toks = []
         t0 = time.perf_counter()
         first = None
@@ -349,8 +351,8 @@ def table(log):
         print(f"Memory read bandwidth (sum of a {mem.get('gib', '?')} GiB float32 array, best of "
               f"{mem.get('runs', '?')}): {mem.get('gbs', '?')} GB/s with {mem.get('threads', '?')} "
               f"threads, {mem1.get('gbs', '?')} GB/s with 1; the bound uses the larger, {bw:.1f} "
-              f"GB/s (`cc -O3 -march=native -fopenmp tests/bench/membw.c -o membw && ./membw 1 7 "
-              f"{mem.get('threads', 2)}`, and `... 1 7 1`).")
+              f"GB/s (`cc -O3 -march=native -fopenmp tests/bench/membw.c -o membw && ./membw 1 "
+              f"{mem.get('runs', 15)} {mem.get('threads', 2)}`, and `... 1 {mem.get('runs', 15)} 1`).")
     else:
         print("Memory read bandwidth: not measured (cc -fopenmp failed).")
     if wb:
@@ -359,6 +361,11 @@ def table(log):
               "header; the tied embedding counted once, as the language head)"
               + (f"; bound = bandwidth / bytes = {bound:.1f} tokens/s." if bound else "."))
     print("(agree_hf=K: the first K new tokens equal transformers' greedy tokens.)")
+    print(f"Load average (1 min) at the start: {s.get('load_start', '?')}, at the end: "
+          f"{one('end').get('load_end', '?')} (the benchmark itself adds about 2). PyTorch and "
+          "llama.cpp use OpenMP, whose threads wait for each other at every op: with another "
+          "job on one of the 2 cores they slow down several-fold; figures are worth keeping only "
+          "when the start value is near 0.")
 
 
 def main():
