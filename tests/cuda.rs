@@ -26,8 +26,9 @@ fn plan_at(path: &Path, dims: &HashMap<String, i64>) -> Plan {
     plan_of(models.last().expect("a model"), path, dims)
 }
 
-/// The generation graphs (prefill at `T` = 16, step at `T` = 1, a cache of 64 slots, batch 2,
-/// Flamingo's 2 images per row: `N`) of the models with a language model, as plans.
+/// The generation graphs (prefill at `T` = 16 on an empty cache, step at `T` = 1 with a cache of
+/// 64 slots, batch 2, Flamingo's 2 images per row: `N`) of the models with a language model, as
+/// plans.
 fn generation_plans() -> Vec<(String, Plan)> {
     let mut out = Vec::new();
     for path in [
@@ -38,8 +39,9 @@ fn generation_plans() -> Vec<(String, Plan)> {
     ] {
         let g = vlmc::elab::generation_graphs(Path::new(path), None, &[])
             .unwrap_or_else(|e| panic!("{e}"));
-        for (what, m, t) in [("prefill", &g.prefill, 16), ("step", &g.step, 1)] {
-            let dims: HashMap<String, i64> = [("B", 2), ("T", t), ("CACHE", 64), ("N", 2)]
+        // the prefill runs on an empty cache (capacity 0), the step on a cache of 64 slots
+        for (what, m, t, cap) in [("prefill", &g.prefill, 16, 0), ("step", &g.step, 1, 64)] {
+            let dims: HashMap<String, i64> = [("B", 2), ("T", t), ("CACHE", cap), ("N", 2)]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();

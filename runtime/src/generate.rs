@@ -14,7 +14,8 @@
 //! nearby lengths share one compiled prefill); padding is masked out of every attention and
 //! skipped by the positions, so a row's tokens do not depend on its batch. The cache's capacity
 //! is rounded up to a multiple of [`CAPACITY_STEP`]: the step compiles once per (batch size,
-//! capacity), the prefill once per (batch size, bucket, capacity).
+//! capacity). The prefill starts from an empty cache, so it runs at a capacity of 0 and
+//! compiles once per (batch size, bucket).
 
 use crate::cpu::CpuModel;
 use crate::interp::{self, Bindings, RunError};
@@ -429,53 +430,49 @@ impl Generator {
                 count[r] += v;
             }
         }
-        let mut caches: Vec<(String, Tensor)> = Vec::new();
-        let mut cache_bytes = 0usize;
-        for c in &self.caches {
-            let n = b * c.heads * cap * c.features;
-            let what = || format!("the key/value cache `{}`", c.name);
-            let v = crate::alloc::checked_vec(n, 0f32, what)?;
-            cache_bytes += n * 4;
-            caches.push((
-                c.name.clone(),
-                Tensor::f32(vec![b, c.heads, cap, c.features], v),
-            ));
-        }
-        stats.cache_bytes = cache_bytes;
         stats.capacity = cap;
         stats.batch = b;
         stats.prompt_len = l;
         let mut past_valid = vec![0i32; b * cap];
         inputs.insert(POSITIONS.into(), Tensor::i32(vec![b, l], positions));
         inputs.insert(VALID.into(), Tensor::i32(vec![b, l], valid.clone()));
-        // run the prefill
-        let t0 = std::time::Instant::now();
-        let mut caches_in = BTreeMap::new();
-        for (n, c) in caches.drain(..) {
-            caches_in.insert(format!("{PAST}{n}"), c);
+        // The prefill starts from an empty cache: it runs with a capacity of 0 (its attention
+        // sees the prompt alone, and it compiles once per batch and bucket, whatever the
+        // capacity); its keys and values then fill the first slots of the real cache.
+        for c in &self.caches {
+            inputs.insert(
+                format!("{PAST}{}", c.name),
+                Tensor::f32(vec![b, c.heads, 0, c.features], Vec::new()),
+            );
         }
-        inputs.append(&mut caches_in);
-        inputs.insert(
-            PAST_VALID.into(),
-            Tensor::i32(vec![b, cap], past_valid.clone()),
-        );
+        inputs.insert(PAST_VALID.into(), Tensor::i32(vec![b, 0], Vec::new()));
+        let t0 = std::time::Instant::now();
         let tc = std::time::Instant::now();
         self.prefill.prepare(&inputs, &self.params)?;
         stats.compile_s = tc.elapsed().as_secs_f64();
         let mut out = self.prefill.run(&inputs, &self.params)?;
+        drop(inputs);
+        // the caches, allocated once at their capacity
+        let mut step_inputs = BTreeMap::new();
+        let mut cache_bytes = 0usize;
+        for c in &self.caches {
+            let n = b * c.heads * cap * c.features;
+            let what = || format!("the key/value cache `{}`", c.name);
+            let v = crate::alloc::checked_vec(n, 0f32, what)?;
+            cache_bytes += n * 4;
+            step_inputs.insert(
+                format!("{PAST}{}", c.name),
+                Tensor::f32(vec![b, c.heads, cap, c.features], v),
+            );
+        }
+        stats.cache_bytes = cache_bytes;
         let mut used = 0usize;
-        self.store(&mut inputs, &out, used, l)?;
+        self.store(&mut step_inputs, &out, used, l)?;
         for r in 0..b {
             past_valid[r * cap..r * cap + l].copy_from_slice(&valid[r * l..(r + 1) * l]);
         }
         used += l;
         // the step's plan is compiled before the first token counts as produced
-        let mut step_inputs = BTreeMap::new();
-        for (k, v) in std::mem::take(&mut inputs) {
-            if k.starts_with(PAST) {
-                step_inputs.insert(k, v);
-            }
-        }
         for name in &self.kept {
             let x = out.get(name).ok_or_else(|| RunError {
                 message: format!("the prefill did not return `{name}`"),
