@@ -215,6 +215,16 @@ fn bad_input_is_a_clear_error() {
     assert!(e.contains("this model takes no images"), "{e}");
     let e = err_text(&[]);
     assert!(e.contains("give a --prompt TEXT"), "{e}");
+    // a --data line that is not a prompt: its file and line
+    std::fs::write(
+        d.join("bad.jsonl"),
+        "{\"prompt\": \"a\"}\n{\"text\": \"b\"}\n",
+    )
+    .unwrap();
+    let out = d.join("bad_out.jsonl");
+    let e = err_text(&["--data", s(&d.join("bad.jsonl")), "-o", s(&out)]);
+    assert!(e.contains("bad.jsonl:2: each line needs \"prompt\""), "{e}");
+    assert!(!out.exists(), "nothing is written on an error");
     if !vlmc_runtime::cuda::driver_present() {
         let e = err_text(&["--prompt", "x", "--target", "cuda"]);
         assert!(e.contains("CUDA"), "{e}");
