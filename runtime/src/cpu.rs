@@ -295,7 +295,11 @@ unsafe fn matmul(m: &MatMul, ptrs: &[*mut u8], threads: usize) {
             .into_par_iter()
             .for_each(|bi| one(bi, gemm::Parallelism::None));
     } else {
-        let par = if threads > 1 && flops >= 48 * 48 * 48 {
+        // A single row (a decode step's vector-matrix product) runs on one thread: it is bound
+        // by reading the weights, which one core does nearly as fast as two, and waking the
+        // other thread for each of a step's ~200 products cost more than it gained (SmolLM2
+        // decode 36 -> 44 tokens/s, docs/performance.md).
+        let par = if threads > 1 && m.m > 1 && flops >= 48 * 48 * 48 {
             gemm::Parallelism::Rayon(threads)
         } else {
             gemm::Parallelism::None
