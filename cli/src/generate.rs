@@ -416,6 +416,17 @@ impl Detok {
     }
 }
 
+/// What the engine does after a token: everything stops on Ctrl-C, the row on a stop string.
+fn control(stop: &AtomicBool, hit_stop_string: bool) -> Control {
+    if stop.load(Ordering::SeqCst) {
+        Control::StopAll
+    } else if hit_stop_string {
+        Control::StopRow
+    } else {
+        Control::Continue
+    }
+}
+
 fn result_json(g: &Generated, text: &str, prompt_tokens: usize) -> Json {
     json!({
         "text": text,
@@ -447,13 +458,7 @@ fn run_one(a: &GenerateArgs, s: &Session, raw: RawPrompt, stop: &AtomicBool) -> 
                     let _ = stdout.write_all(piece.as_bytes());
                     let _ = stdout.flush();
                 }
-                if stop.load(Ordering::SeqCst) {
-                    Control::StopAll
-                } else if hit {
-                    Control::StopRow
-                } else {
-                    Control::Continue
-                }
+                control(stop, hit)
             },
             &mut stats,
         )
@@ -585,13 +590,7 @@ fn run_data(a: &GenerateArgs, s: &Session, data: &Path, stop: &AtomicBool) -> Re
                 &mut |r, tok, _| {
                     let (_, hit) =
                         detoks[r].push(&s.tok, tok as u32, &a.stops, s.eos.contains(&tok));
-                    if stop.load(Ordering::SeqCst) {
-                        Control::StopAll
-                    } else if hit {
-                        Control::StopRow
-                    } else {
-                        Control::Continue
-                    }
+                    control(stop, hit)
                 },
                 &mut stats,
             )

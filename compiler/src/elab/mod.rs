@@ -101,20 +101,7 @@ fn check_loaded(loaded: Loaded, overrides: &Overrides) -> Checked {
             }
         }
     };
-    let models: Vec<ItemRef> = program.modules[root]
-        .ast
-        .items
-        .iter()
-        .enumerate()
-        .filter(|(_, it)| {
-            matches!(it, Item::Block(b) if b.kind == BlockKind::Model)
-                || matches!(it, Item::Alias(_))
-        })
-        .map(|(i, _)| ItemRef {
-            module: root,
-            item: i,
-        })
-        .collect();
+    let models = model_items(&program, root);
     let mut out = Vec::new();
     let mut diags = Vec::new();
     for m in models {
@@ -134,6 +121,24 @@ fn check_loaded(loaded: Loaded, overrides: &Overrides) -> Checked {
             Err(diags)
         },
     }
+}
+
+/// The `model` declarations and aliases of module `root`, in order.
+fn model_items(program: &Program, root: usize) -> Vec<ItemRef> {
+    program.modules[root]
+        .ast
+        .items
+        .iter()
+        .enumerate()
+        .filter(|(_, it)| {
+            matches!(it, Item::Block(b) if b.kind == BlockKind::Model)
+                || matches!(it, Item::Alias(_))
+        })
+        .map(|(i, _)| ItemRef {
+            module: root,
+            item: i,
+        })
+        .collect()
 }
 
 /// Elaborates one model declaration (or alias) with compile-time overrides.
@@ -438,20 +443,7 @@ pub fn generation_graphs(
         Ok(x) => x,
         Err((program, diags)) => return Err(render_all(&program, &diags)),
     };
-    let models: Vec<ItemRef> = program.modules[root]
-        .ast
-        .items
-        .iter()
-        .enumerate()
-        .filter(|(_, it)| {
-            matches!(it, Item::Block(b) if b.kind == BlockKind::Model)
-                || matches!(it, Item::Alias(_))
-        })
-        .map(|(i, _)| ItemRef {
-            module: root,
-            item: i,
-        })
-        .collect();
+    let models = model_items(&program, root);
     let chosen = match model {
         Some(name) => models
             .iter()
