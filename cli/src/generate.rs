@@ -427,6 +427,15 @@ fn control(stop: &AtomicBool, hit_stop_string: bool) -> Control {
     }
 }
 
+/// Decode steps per second (0 when there were none).
+fn decode_rate(stats: &Stats) -> f64 {
+    if stats.decode_s > 0.0 {
+        stats.decode_steps as f64 / stats.decode_s
+    } else {
+        0.0
+    }
+}
+
 fn result_json(g: &Generated, text: &str, prompt_tokens: usize) -> Json {
     json!({
         "text": text,
@@ -466,11 +475,7 @@ fn run_one(a: &GenerateArgs, s: &Session, raw: RawPrompt, stop: &AtomicBool) -> 
     let g = &out[0];
     let rest = detok.flush();
     let ttft = first_token.unwrap_or(0.0);
-    let rate = if stats.decode_s > 0.0 {
-        stats.decode_steps as f64 / stats.decode_s
-    } else {
-        0.0
-    };
+    let rate = decode_rate(&stats);
     if a.json {
         let mut j = result_json(g, &detok.text, n_prompt);
         j["timing"] = json!({
@@ -607,6 +612,13 @@ fn run_data(a: &GenerateArgs, s: &Session, data: &Path, stop: &AtomicBool) -> Re
             new_tokens += g.tokens.len();
             let mut j = result_json(g, &d.text, prompts[i].ids.len());
             j["index"] = json!(i);
+            // the batch's figures (a later batch of the same sizes finds its plans ready)
+            j["timing"] = json!({
+                "first_token_s": stats.prefill_s,
+                "compile_s": stats.compile_s,
+                "decode_tokens_per_s": decode_rate(&stats),
+                "batch": chunk.len(),
+            });
             results[i] = Some(j);
         }
         bar.inc(chunk.len() as u64);

@@ -2,7 +2,8 @@
 //! ([`vlmc::backend::cpu`]), run over buffers allocated once: the activation arena the memory
 //! plan laid out, one scratch area shared by the kernels' private buffers, load-time values
 //! computed when the plan is prepared. Inputs and parameters are read in place. Loop nests are
-//! split across the rayon pool by outer iterations; matmuls go to the `gemm` crate.
+//! split across the rayon pool by outer iterations; matmuls go to the `gemm` crate, those of a
+//! few rows against operands contiguous along `k` (decoding) to [`crate::gemv`].
 //!
 //! [`CpuModel`] keeps one prepared plan per set of dims (compiled on first use).
 //!
@@ -261,6 +262,10 @@ unsafe fn matmul(m: &MatMul, ptrs: &[*mut u8], threads: usize) {
         std::ptr::write_bytes(out, 0, m.batch * m.m * m.n);
         return;
     }
+    if crate::gemv::applies(m) {
+        // SAFETY: as for this function.
+        return crate::gemv::matmul(m, ptrs, threads);
+    }
     // Addresses as integers, so that the closure can be shared across threads.
     let (oa, ob, obb) = (out as usize, a as usize, b as usize);
     let one = |bi: usize, par: gemm::Parallelism| {
@@ -295,10 +300,8 @@ unsafe fn matmul(m: &MatMul, ptrs: &[*mut u8], threads: usize) {
             .into_par_iter()
             .for_each(|bi| one(bi, gemm::Parallelism::None));
     } else {
-        // A single row (a decode step's vector-matrix product) runs on one thread: it is bound
-        // by reading the weights, which one core does nearly as fast as two, and waking the
-        // other thread for each of a step's ~200 products cost more than it gained (SmolLM2
-        // decode 36 -> 44 tokens/s, docs/performance.md).
+        // A single row whose operands `gemv` cannot read runs on one thread: waking the other
+        // rayon thread for each of a decode step's ~200 products cost more than it gained.
         let par = if threads > 1 && m.m > 1 && flops >= 48 * 48 * 48 {
             gemm::Parallelism::Rayon(threads)
         } else {

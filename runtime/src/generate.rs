@@ -446,13 +446,7 @@ impl Generator {
             );
         }
         inputs.insert(PAST_VALID.into(), Tensor::i32(vec![b, 0], Vec::new()));
-        let t0 = std::time::Instant::now();
-        let tc = std::time::Instant::now();
-        self.prefill.prepare(&inputs, &self.params)?;
-        stats.compile_s = tc.elapsed().as_secs_f64();
-        let mut out = self.prefill.run(&inputs, &self.params)?;
-        drop(inputs);
-        // the caches, allocated once at their capacity
+        // the caches, allocated once at their capacity, and the step's other inputs
         let mut step_inputs = BTreeMap::new();
         let mut cache_bytes = 0usize;
         for c in &self.caches {
@@ -466,13 +460,51 @@ impl Generator {
             );
         }
         stats.cache_bytes = cache_bytes;
+        let mut step_ids = vec![0i32; b];
+        step_inputs.insert("ids".into(), Tensor::i32(vec![b, 1], step_ids.clone()));
+        if self.step.graph().input("mask").is_some() {
+            step_inputs.insert("mask".into(), Tensor::i32(vec![b, 1], vec![1; b]));
+        }
+        step_inputs.insert(VALID.into(), Tensor::i32(vec![b, 1], vec![1; b]));
+        step_inputs.insert(POSITIONS.into(), Tensor::i32(vec![b, 1], vec![0; b]));
+        step_inputs.insert(
+            PAST_VALID.into(),
+            Tensor::i32(vec![b, cap], past_valid.clone()),
+        );
+        // Both plans are made before the prefill runs (no kernel is compiled after the first
+        // token), on two threads: each is mostly one thread's work (the disk cache's lookups,
+        // the load-time values). The step's plan needs the shapes of the kept values, which
+        // the prefill's output types give; zeros of those shapes stand in until it has run.
+        let t0 = std::time::Instant::now();
+        let early = self.kept_placeholders(&inputs)?;
+        let prepared_early = early.is_some();
+        if let Some(placeholders) = early {
+            step_inputs.extend(placeholders);
+            let (prefill, step) = std::thread::scope(|s| {
+                let step = s.spawn(|| self.step.prepare(&step_inputs, &self.params));
+                let prefill = self.prefill.prepare(&inputs, &self.params);
+                (prefill, step.join())
+            });
+            prefill?;
+            step.map_err(|_| RunError {
+                message: "preparing the step's plan panicked".into(),
+            })??;
+        } else {
+            self.prefill.prepare(&inputs, &self.params)?;
+        }
+        stats.compile_s = t0.elapsed().as_secs_f64();
+        let mut out = self.prefill.run(&inputs, &self.params)?;
+        drop(inputs);
         let mut used = 0usize;
         self.store(&mut step_inputs, &out, used, l)?;
         for r in 0..b {
             past_valid[r * cap..r * cap + l].copy_from_slice(&valid[r * l..(r + 1) * l]);
         }
+        step_inputs.insert(
+            PAST_VALID.into(),
+            Tensor::i32(vec![b, cap], past_valid.clone()),
+        );
         used += l;
-        // the step's plan is compiled before the first token counts as produced
         for name in &self.kept {
             let x = out.get(name).ok_or_else(|| RunError {
                 message: format!("the prefill did not return `{name}`"),
@@ -485,21 +517,11 @@ impl Generator {
             }
             step_inputs.insert(name.clone(), x.clone());
         }
-        let mut step_ids = vec![0i32; b];
-        step_inputs.insert("ids".into(), Tensor::i32(vec![b, 1], step_ids.clone()));
-        if self.step.graph().input("mask").is_some() {
-            step_inputs.insert("mask".into(), Tensor::i32(vec![b, 1], vec![1; b]));
+        if !prepared_early {
+            let tc = std::time::Instant::now();
+            self.step.prepare(&step_inputs, &self.params)?;
+            stats.compile_s += tc.elapsed().as_secs_f64();
         }
-        step_inputs.insert(VALID.into(), Tensor::i32(vec![b, 1], vec![1; b]));
-        step_inputs.insert(POSITIONS.into(), Tensor::i32(vec![b, 1], vec![0; b]));
-        step_inputs.insert(
-            PAST_VALID.into(),
-            Tensor::i32(vec![b, cap], past_valid.clone()),
-        );
-        // no kernel is compiled after the first token: the step's plan is made now
-        let tc = std::time::Instant::now();
-        self.step.prepare(&step_inputs, &self.params)?;
-        stats.compile_s += tc.elapsed().as_secs_f64();
         stats.prefill_s = t0.elapsed().as_secs_f64();
         let mut logits = take_last(&out, &self.prefill_logits, b)?;
         out.clear();
@@ -584,6 +606,44 @@ impl Generator {
         stats.decode_s = t1.elapsed().as_secs_f64();
         stats.decode_steps = step_no as usize;
         Ok(results)
+    }
+
+    /// Zero tensors of the shapes of the prefill's kept values for these prefill inputs (which
+    /// the step's plan needs before the prefill has run), or `None` when an output type has a
+    /// size the inputs do not fix.
+    fn kept_placeholders(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+    ) -> R<Option<Vec<(String, Tensor)>>> {
+        if self.kept.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let g = self.prefill.graph();
+        let Ok(dims) = interp::bind_dims(g, inputs) else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        for name in &self.kept {
+            let Some(&(_, id)) = g.outputs.iter().find(|(n, _)| n == name) else {
+                return Ok(None);
+            };
+            let ty = &g.node(id).ty;
+            let Ok(shape) = interp::concrete(&ty.shape.0, &dims) else {
+                return Ok(None);
+            };
+            let n: usize = shape.iter().product();
+            let what = || format!("the kept value `{name}`");
+            let t = match ty.dtype {
+                DType::I32 => Tensor::i32(shape, crate::alloc::checked_vec(n, 0i32, what)?),
+                DType::Bool => Tensor {
+                    shape,
+                    data: Data::Bool(crate::alloc::checked_vec(n, false, what)?),
+                },
+                _ => Tensor::f32(shape, crate::alloc::checked_vec(n, 0f32, what)?),
+            };
+            out.push((name.clone(), t));
+        }
+        Ok(Some(out))
     }
 
     /// Copies every `present:` output (`[b, heads, n, d]`) into its cache at slot `at`.
@@ -711,18 +771,8 @@ fn caches_of(g: &Graph) -> R<Vec<CacheSpec>> {
 
 /// The output holding the logits: `logits`, else `output`, else the first other output.
 fn logits_output(g: &Graph) -> R<String> {
-    let names: Vec<&str> = g
-        .outputs
-        .iter()
-        .map(|(n, _)| n.as_str())
-        .filter(|n| !n.starts_with(PRESENT) && !n.starts_with(KEEP))
-        .collect();
-    let pick = ["logits", "output"]
-        .into_iter()
-        .find(|n| names.contains(n))
-        .or(names.first().copied());
-    match pick {
-        Some(n) => Ok(n.to_string()),
+    match vlmc::elab::gen::logits_output(g) {
+        Some(n) => Ok(n),
         None => fail("the model returns no logits"),
     }
 }

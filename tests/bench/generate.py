@@ -231,9 +231,15 @@ def weights(w):
 
 
 def vlmc(label, path, d, n, cmd):
+    """One `vlmc generate --json` result (`label` 1 or 2), or with `label` warm the second row
+    of a `--data` run of the prompt twice (its plans were made for the first)."""
     try:
-        j = json.loads(open(path).read().strip().splitlines()[-1])
-    except (OSError, ValueError, IndexError):
+        lines = open(path).read().strip().splitlines()
+        if label == "warm":
+            j = [r for r in map(json.loads, lines) if r.get("index") == 1][0]
+        else:
+            j = json.loads(lines[-1])
+    except (OSError, ValueError, IndexError, KeyError):
         print(f"vlmc run={label} batch=1 failed=1 cmd={shlex.quote(cmd)}")
         return
     toks = j["tokens"]
@@ -315,7 +321,12 @@ def table(log):
         tps = float(kv["decode_tps"])
         plans = f" (plans {ms(kv['plans_s'])})" if "plans_s" in kv else ""
         note = "" if kv.get("ok") == "1" else f" **not {n}: {kv.get('stop')}**"
-        what = "2nd run: kernels from the disk cache" if kv["run"] == "2" else "1st run"
+        what = {
+            "1": "1st run",
+            "2": "2nd run: kernels from the disk cache",
+            "warm": "plans in memory: the 2nd prompt of one `--data` run, as transformers after "
+                    "its warm-up",
+        }.get(kv["run"], kv["run"])
         print(f"| vlmc generate ({what}) | f32 (bf16 file) | {ms(kv['ttft_s'])}{plans} "
               f"| {tps:.1f} | {frac(tps)} | {kv['tokens']}{note} ({kv.get('agree_hf', '?')}) "
               f"| `RAYON_NUM_THREADS={s.get('threads', 2)} {kv['cmd']}` |")

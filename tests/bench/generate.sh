@@ -6,6 +6,7 @@
 #   - vlmc generate (run twice, the second reported: its kernels come from the disk cache),
 #   - transformers generate (float32, eager attention, KV cache; one warm-up run first),
 #   - llama.cpp through llama-cpp-python, on f32 and f16 GGUF conversions of the same weights;
+# vlmc again with its plans in memory (the prompt twice in one `--data` run, the second reported);
 # batch 8 (8 such prompts) tokens/s of vlmc generate --data against transformers; the machine's
 # memory read bandwidth (2 threads) and vlmc's decode as a fraction of the bound it sets
 # (bandwidth / the f32 bytes of the weights). Prints every measurement, then markdown tables.
@@ -99,6 +100,14 @@ for run in 1 2; do
   cat $P/vlmc$run.log >&2
   "$PY" tests/bench/generate.py vlmc $run $P/vlmc$run.json $P "$NEW" "$v1" | tee -a "$out"
 done
+# vlmc, batch 1, warm: the prompt twice in one process (`--data`, batch 1), the second reported:
+# its plans are in memory, as transformers' are after its warm-up run
+"$PY" -c "import json, sys; p = open(sys.argv[1]).read().rstrip('\n'); print(json.dumps({'prompt': p})); print(json.dumps({'prompt': p}))" \
+  $P/prompt.txt >$P/twice.jsonl
+vw="$V generate models/smollm2.vlm --weights $W/model.safetensors --data $P/twice.jsonl -o $P/outw.jsonl --batch 1 --max-new-tokens $NEW"
+$V generate models/smollm2.vlm --weights $W/model.safetensors --data $P/twice.jsonl \
+  -o $P/outw.jsonl --batch 1 --max-new-tokens "$NEW" 2>$P/vlmcw.log || true
+"$PY" tests/bench/generate.py vlmc warm $P/outw.jsonl $P "$NEW" "$vw" | tee -a "$out"
 # llama.cpp, batch 1, f32 and f16
 if [ -z "$llama_why" ]; then
   for ty in f32 f16; do

@@ -233,3 +233,52 @@ impl Elaborator<'_> {
         Ok(())
     }
 }
+
+/// The output of a generation graph that holds the logits: `logits` or `output` when there is
+/// one, else the first output that is neither a cache (`present:`) nor kept state (`keep:`).
+pub fn logits_output(g: &crate::ir::Graph) -> Option<String> {
+    let names: Vec<&str> = g
+        .outputs
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| !n.starts_with(PRESENT) && !n.starts_with(KEEP))
+        .collect();
+    ["logits", "output"]
+        .into_iter()
+        .find(|n| names.contains(n))
+        .or(names.first().copied())
+        .map(str::to_string)
+}
+
+/// Makes the prefill return the logits of its last position only (`[b, 1, vocab]` from
+/// `[b, t, vocab]`): the engine reads nothing else of them (prompts are left-padded, so every
+/// prompt ends there). The simplifier's `sink_slice` then pushes the slice down to the language
+/// head, which multiplies one row per prompt instead of every position (SmolLM2, 128 tokens:
+/// 7.2 of 34 GFLOP). Logits that are not `[b, t, vocab]` are left as they are.
+pub fn last_position(g: &mut crate::ir::Graph) -> Result<(), String> {
+    let Some(name) = logits_output(g) else {
+        return Ok(());
+    };
+    let Some(at) = g.outputs.iter().position(|(n, _)| *n == name) else {
+        return Ok(());
+    };
+    let x = g.outputs[at].1;
+    let ty = g.node(x).ty.clone();
+    if ty.rank() != 3 || ty.shape.0[1].as_const() == Some(1) {
+        return Ok(());
+    }
+    let t = ty.shape.0[1].clone();
+    let start = t
+        .checked_sub(&Dim::c(1))
+        .ok_or("the logits' length overflows")?;
+    let scope = g.node(x).scope.clone();
+    let op = Op::Slice {
+        axis: 1,
+        start,
+        end: t,
+        step: 1,
+    };
+    let last = g.add(op, &[x], &scope).map_err(|e| e.to_string())?;
+    g.outputs[at].1 = last;
+    Ok(())
+}

@@ -463,7 +463,8 @@ pub fn generation_graphs(
         elaborate_entry(&program, chosen, overrides, entry, true)
             .map_err(|d| render_all(&program, &[d]))
     };
-    let prefill = one("forward")?;
+    let mut prefill = one("forward")?;
+    gen::last_position(&mut prefill.graph)?;
     let step = one(step_entry)?;
     Ok(Generation {
         prefill,

@@ -11,11 +11,16 @@
 //! | `transpose_product` | `transpose(a · b)` → `bᵀ · aᵀ` when the product has no other use |
 //! | `transpose_sum` | `transpose(x + y)` → `xᵀ + yᵀ` when each of `x`, `y` is such a product or a transpose |
 //! | `sum_of_scatters` | `scatter_add(a, i) + scatter_add(b, j)` (axis 0) → `scatter_add(a ++ b, i ++ j)` when neither has another use |
+//! | `sink_slice` | `slice(f(x, y))` → `f(slice(x), slice(y))` for an elementwise op, a reduction along another axis, a broadcast, a permute, a matmul or a linear layer that has no other use, when the slice keeps at most half of the axis |
 //!
 //! The last two turn a weight gradient (autodiff's `transpose(xᵀ · dy)`, summed over the uses
 //! of the weight) into products computed in the weight's own layout, so that nothing reads a
 //! product transposed. The last one makes the gradient of a table gathered twice (a word
 //! embedding applied to two batches) one scatter-add instead of two full-size tables and a sum.
+//!
+//! `sink_slice` computes only what is kept: generation's prefill keeps the logits of the last
+//! position alone (`elab::gen::last_position`), and the slice sinks through the final norm to
+//! the language head, which then multiplies one row per sequence instead of every position.
 //!
 //! Constants fill their whole shape with one value, so folding computes one scalar, with the
 //! interpreter's rounding (operands rounded to their dtype, the result computed in f64).
@@ -38,6 +43,7 @@ const RULES: &[Rule] = &[
     transpose_product,
     transpose_sum,
     sum_of_scatters,
+    sink_slice,
 ];
 
 impl Pass for Simplify {
@@ -208,7 +214,11 @@ fn fold_const(g: &mut Graph, id: NodeId) -> Option<NodeId> {
         .collect::<Option<_>>()?;
     let float = ty.dtype.is_float() || matches!(node.op, Op::Binary(b) if b.is_comparison());
     let value = match &node.op {
-        Op::Reshape { .. } | Op::Expand { .. } | Op::Permute { .. } | Op::Cast { .. } => vals[0],
+        Op::Reshape { .. }
+        | Op::Expand { .. }
+        | Op::Permute { .. }
+        | Op::Slice { .. }
+        | Op::Cast { .. } => vals[0],
         Op::Unary(u) if float => {
             let x = vals[0];
             match u {
@@ -347,4 +357,169 @@ fn sum_of_scatters(g: &mut Graph, id: NodeId) -> Option<NodeId> {
     let src = add(g, Op::Concat { axis: 0 }, &[a, b], id)?;
     let idx = add(g, Op::Concat { axis: 0 }, &[i, j], id)?;
     add(g, Op::ScatterAdd { axis: 0, size }, &[src, idx], id)
+}
+
+/// `slice(f(x, ..))` → `f(slice(x), ..)` when `f` (elementwise, a reduction along another axis,
+/// a broadcast, a permute or a matmul) has no use but the slice: the operands are sliced along
+/// the axis that becomes the sliced one (a matmul's sliced row axis slices only its left
+/// operand, its column axis only its right one, a batch axis both; an axis a broadcast expands
+/// from size 1 is not sliced at all).
+fn sink_slice(g: &mut Graph, id: NodeId) -> Option<NodeId> {
+    let Op::Slice {
+        axis,
+        start,
+        end,
+        step,
+    } = g.node(id).op.clone()
+    else {
+        return None;
+    };
+    let x = operand(g, id, 0)?;
+    if g.users(x).len() != 1 || is_output(g, x) || !slices_most_away(g, id, x, axis) {
+        return None;
+    }
+    let ops = g.operands(x);
+    let rank = g.node(x).ty.rank();
+    let mut op = g.node(x).op.clone();
+    // (operand, the axis of it to slice, if any)
+    let plan: Vec<(NodeId, Option<usize>)> = match &op {
+        Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast { .. } => {
+            ops.iter().map(|&o| (o, Some(axis))).collect()
+        }
+        Op::Reduce { axis: r, .. } if *r != axis => vec![(ops[0], Some(axis))],
+        Op::Permute { perm } => vec![(ops[0], Some(*perm.get(axis)?))],
+        Op::Expand { .. } => {
+            let from_one = g.node(ops[0]).ty.shape.0.get(axis)?.as_const() == Some(1);
+            vec![(ops[0], (!from_one).then_some(axis))]
+        }
+        Op::Reshape { .. } => return sink_slice_linear(g, id, x),
+        Op::MatMul if rank >= 2 && ops.len() == 2 => {
+            if axis == rank - 1 {
+                vec![(ops[0], None), (ops[1], Some(axis))]
+            } else if axis == rank - 2 {
+                vec![(ops[0], Some(axis)), (ops[1], None)]
+            } else {
+                vec![(ops[0], Some(axis)), (ops[1], Some(axis))]
+            }
+        }
+        _ => return None,
+    };
+    if let Op::Expand { shape } = &mut op {
+        shape.0[axis] = g.node(id).ty.shape.0.get(axis)?.clone();
+    }
+    let mut made = Vec::new();
+    let mut operands = Vec::new();
+    for (o, a) in plan {
+        let Some(a) = a else {
+            operands.push(o);
+            continue;
+        };
+        let sliced = Op::Slice {
+            axis: a,
+            start: start.clone(),
+            end: end.clone(),
+            step,
+        };
+        match add(g, sliced, &[o], id) {
+            Some(s) => {
+                made.push(s);
+                operands.push(s);
+            }
+            None => break,
+        }
+    }
+    let new = if operands.len() == g.operands(x).len() {
+        add(g, op, &operands, x)
+    } else {
+        None
+    };
+    match new {
+        Some(n) if g.node(n).ty == g.node(id).ty => Some(n),
+        other => {
+            // (cannot happen for well-typed graphs: the rewrite keeps every type)
+            made.extend(other);
+            for n in made.into_iter().rev() {
+                if g.users(n).is_empty() {
+                    g.remove(n);
+                }
+            }
+            None
+        }
+    }
+}
+
+/// Whether the slice `id` of `x` along `axis` keeps at most half of it (a fixed length of a
+/// symbolic size counts): only then is sinking it worth splitting the kernels it passes
+/// through (LLaVA's `[:, 1:]` over 17 patches is not; generation's last position is).
+fn slices_most_away(g: &Graph, id: NodeId, x: NodeId, axis: usize) -> bool {
+    let kept = g.node(id).ty.shape.0.get(axis).and_then(|d| d.as_const());
+    let size = g.node(x).ty.shape.0.get(axis).map(|d| d.as_const());
+    match (kept, size) {
+        (Some(k), Some(Some(n))) => 2 * k <= n,
+        (Some(_), Some(None)) => true,
+        _ => false,
+    }
+}
+
+/// `sink_slice` through the flatten-multiply-unflatten of a linear layer: `slice(reshape(
+/// matmul(reshape(a), w)))`, where the reshapes merge and restore the leading axes of
+/// `a: [..lead, k]`, becomes the same three nodes on `slice(a)` (the slice along a leading axis).
+fn sink_slice_linear(g: &mut Graph, id: NodeId, y: NodeId) -> Option<NodeId> {
+    let Op::Slice { axis, .. } = g.node(id).op else {
+        return None;
+    };
+    let m = operand(g, y, 0)?;
+    if !matches!(g.node(m).op, Op::MatMul) || g.users(m).len() != 1 || is_output(g, m) {
+        return None;
+    }
+    let (r, w) = (operand(g, m, 0)?, operand(g, m, 1)?);
+    if !matches!(g.node(r).op, Op::Reshape { .. }) || g.node(w).ty.rank() != 2 {
+        return None;
+    }
+    let a = operand(g, r, 0)?;
+    let (a_ty, y_ty) = (g.node(a).ty.shape.0.clone(), g.node(y).ty.shape.0.clone());
+    let (r_ty, m_ty) = (&g.node(r).ty.shape.0, &g.node(m).ty.shape.0);
+    let lead = a_ty.len().checked_sub(1)?;
+    // a: [..lead, k] → r: [prod(lead), k] → m: [prod(lead), n] → y: [..lead, n]
+    let prod = |d: &[crate::ir::Dim]| {
+        d.iter()
+            .try_fold(crate::ir::Dim::c(1), |acc, x| acc.checked_mul(x))
+    };
+    let fits = r_ty.len() == 2
+        && m_ty.len() == 2
+        && y_ty.len() == a_ty.len()
+        && axis < lead
+        && a_ty[..lead] == y_ty[..lead]
+        && r_ty[1] == a_ty[lead]
+        && y_ty[lead] == m_ty[1]
+        && Some(&r_ty[0]) == prod(&a_ty[..lead]).as_ref();
+    let n = m_ty[1].clone();
+    if !fits {
+        return None;
+    }
+    let slice = g.node(id).op.clone();
+    let sa = add(g, slice, &[a], id)?;
+    let mut lead_dims = g.node(sa).ty.shape.0.clone();
+    let k = lead_dims.pop()?;
+    let rows = prod(&lead_dims)?;
+    let mut out_shape = lead_dims;
+    out_shape.push(n);
+    let sr = add(
+        g,
+        Op::Reshape {
+            shape: crate::ir::Shape(vec![rows, k]),
+        },
+        &[sa],
+        r,
+    )?;
+    let sm = add(g, Op::MatMul, &[sr, w], m)?;
+    let sy = add(
+        g,
+        Op::Reshape {
+            shape: crate::ir::Shape(out_shape),
+        },
+        &[sm],
+        y,
+    )?;
+    (g.node(sy).ty == g.node(id).ty).then_some(sy)
 }
