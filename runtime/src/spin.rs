@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long an idle worker spins before it sleeps.
+/// How long an idle worker spins (yielding the core after the first few µs) before it sleeps.
 const SPIN: Duration = Duration::from_micros(200);
 
 /// A job: called once for every part index.
@@ -137,7 +137,12 @@ fn worker(s: &Shared, me: usize) {
                 seen = s.epoch.load(Acquire);
                 break;
             }
-            std::hint::spin_loop();
+            if spins > 4096 {
+                // past the first few µs, let a runnable thread (rayon's, say) have the core
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
         // SAFETY: the caller posted this job before bumping the epoch and keeps it alive
         // until `pending` reaches 0, which happens only after this read and these calls.
