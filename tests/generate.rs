@@ -12,6 +12,7 @@ use vlmc_runtime::Tensor;
 struct Case {
     gen: Generator,
     full: vlmc::elab::Elaborated,
+    params: BTreeMap<String, Tensor>,
 }
 
 fn case(path: &str, compiled: bool) -> Case {
@@ -33,8 +34,10 @@ fn case(path: &str, compiled: bool) -> Case {
             Runner::interp(m)
         }
     };
-    let gen = Generator::new(runner(&g.prefill), runner(&g.step), params).expect("generator");
-    Case { gen, full }
+    // (the generator keeps the weights in its own layout: the full forward gets its own copy)
+    let gen =
+        Generator::new(runner(&g.prefill), runner(&g.step), params.clone()).expect("generator");
+    Case { gen, full, params }
 }
 
 fn opts(n: usize) -> Options {
@@ -75,7 +78,7 @@ fn check(c: &Case, prompts: &[Prompt], n: usize, min_capacity: usize) -> f64 {
             ids.extend_from_slice(&g.tokens[..k]);
             let mut inputs = p.extra.clone();
             inputs.insert("ids".into(), Tensor::i32(vec![1, ids.len()], ids.clone()));
-            let o = vlmc_runtime::run(&c.full.graph, &inputs, &c.gen.params).expect("forward");
+            let o = vlmc_runtime::run(&c.full.graph, &inputs, &c.params).expect("forward");
             let logits = o.values().next().expect("an output");
             let v = logits.shape[2];
             let all = logits.as_f32().expect("f32");

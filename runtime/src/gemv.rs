@@ -1,12 +1,17 @@
-//! Products of a few rows with a matrix whose columns are contiguous: a decode step's
-//! `x · Wᵀ` against weights in their stored `[out, in]` layout, and its attention scores
-//! `q · Kᵀ` against the key cache. Each output is a dot product of two contiguous rows, so the
-//! weights stream from memory once, in order, with no packing (the gemm crate packs the
-//! right-hand side into panels first: a second pass over 538 MB per SmolLM2 token). The
-//! columns are split over the spinning pool ([`crate::spin`]), so both cores read.
+//! Products of a few rows (decoding) with a matrix read once, in order, with no packing (the
+//! gemm crate packs the right-hand side into panels first: a second pass over 538 MB per
+//! SmolLM2 token):
 //!
-//! Every output element is summed in one fixed order (8 lanes over `k`, then the lanes, then
-//! the tail), whatever the thread count or the split.
+//! - columns contiguous (`x · Wᵀ` against a weight in its `[out, in]` layout, attention's
+//!   `q · Kᵀ` against the key cache): each output a dot product of two contiguous rows, the
+//!   columns split across cores;
+//! - rows contiguous and long (`x · W` against a weight stored `[in, out]`, as generation
+//!   stores them): each core streams its range of `W`'s rows into a partial sum of its own,
+//!   the partial sums added in order;
+//! - rows contiguous and short (attention's `probs · V`): blocks of 16 columns in registers.
+//!
+//! Each output element is summed in one order fixed by the shapes and the thread count.
+//! The parts run on the spinning pool ([`crate::spin`]), so both cores read.
 
 use crate::spin;
 use vlmc::kernel::MatMul;
@@ -16,6 +21,10 @@ pub const MAX_ROWS: usize = 8;
 
 /// Products with fewer multiply-adds than this run on one thread.
 const SPLIT_MIN: usize = 1 << 15;
+
+/// Products whose right-hand rows are contiguous and at least this long (a weight stored
+/// `[in, out]`) stream it row by row ([`streamed`]).
+const STREAM_MIN_COLS: usize = 256;
 
 /// Whether [`matmul`] computes `m`: 1 to [`MAX_ROWS`] rows, both operands contiguous along `k`
 /// (or `b`'s rows contiguous), and a CPU with AVX2 and FMA.
@@ -51,6 +60,9 @@ pub unsafe fn matmul(m: &MatMul, ptrs: &[*mut u8], threads: usize) {
             ptrs[m.a.buf] as usize,
             ptrs[m.b.buf] as usize,
         );
+        if m.b.row != 1 && m.n >= STREAM_MIN_COLS {
+            return streamed(m, ptrs, threads);
+        }
         let total = m.batch * m.n;
         let work = total * m.m * m.k;
         let parts = if work >= SPLIT_MIN {
@@ -85,6 +97,75 @@ pub unsafe fn matmul(m: &MatMul, ptrs: &[*mut u8], threads: usize) {
         let _ = (m, ptrs, threads);
         unreachable!("gemv::applies is false off x86-64");
     }
+}
+
+/// `out = a · b` with `b`'s rows contiguous and long (`x · W` for a weight stored `[in, out]`):
+/// `k` is split into one range per thread, each streaming its rows of `b` from start to end and
+/// summing `a[r, p] · b[p, :]` over its `p` in order into its own partial sum; the partial sums
+/// are then added in range order. (Splitting the columns instead would have each core read
+/// pieces of every row: many short streams, which this memory system serves far slower.)
+///
+/// # Safety
+/// As for [`matmul`], with `m.b.row != 1`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn streamed(m: &MatMul, ptrs: &[*mut u8], threads: usize) {
+    let (out, a, b) = (
+        ptrs[m.out] as usize,
+        ptrs[m.a.buf] as usize,
+        ptrs[m.b.buf] as usize,
+    );
+    let size = m.m * m.n;
+    let parts = if m.m * m.n * m.k >= SPLIT_MIN {
+        threads.min(m.k / 16).max(1)
+    } else {
+        1
+    };
+    // partial sums of ranges 1.. (range 0 sums into the output)
+    let mut partial = vec![0f32; (parts - 1) * size];
+    let pp = partial.as_mut_ptr() as usize;
+    for bi in 0..m.batch {
+        let o = out as *mut f32;
+        std::ptr::write_bytes(o.add(bi * size), 0, size);
+        if parts > 1 {
+            std::ptr::write_bytes(pp as *mut f32, 0, (parts - 1) * size);
+        }
+        let part = |t: usize| {
+            let (p0, p1) = (m.k * t / parts, m.k * (t + 1) / parts);
+            let dst = if t == 0 {
+                (out as *mut f32).wrapping_add(bi * size)
+            } else {
+                (pp as *mut f32).wrapping_add((t - 1) * size)
+            };
+            // SAFETY: rows `p0..p1` of batch `bi` lie inside the checked operands; `dst` holds
+            // `size` elements that no other part writes.
+            unsafe {
+                x86::axpy_rows(
+                    (a as *const f32).add(m.a.offset + bi * m.a.batch),
+                    m.a.row,
+                    (b as *const f32).add(m.b.offset + bi * m.b.batch),
+                    m.b.row,
+                    dst,
+                    m.n,
+                    m.m,
+                    m.n,
+                    p0,
+                    p1,
+                )
+            };
+        };
+        spin::run(threads, parts, &part);
+        let dst = std::slice::from_raw_parts_mut(o.add(bi * size), size);
+        for t in 1..parts {
+            for (d, s) in dst.iter_mut().zip(&partial[(t - 1) * size..t * size]) {
+                *d += s;
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn streamed(_: &MatMul, _: &[*mut u8], _: usize) {
+    unreachable!("gemv::applies is false off x86-64");
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -324,6 +405,47 @@ mod x86 {
         }
     }
 
+    /// `out[r, :cols] += Σ_{p0 ≤ p < p1} a[r·lda + p] · b[p·ldb + :cols]` for `r < rows`, in
+    /// order of `p`: each row of `b` read once, start to end.
+    ///
+    /// # Safety
+    /// As for [`columns`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_rows(
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        out: *mut f32,
+        ldo: usize,
+        rows: usize,
+        cols: usize,
+        p0: usize,
+        p1: usize,
+    ) {
+        let c8 = cols & !7;
+        for p in p0..p1 {
+            let bp = b.add(p * ldb);
+            let mut j = 0;
+            while j < c8 {
+                let bv = _mm256_loadu_ps(bp.add(j));
+                for r in 0..rows {
+                    let x = _mm256_broadcast_ss(&*a.add(r * lda + p));
+                    let o = out.add(r * ldo + j);
+                    _mm256_storeu_ps(o, _mm256_fmadd_ps(x, bv, _mm256_loadu_ps(o)));
+                }
+                j += 8;
+            }
+            for j in c8..cols {
+                for r in 0..rows {
+                    let o = out.add(r * ldo + j);
+                    *o = (*a.add(r * lda + p)).mul_add(*bp.add(j), *o);
+                }
+            }
+        }
+    }
+
     /// The sum of the 8 lanes, pairwise.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -362,6 +484,8 @@ mod tests {
             (1, 8, 33, 64),
             (1, 2, 300, 200),
             (3, 3, 64, 256),
+            (1, 1, 300, 77),
+            (2, 5, 263, 40),
             (2, 4, 41, 19),
             (9, 1, 70, 64),
         ] {

@@ -23,7 +23,7 @@ use crate::sample::{self, Sampling};
 use crate::tensor::{Data, Tensor};
 use std::collections::BTreeMap;
 use vlmc::backend::cpu::CpuOptions;
-use vlmc::elab::gen::{CAPACITY, KEEP, PAST, PAST_VALID, POSITIONS, PRESENT, VALID};
+use vlmc::elab::gen::{CAPACITY, KEEP, PAST, PAST_VALID, POSITIONS, PRESENT, TRANSPOSED, VALID};
 use vlmc::elab::Elaborated;
 use vlmc::ir::{DType, Graph};
 
@@ -64,17 +64,29 @@ impl Runner {
 
     /// The graph optimised and compiled to machine code (per size, on first use).
     pub fn cpu(m: &Elaborated, opts: CpuOptions) -> R<Runner> {
+        // Weights read only transposed become parameters of their own in that layout
+        // (`path:T`), which `Generator::new` makes once from the originals.
+        let mut graph = m.graph.clone();
+        vlmc::elab::gen::transposed_weights(&mut graph);
+        let m = Elaborated {
+            model: m.model.clone(),
+            graph,
+            adapters: Vec::new(),
+            trainers: Vec::new(),
+            checkpoint: m.checkpoint.clone(),
+            preprocess: m.preprocess.clone(),
+        };
         let c =
-            vlmc::passes::compile(m, &vlmc::passes::CompileOptions::default()).map_err(|e| {
+            vlmc::passes::compile(&m, &vlmc::passes::CompileOptions::default()).map_err(|e| {
                 RunError {
                     message: e.to_string(),
                 }
             })?;
         let mut m = CpuModel::new(c, BTreeMap::new(), opts);
-        // The weights are read in their own layout, not copied row-major per plan: one copy of
-        // the weights however many plans (sizes) there are, and a decode step (one row per
-        // sequence) reads each weight once either way. (SmolLM2: time to first token 2.0 s ->
-        // 0.67 s, peak memory 2.45 -> 0.87 GB, decode no slower; docs/generation.md.)
+        // No row-major copy per plan: the weights the graph reads transposed are parameters of
+        // their own, made once (`transposed_weights`); the rest (a tied embedding read as the
+        // language head) are read in their own layout. One copy of the weights however many
+        // plans (sizes) there are. (Copies per plan: SmolLM2's peak memory 2.45 GB, not 0.9.)
         m.lower.row_major_weights = false;
         Ok(Runner::Cpu(Box::new(m)))
     }
@@ -264,7 +276,43 @@ pub struct Stats {
 
 impl Generator {
     /// A generator from the prefill and step graphs (elaborated with `generating`).
-    pub fn new(prefill: Runner, step: Runner, params: BTreeMap<String, Tensor>) -> R<Generator> {
+    pub fn new(
+        prefill: Runner,
+        step: Runner,
+        mut params: BTreeMap<String, Tensor>,
+    ) -> R<Generator> {
+        // the transposed weights the compiled graphs read (`path:T`), made once; originals that
+        // neither graph reads any more are dropped: one copy of each weight
+        let mut read = std::collections::BTreeSet::new();
+        for g in [prefill.graph(), step.graph()] {
+            for id in g.topo_order() {
+                if let vlmc::ir::Op::Param { path, .. } = &g.node(id).op {
+                    read.insert(path.clone());
+                }
+            }
+        }
+        for p in &read {
+            let Some(base) = p.strip_suffix(TRANSPOSED) else {
+                continue;
+            };
+            if params.contains_key(p) {
+                continue;
+            }
+            let t = params.get(base).ok_or_else(|| RunError {
+                message: format!("missing parameter `{base}`"),
+            })?;
+            let tt = crate::plan::transpose_last_two(t).ok_or_else(|| RunError {
+                message: format!(
+                    "`{base}` {} cannot be stored transposed (an f32 matrix that fits in memory)",
+                    t.shape_text()
+                ),
+            })?;
+            // an original no graph reads goes at once, so the peak holds one extra matrix
+            if !read.contains(base) {
+                params.remove(base);
+            }
+            params.insert(p.clone(), tt);
+        }
         let caches = caches_of(prefill.graph())?;
         let step_caches = caches_of(step.graph())?;
         let names = |c: &[CacheSpec]| c.iter().map(|c| c.name.clone()).collect::<Vec<_>>();

@@ -68,27 +68,43 @@ fn transposed_param(
         && perm[r - 2] == r - 1
         && perm[r - 1] == r - 2
         && perm[..r - 2].iter().enumerate().all(|(i, &p)| i == p);
+    if !swaps_last || t.shape.len() != r {
+        return None;
+    }
+    transpose_last_two(t)
+}
+
+/// An f32 tensor of rank ≥ 2 with its last two axes swapped (blocks of 32 × 32, the output's
+/// rows split across the rayon pool); `None` for other tensors or when the copy does not fit.
+pub fn transpose_last_two(t: &Tensor) -> Option<Tensor> {
+    use rayon::prelude::*;
+    let r = t.shape.len();
     let Data::F32(v) = &t.data else {
         return None;
     };
-    if !swaps_last || t.shape.len() != r || v.is_empty() {
+    if r < 2 || v.is_empty() {
         return None;
     }
     let (rows, cols) = (t.shape[r - 2], t.shape[r - 1]);
-    // A copy of a parameter the user sized: through `alloc`, or the interpreter's path (which
+    // A copy of a parameter the user sized: through `alloc`, or the caller's fallback (which
     // reports the memory it lacks) when it does not fit.
     let mut out = alloc::checked_vec(v.len(), 0f32, String::new).ok()?;
     const B: usize = 32;
     for (src, dst) in v.chunks(rows * cols).zip(out.chunks_mut(rows * cols)) {
-        for i0 in (0..rows).step_by(B) {
-            for j0 in (0..cols).step_by(B) {
-                for i in i0..(i0 + B).min(rows) {
-                    for j in j0..(j0 + B).min(cols) {
-                        dst[j * rows + i] = src[i * cols + j];
+        // output rows j0..j0 + B (input columns) per task
+        dst.par_chunks_mut(B * rows)
+            .enumerate()
+            .for_each(|(jb, d)| {
+                let j0 = jb * B;
+                let jn = (j0 + B).min(cols);
+                for i0 in (0..rows).step_by(B) {
+                    for j in j0..jn {
+                        for i in i0..(i0 + B).min(rows) {
+                            d[(j - j0) * rows + i] = src[i * cols + j];
+                        }
                     }
                 }
-            }
-        }
+            });
     }
     let mut shape = t.shape.clone();
     shape.swap(r - 2, r - 1);

@@ -1,13 +1,18 @@
 //! A small pool of spinning worker threads for work too short for rayon: a decode step runs
 //! ~200 matrix-vector products of 20–200 µs each, and waking a sleeping rayon thread for each
 //! cost more than the second core gained (docs/performance.md). The workers of this pool spin
-//! on an atomic counter between jobs and only sleep after [`SPIN`] without work, so a job
-//! posted during a decode step starts on every core within a microsecond or so.
+//! on an atomic counter between jobs (yielding the core after the first few µs) and only sleep
+//! after [`SPIN`] without work, so a job posted during a decode step starts on every core
+//! within a microsecond or so.
+//!
+//! The parts of a job are claimed from a shared counter, by the caller too: a worker that the
+//! system has not scheduled (a busy machine) leaves its parts to the others instead of holding
+//! the caller up. The caller returns once every part has run; a worker that looks at a job
+//! after that finds no part left to claim, so it never calls the job's closure late.
 //!
 //! One caller at a time: [`run`] splits a job over the pool when it is free and runs it inline
 //! when another thread holds it, so concurrent models never wait on each other here.
 
-use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -15,29 +20,52 @@ use std::time::{Duration, Instant};
 /// How long an idle worker spins (yielding the core after the first few µs) before it sleeps.
 const SPIN: Duration = Duration::from_micros(200);
 
-/// A job: called once for every part index.
-type Job = dyn Fn(usize) + Sync;
+/// One job: `f(p)` for every part `p < parts`.
+struct Job {
+    /// The caller's closure. Valid until `done` reaches `parts`: only a claimed part calls it,
+    /// and no part can be claimed after the last one was.
+    f: *const (dyn Fn(usize) + Sync),
+    parts: usize,
+    /// The next part to claim.
+    next: AtomicUsize,
+    /// Parts finished.
+    done: AtomicUsize,
+    /// Set when a part panicked; the caller panics in turn.
+    panicked: AtomicBool,
+}
+
+// SAFETY: `f` points to a `Sync` closure, called only while the caller waits for it (above).
+unsafe impl Send for Job {}
+unsafe impl Sync for Job {}
+
+impl Job {
+    /// Claims and runs parts until none is left.
+    fn work(&self) {
+        loop {
+            let p = self.next.fetch_add(1, AcqRel);
+            if p >= self.parts {
+                return;
+            }
+            // SAFETY: part `p` was claimed, so the caller is still waiting (see `f`).
+            let f = unsafe { &*self.f };
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(p))).is_err() {
+                self.panicked.store(true, SeqCst);
+            }
+            self.done.fetch_add(1, Release);
+        }
+    }
+}
 
 struct Shared {
     /// Bumped by the caller to post a job.
     epoch: AtomicU64,
-    /// Workers that have not finished the current job.
-    pending: AtomicUsize,
-    /// The current job, its part count and the threads it is split over; written before `epoch` is bumped (release) and read
-    /// after it is seen (acquire); valid until `pending` reaches 0.
-    job: UnsafeCell<(*const Job, usize, usize)>,
+    /// The job of the latest epoch.
+    job: Mutex<Option<Arc<Job>>>,
     /// Workers about to sleep or sleeping, and the lock and condition they sleep on.
     sleepers: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
-    /// Set when a part panicked on a worker; the caller panics in turn.
-    panicked: AtomicBool,
 }
-
-// SAFETY: `job` is written only by the caller holding the pool, while no worker reads it
-// (between jobs), and read by workers only while the caller waits for them (see `Pool::run`).
-unsafe impl Sync for Shared {}
-unsafe impl Send for Shared {}
 
 struct Pool {
     shared: Arc<Shared>,
@@ -48,19 +76,17 @@ impl Pool {
     fn new(workers: usize) -> Pool {
         let shared = Arc::new(Shared {
             epoch: AtomicU64::new(0),
-            pending: AtomicUsize::new(0),
-            job: UnsafeCell::new((std::ptr::null::<fn(usize)>() as *const Job, 0, 1)),
+            job: Mutex::new(None),
             sleepers: AtomicUsize::new(0),
             lock: Mutex::new(()),
             wake: Condvar::new(),
-            panicked: AtomicBool::new(false),
         });
         let mut started = 0;
         for w in 0..workers {
             let s = shared.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vlmc-spin-{w}"))
-                .spawn(move || worker(&s, w + 1));
+                .spawn(move || worker(&s));
             if spawned.is_err() {
                 // the system refused a thread: the pool works with those it has
                 break;
@@ -73,46 +99,49 @@ impl Pool {
         }
     }
 
-    /// Runs `f(p)` for every `p < parts`: part `p` on thread `p % (workers + 1)`, thread 0
-    /// being the caller. Returns when every part has run.
+    /// Runs `f(p)` for every `p < parts` on the caller and the workers; returns when every
+    /// part has run.
     fn run<'a>(&self, parts: usize, f: &'a (dyn Fn(usize) + Sync + 'a)) {
         let s = &*self.shared;
         if self.workers == 0 || parts <= 1 {
             (0..parts).for_each(f);
             return;
         }
-        // SAFETY: no worker reads `job` now: the last job's `pending` reached 0 before the
-        // previous `run` returned, and the new epoch is not yet posted. The lifetime of `f` is
-        // erased, but workers use it only until `pending` reaches 0, which this call waits for.
-        unsafe {
-            let f: *const Job =
-                std::mem::transmute::<&'a (dyn Fn(usize) + Sync + 'a), &'static Job>(f);
-            *s.job.get() = (f, parts, self.workers + 1);
-        }
-        s.pending.store(self.workers, SeqCst);
+        // SAFETY (of the lifetime erased here): the closure is called only for claimed parts,
+        // and this function returns only after every part has been claimed and has finished.
+        let f: *const (dyn Fn(usize) + Sync + 'a) = f;
+        let f: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
+        let job = Arc::new(Job {
+            f,
+            parts,
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+        });
+        *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(job.clone());
         s.epoch.fetch_add(1, SeqCst);
         if s.sleepers.load(SeqCst) > 0 {
             let _g = s.lock.lock();
             s.wake.notify_all();
         }
-        let threads = self.workers + 1;
-        // The workers use `f` until they are done: a panic here waits for them first.
-        let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            (0..parts).step_by(threads).for_each(f)
-        }));
-        while s.pending.load(Acquire) != 0 {
-            std::hint::spin_loop();
+        job.work();
+        // parts still running on workers: spin a little, then give them the core
+        let mut spins = 0u32;
+        while job.done.load(Acquire) < parts {
+            spins = spins.saturating_add(1);
+            if spins > 1024 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
-        if s.panicked.swap(false, SeqCst) {
+        if job.panicked.load(SeqCst) {
             panic!("a part of a job on the spinning pool panicked");
-        }
-        if let Err(e) = mine {
-            std::panic::resume_unwind(e);
         }
     }
 }
 
-fn worker(s: &Shared, me: usize) {
+fn worker(s: &Shared) {
     let mut seen = 0u64;
     loop {
         let start = Instant::now();
@@ -144,17 +173,10 @@ fn worker(s: &Shared, me: usize) {
                 std::hint::spin_loop();
             }
         }
-        // SAFETY: the caller posted this job before bumping the epoch and keeps it alive
-        // until `pending` reaches 0, which happens only after this read and these calls.
-        let (f, parts, threads) = unsafe { *s.job.get() };
-        let f = unsafe { &*f };
-        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            (me..parts).step_by(threads).for_each(f)
-        }));
-        if ran.is_err() {
-            s.panicked.store(true, SeqCst);
+        let job = s.job.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(job) = job {
+            job.work();
         }
-        s.pending.fetch_sub(1, Release);
     }
 }
 
@@ -171,15 +193,10 @@ pub fn run(threads: usize, parts: usize, f: &(dyn Fn(usize) + Sync)) {
     let pool = POOL.get_or_init(|| Mutex::new(Pool::new(threads - 1)));
     match pool.try_lock() {
         Ok(p) => p.run(parts, f),
-        Err(_) => (0..parts).for_each(f),
+        // a part panicked in an earlier job: the pool itself is sound
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().run(parts, f),
+        Err(std::sync::TryLockError::WouldBlock) => (0..parts).for_each(f),
     }
-}
-
-/// The threads a job given to [`run`] is split over once the pool exists (1 before).
-pub fn threads() -> usize {
-    POOL.get()
-        .and_then(|p| p.try_lock().ok().map(|p| p.workers + 1))
-        .unwrap_or(1)
 }
 
 #[cfg(test)]
@@ -197,12 +214,30 @@ mod tests {
                 assert!(hits.iter().all(|h| h.load(SeqCst) == 1), "parts {parts}");
             }
         }
-        // after the workers have gone to sleep, a job still runs on all of them
+        // after the workers have gone to sleep, a job still runs every part once
         std::thread::sleep(SPIN * 3);
         let hits: Vec<AtomicUsize> = (0..5).map(|_| AtomicUsize::new(0)).collect();
         run(3, 5, &|p| {
             hits[p].fetch_add(1, SeqCst);
         });
         assert!(hits.iter().all(|h| h.load(SeqCst) == 1));
+    }
+
+    #[test]
+    fn a_panicking_part_panics_the_caller() {
+        let r = std::panic::catch_unwind(|| {
+            run(2, 4, &|p| {
+                if p == 2 {
+                    panic!("part 2");
+                }
+            })
+        });
+        assert!(r.is_err());
+        // and the pool still works
+        let n = AtomicUsize::new(0);
+        run(2, 4, &|_| {
+            n.fetch_add(1, SeqCst);
+        });
+        assert_eq!(n.load(SeqCst), 4);
     }
 }

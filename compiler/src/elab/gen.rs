@@ -282,3 +282,55 @@ pub fn last_position(g: &mut crate::ir::Graph) -> Result<(), String> {
     g.outputs[at].1 = last;
     Ok(())
 }
+
+/// The suffix of a weight stored transposed: `lm.layers.0.mlp.up_proj.weight:T` holds
+/// `lm.layers.0.mlp.up_proj.weight`ᵀ.
+pub const TRANSPOSED: &str = ":T";
+
+/// Makes every 2-D f32 parameter that the graph reads only transposed (a linear layer's
+/// `x · Wᵀ`) a parameter of its own in the transposed layout, named with [`TRANSPOSED`], and
+/// returns the original paths. Generation's CPU plans take their weights this way: one
+/// row-major copy, made once at load (`vlmc_runtime::generate::Generator::new`) and read by
+/// every plan, so that the prefill's GEMMs get the right-hand side in the layout they pack
+/// fastest and a step streams each weight once.
+pub fn transposed_weights(g: &mut crate::ir::Graph) -> Vec<String> {
+    let mut done = Vec::new();
+    for id in g.topo_order() {
+        if !g.contains(id) {
+            continue;
+        }
+        let node = g.node(id);
+        let Op::Param { path, init } = &node.op else {
+            continue;
+        };
+        let ty = node.ty.clone();
+        if ty.rank() != 2 || ty.dtype != DType::F32 || g.outputs.iter().any(|(_, o)| *o == id) {
+            continue;
+        }
+        let users = g.users(id);
+        let transposes =
+            |u: &NodeId| matches!(&g.node(*u).op, Op::Permute { perm } if perm == &[1, 0]);
+        if users.is_empty() || !users.iter().all(transposes) {
+            continue;
+        }
+        let (path, init, scope) = (path.clone(), init.clone(), node.scope.clone());
+        let t = TensorType::new(
+            ty.dtype,
+            crate::ir::Shape(vec![ty.shape.0[1].clone(), ty.shape.0[0].clone()]),
+        );
+        let op = Op::Param {
+            path: format!("{path}{TRANSPOSED}"),
+            init,
+        };
+        let Ok(new) = g.add_source(op, t, &scope) else {
+            continue;
+        };
+        for u in users {
+            g.replace_uses(u, new);
+            g.remove(u);
+        }
+        g.remove(id);
+        done.push(path);
+    }
+    done
+}
