@@ -81,10 +81,21 @@ pub unsafe fn matmul(m: &MatMul, ptrs: &[*mut u8], threads: usize) {
                     let a = (a as *const f32).add(m.a.offset + bi * m.a.batch);
                     let b = (b as *const f32).add(m.b.offset + bi * m.b.batch + j * m.b.col);
                     let out = (out as *mut f32).add(bi * m.m * m.n + j);
+                    let ldb = if m.b.row == 1 { m.b.col } else { m.b.row };
+                    let o = x86::Operands {
+                        a,
+                        lda: m.a.row,
+                        b,
+                        ldb,
+                        out,
+                        ldo: m.n,
+                        rows: m.m,
+                        cols,
+                    };
                     if m.b.row == 1 {
-                        x86::columns(a, m.a.row, b, m.b.col, out, m.n, m.m, cols, m.k)
+                        x86::columns(o, m.k)
                     } else {
-                        x86::rows(a, m.a.row, b, m.b.row, out, m.n, m.m, cols, m.k)
+                        x86::rows(o, m.k)
                     }
                 };
                 c += cols;
@@ -120,47 +131,54 @@ unsafe fn streamed(m: &MatMul, ptrs: &[*mut u8], threads: usize) {
     } else {
         1
     };
-    // partial sums of ranges 1.. (range 0 sums into the output)
-    let mut partial = vec![0f32; (parts - 1) * size];
-    let pp = partial.as_mut_ptr() as usize;
-    for bi in 0..m.batch {
-        let o = out as *mut f32;
-        std::ptr::write_bytes(o.add(bi * size), 0, size);
-        if parts > 1 {
-            std::ptr::write_bytes(pp as *mut f32, 0, (parts - 1) * size);
+    // Partial sums of ranges 1.. (range 0 sums into the output), in a buffer this thread keeps
+    // between calls: a decode step makes ~200 of them. Each range writes its first row's
+    // products (no zeroing first).
+    PARTIAL.with(|partial| {
+        let mut partial = partial.borrow_mut();
+        if partial.len() < (parts - 1) * size {
+            partial.resize((parts - 1) * size, 0.0);
         }
-        let part = |t: usize| {
-            let (p0, p1) = (m.k * t / parts, m.k * (t + 1) / parts);
-            let dst = if t == 0 {
-                (out as *mut f32).wrapping_add(bi * size)
-            } else {
-                (pp as *mut f32).wrapping_add((t - 1) * size)
+        let pp = partial.as_mut_ptr() as usize;
+        for bi in 0..m.batch {
+            let o = out as *mut f32;
+            let part = |t: usize| {
+                let (p0, p1) = (m.k * t / parts, m.k * (t + 1) / parts);
+                let dst = if t == 0 {
+                    (out as *mut f32).wrapping_add(bi * size)
+                } else {
+                    (pp as *mut f32).wrapping_add((t - 1) * size)
+                };
+                // SAFETY: rows `p0..p1` of batch `bi` lie inside the checked operands; `dst` holds
+                // `size` elements that no other part writes.
+                unsafe {
+                    let o = x86::Operands {
+                        a: (a as *const f32).add(m.a.offset + bi * m.a.batch),
+                        lda: m.a.row,
+                        b: (b as *const f32).add(m.b.offset + bi * m.b.batch),
+                        ldb: m.b.row,
+                        out: dst,
+                        ldo: m.n,
+                        rows: m.m,
+                        cols: m.n,
+                    };
+                    x86::axpy_rows(o, p0, p1)
+                };
             };
-            // SAFETY: rows `p0..p1` of batch `bi` lie inside the checked operands; `dst` holds
-            // `size` elements that no other part writes.
-            unsafe {
-                x86::axpy_rows(
-                    (a as *const f32).add(m.a.offset + bi * m.a.batch),
-                    m.a.row,
-                    (b as *const f32).add(m.b.offset + bi * m.b.batch),
-                    m.b.row,
-                    dst,
-                    m.n,
-                    m.m,
-                    m.n,
-                    p0,
-                    p1,
-                )
-            };
-        };
-        spin::run(threads, parts, &part);
-        let dst = std::slice::from_raw_parts_mut(o.add(bi * size), size);
-        for t in 1..parts {
-            for (d, s) in dst.iter_mut().zip(&partial[(t - 1) * size..t * size]) {
-                *d += s;
+            spin::run(threads, parts, &part);
+            let dst = std::slice::from_raw_parts_mut(o.add(bi * size), size);
+            for t in 1..parts {
+                for (d, s) in dst.iter_mut().zip(&partial[(t - 1) * size..t * size]) {
+                    *d += s;
+                }
             }
         }
-    }
+    });
+}
+
+thread_local! {
+    /// [`streamed`]'s partial sums.
+    static PARTIAL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -172,6 +190,21 @@ unsafe fn streamed(_: &MatMul, _: &[*mut u8], _: usize) {
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// One product's operands: `rows` rows of `a` (`lda` apart), the right-hand side `b`
+    /// (`ldb` apart between the rows or columns that the kernel reads contiguously), and `cols`
+    /// columns of `out` (rows `ldo` apart).
+    #[derive(Clone, Copy)]
+    pub struct Operands {
+        pub a: *const f32,
+        pub lda: usize,
+        pub b: *const f32,
+        pub ldb: usize,
+        pub out: *mut f32,
+        pub ldo: usize,
+        pub rows: usize,
+        pub cols: usize,
+    }
+
     /// `out[r, c] = Σ_p a[r·lda + p] · w[c·ldw + p]` for `r < rows`, `c < cols`, `p < k`
     /// (`out[r, c]` at `out + r·ldo + c`). For one or two rows (bound by reading `w`): one
     /// column of `w` at a time, read once from start to end (one sequential stream is what the
@@ -181,19 +214,18 @@ mod x86 {
     /// # Safety
     /// The CPU must have AVX2 and FMA; every address named must be readable (`a`, `w`) or
     /// writable (`out`).
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn columns(
-        a: *const f32,
-        lda: usize,
-        w: *const f32,
-        ldw: usize,
-        out: *mut f32,
-        ldo: usize,
-        rows: usize,
-        cols: usize,
-        k: usize,
-    ) {
+    pub unsafe fn columns(o: Operands, k: usize) {
+        let Operands {
+            a,
+            lda,
+            b: w,
+            ldb: ldw,
+            out,
+            ldo,
+            rows,
+            cols,
+        } = o;
         if rows <= 2 {
             for c in 0..cols {
                 let (w, o) = (w.add(c * ldw), out.add(c));
@@ -325,19 +357,18 @@ mod x86 {
     ///
     /// # Safety
     /// As for [`columns`].
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn rows(
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        ldb: usize,
-        out: *mut f32,
-        ldo: usize,
-        rows: usize,
-        cols: usize,
-        k: usize,
-    ) {
+    pub unsafe fn rows(o: Operands, k: usize) {
+        let Operands {
+            a,
+            lda,
+            b,
+            ldb,
+            out,
+            ldo,
+            rows,
+            cols,
+        } = o;
         let mut c = 0;
         while c < cols {
             let nv = if cols - c >= 16 { 2 } else { 1 };
@@ -405,25 +436,24 @@ mod x86 {
         }
     }
 
-    /// `out[r, :cols] += Σ_{p0 ≤ p < p1} a[r·lda + p] · b[p·ldb + :cols]` for `r < rows`, in
-    /// order of `p`: each row of `b` read once, start to end.
+    /// `out[r, :cols] = Σ_{p0 ≤ p < p1} a[r·lda + p] · b[p·ldb + :cols]` for `r < rows`, summed
+    /// in order of `p` (`p1 > p0`; `out` is written, not read, at `p0`): each row of `b` read
+    /// once, start to end.
     ///
     /// # Safety
     /// As for [`columns`].
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy_rows(
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        ldb: usize,
-        out: *mut f32,
-        ldo: usize,
-        rows: usize,
-        cols: usize,
-        p0: usize,
-        p1: usize,
-    ) {
+    pub unsafe fn axpy_rows(o: Operands, p0: usize, p1: usize) {
+        let Operands {
+            a,
+            lda,
+            b,
+            ldb,
+            out,
+            ldo,
+            rows,
+            cols,
+        } = o;
         let c8 = cols & !7;
         for p in p0..p1 {
             let bp = b.add(p * ldb);
@@ -433,14 +463,25 @@ mod x86 {
                 for r in 0..rows {
                     let x = _mm256_broadcast_ss(&*a.add(r * lda + p));
                     let o = out.add(r * ldo + j);
-                    _mm256_storeu_ps(o, _mm256_fmadd_ps(x, bv, _mm256_loadu_ps(o)));
+                    // (the first row's product is what an FMA into zero would round to)
+                    let v = if p == p0 {
+                        _mm256_mul_ps(x, bv)
+                    } else {
+                        _mm256_fmadd_ps(x, bv, _mm256_loadu_ps(o))
+                    };
+                    _mm256_storeu_ps(o, v);
                 }
                 j += 8;
             }
             for j in c8..cols {
                 for r in 0..rows {
                     let o = out.add(r * ldo + j);
-                    *o = (*a.add(r * lda + p)).mul_add(*bp.add(j), *o);
+                    let x = *a.add(r * lda + p);
+                    *o = if p == p0 {
+                        x * *bp.add(j)
+                    } else {
+                        x.mul_add(*bp.add(j), *o)
+                    };
                 }
             }
         }

@@ -68,14 +68,7 @@ impl Runner {
         // (`path:T`), which `Generator::new` makes once from the originals.
         let mut graph = m.graph.clone();
         vlmc::elab::gen::transposed_weights(&mut graph);
-        let m = Elaborated {
-            model: m.model.clone(),
-            graph,
-            adapters: Vec::new(),
-            trainers: Vec::new(),
-            checkpoint: m.checkpoint.clone(),
-            preprocess: m.preprocess.clone(),
-        };
+        let m = with_graph(m, graph);
         let c =
             vlmc::passes::compile(&m, &vlmc::passes::CompileOptions::default()).map_err(|e| {
                 RunError {
@@ -95,14 +88,7 @@ impl Runner {
     pub fn cuda(m: &Elaborated, opts: crate::cuda::CudaOptions) -> R<Runner> {
         crate::cuda::check_driver()?;
         Ok(Runner::Cuda(Box::new(CudaRunner {
-            model: Elaborated {
-                model: m.model.clone(),
-                graph: m.graph.clone(),
-                adapters: Vec::new(),
-                trainers: Vec::new(),
-                checkpoint: m.checkpoint.clone(),
-                preprocess: m.preprocess.clone(),
-            },
+            model: with_graph(m, m.graph.clone()),
             opts,
             loaded: Default::default(),
         })))
@@ -161,6 +147,18 @@ impl Runner {
             Runner::Cpu(m) => m.plans(),
             Runner::Cuda(c) => c.loaded.lock().map_or(0, |l| l.len()),
         }
+    }
+}
+
+/// `m` with `graph` in place of its own (generation needs no adapters or trainers).
+fn with_graph(m: &Elaborated, graph: Graph) -> Elaborated {
+    Elaborated {
+        model: m.model.clone(),
+        graph,
+        adapters: Vec::new(),
+        trainers: Vec::new(),
+        checkpoint: m.checkpoint.clone(),
+        preprocess: m.preprocess.clone(),
     }
 }
 
@@ -285,11 +283,11 @@ impl Generator {
         // neither graph reads any more are dropped: one copy of each weight
         let mut read = std::collections::BTreeSet::new();
         for g in [prefill.graph(), step.graph()] {
-            for id in g.topo_order() {
-                if let vlmc::ir::Op::Param { path, .. } = &g.node(id).op {
-                    read.insert(path.clone());
-                }
-            }
+            read.extend(
+                g.params()
+                    .into_iter()
+                    .map(|(_, path, _, _)| path.to_string()),
+            );
         }
         for p in &read {
             let Some(base) = p.strip_suffix(TRANSPOSED) else {
@@ -515,10 +513,11 @@ impl Generator {
         }
         step_inputs.insert(VALID.into(), Tensor::i32(vec![b, 1], vec![1; b]));
         step_inputs.insert(POSITIONS.into(), Tensor::i32(vec![b, 1], vec![0; b]));
-        step_inputs.insert(
-            PAST_VALID.into(),
-            Tensor::i32(vec![b, cap], past_valid.clone()),
-        );
+        // the prompt fills the first `l` slots
+        for r in 0..b {
+            past_valid[r * cap..r * cap + l].copy_from_slice(&valid[r * l..(r + 1) * l]);
+        }
+        step_inputs.insert(PAST_VALID.into(), Tensor::i32(vec![b, cap], past_valid));
         // Both plans are made before the prefill runs (no kernel is compiled after the first
         // token), on two threads: each is mostly one thread's work (the disk cache's lookups,
         // the load-time values). The step's plan needs the shapes of the kept values, which
@@ -545,13 +544,6 @@ impl Generator {
         drop(inputs);
         let mut used = 0usize;
         self.store(&mut step_inputs, &out, used, l)?;
-        for r in 0..b {
-            past_valid[r * cap..r * cap + l].copy_from_slice(&valid[r * l..(r + 1) * l]);
-        }
-        step_inputs.insert(
-            PAST_VALID.into(),
-            Tensor::i32(vec![b, cap], past_valid.clone()),
-        );
         used += l;
         for name in &self.kept {
             let x = out.get(name).ok_or_else(|| RunError {

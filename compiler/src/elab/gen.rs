@@ -294,16 +294,13 @@ pub const TRANSPOSED: &str = ":T";
 /// every plan, so that the prefill's GEMMs get the right-hand side in the layout they pack
 /// fastest and a step streams each weight once.
 pub fn transposed_weights(g: &mut crate::ir::Graph) -> Vec<String> {
+    let params: Vec<_> = g
+        .params()
+        .into_iter()
+        .map(|(id, path, ty, init)| (id, path.to_string(), ty.clone(), init.clone()))
+        .collect();
     let mut done = Vec::new();
-    for id in g.topo_order() {
-        if !g.contains(id) {
-            continue;
-        }
-        let node = g.node(id);
-        let Op::Param { path, init } = &node.op else {
-            continue;
-        };
-        let ty = node.ty.clone();
+    for (id, path, ty, init) in params {
         if ty.rank() != 2 || ty.dtype != DType::F32 || g.outputs.iter().any(|(_, o)| *o == id) {
             continue;
         }
@@ -313,7 +310,7 @@ pub fn transposed_weights(g: &mut crate::ir::Graph) -> Vec<String> {
         if users.is_empty() || !users.iter().all(transposes) {
             continue;
         }
-        let (path, init, scope) = (path.clone(), init.clone(), node.scope.clone());
+        let scope = g.node(id).scope.clone();
         let t = TensorType::new(
             ty.dtype,
             crate::ir::Shape(vec![ty.shape.0[1].clone(), ty.shape.0[0].clone()]),

@@ -436,14 +436,19 @@ fn sink_slice(g: &mut Graph, id: NodeId) -> Option<NodeId> {
     match new {
         Some(n) if g.node(n).ty == g.node(id).ty => Some(n),
         other => {
-            // (cannot happen for well-typed graphs: the rewrite keeps every type)
             made.extend(other);
-            for n in made.into_iter().rev() {
-                if g.users(n).is_empty() {
-                    g.remove(n);
-                }
-            }
+            discard(g, made);
             None
+        }
+    }
+}
+
+/// Removes the nodes a rewrite made before it failed, newest first (a failure cannot happen
+/// for well-typed graphs: the slice rewrites keep every type).
+fn discard(g: &mut Graph, made: Vec<NodeId>) {
+    for n in made.into_iter().rev() {
+        if g.users(n).is_empty() {
+            g.remove(n);
         }
     }
 }
@@ -521,5 +526,9 @@ fn sink_slice_linear(g: &mut Graph, id: NodeId, y: NodeId) -> Option<NodeId> {
         &[sm],
         y,
     )?;
-    (g.node(sy).ty == g.node(id).ty).then_some(sy)
+    if g.node(sy).ty == g.node(id).ty {
+        return Some(sy);
+    }
+    discard(g, vec![sa, sr, sm, sy]);
+    None
 }
