@@ -324,7 +324,19 @@ pub fn train(
     on_step: &mut dyn FnMut(&Event<'_>),
 ) -> Result<Summary, TrainRunError> {
     let cfg = TrainConfig::of(o.model, o.trainer).map_err(err)?;
-    let tok_path = match &o.tokenizer {
+    // The spec's own tokenizer, when the elaborator found it beside the spec.
+    let declared = o
+        .model
+        .preprocess
+        .iter()
+        .filter(|p| p.kind == "text")
+        .find_map(|p| match p.arg("tokenizer") {
+            Some(vlmc::elab::Setting::Str(s)) if Path::new(s).is_absolute() => {
+                Some(PathBuf::from(s))
+            }
+            _ => None,
+        });
+    let tok_path = match o.tokenizer.as_ref().or(declared.as_ref()) {
         Some(t) => t.clone(),
         None => {
             let beside = o
@@ -362,6 +374,7 @@ pub fn train(
     if total == 0 {
         return Err(err(format!("trainer `{}`: the run has no step", cfg.name)));
     }
+    cfg.schedule.check(&cfg.name, total).map_err(err)?;
     let fp = Fingerprint::of(
         o.model,
         &cfg,
@@ -612,6 +625,7 @@ pub fn train(
     );
     crate::weights::save(&o.out.join("model.safetensors"), &session.params)
         .map_err(|e| err(e.message))?;
+    save_tokenizer(&tok_path, o.out)?;
     if let Some(l) = &lora {
         train_ckpt::save_peft(
             &o.out.join("adapter"),
@@ -631,4 +645,33 @@ pub fn train(
         eval_losses,
         skipped: false,
     })
+}
+
+/// The files of the tokenizer a run used, copied beside its weights (as `save_pretrained`
+/// does), so the output folder runs and generates on its own: `tokenizer.json`, and the
+/// `tokenizer_config.json` / `special_tokens_map.json` beside it when there are such.
+pub fn save_tokenizer(tokenizer: &Path, out: &Path) -> Result<(), TrainRunError> {
+    let dir = tokenizer.parent().unwrap_or(Path::new("."));
+    let files = [
+        (tokenizer.to_path_buf(), "tokenizer.json"),
+        (dir.join("tokenizer_config.json"), "tokenizer_config.json"),
+        (
+            dir.join("special_tokens_map.json"),
+            "special_tokens_map.json",
+        ),
+    ];
+    for (src, name) in files {
+        if name != "tokenizer.json" && !src.is_file() {
+            continue;
+        }
+        let dst = out.join(name);
+        if train_folder::same_path(&src, &dst) {
+            continue;
+        }
+        let bytes = crate::files::read(&src)
+            .map_err(|e| err(format!("cannot read {}: {e}", src.display())))?;
+        crate::weights::write_atomic(&dst, &bytes)
+            .map_err(|e| err(format!("{}: {e}", dst.display())))?;
+    }
+    Ok(())
 }

@@ -77,31 +77,101 @@ const ADAPTERS: &[(&str, &[(&str, char)])] = &[
     ),
 ];
 
-const OBJECTIVES: &[&str] = &[
-    "pretrain",
-    "sft",
-    "dpo",
-    "ipo",
-    "mpo",
-    "online_dpo",
-    "cpo",
-    "simpo",
-    "kto",
-    "nash_md",
-    "orpo",
-    "xpo",
-    "reward",
-    "ppo",
-    "prm",
-    "grpo",
-    "rloo",
-    "gkd",
-    "distill",
-    "clip",
-    "siglip",
-    "itc",
-    "itm",
-    "itg",
+/// Objectives and their arguments: (name, [(argument, kind)]). Kinds: i int, f number, b bool,
+/// s name, t string, l list of numbers, or the allowed names separated by `|`.
+const OBJECTIVES: &[(&str, &[(&str, &str)])] = &[
+    ("pretrain", &[]),
+    ("sft", &[("mask", "prompt|none|assistant")]),
+    (
+        "dpo",
+        &[
+            ("beta", "f"),
+            ("loss_type", "s"),
+            ("loss_weights", "l"),
+            ("label_smoothing", "f"),
+            ("rpo_alpha", "f"),
+            ("ld_alpha", "f"),
+            ("use_weighting", "b"),
+            (
+                "f_divergence_type",
+                "reverse_kl|forward_kl|js|alpha_divergence",
+            ),
+            ("f_alpha_divergence_coef", "f"),
+        ],
+    ),
+    ("ipo", &[("beta", "f")]),
+    ("mpo", &[("beta", "f"), ("loss_weights", "l")]),
+    ("online_dpo", &[("beta", "f"), ("loss_type", "sigmoid|ipo")]),
+    (
+        "cpo",
+        &[
+            ("beta", "f"),
+            ("loss_type", "sigmoid|hinge|ipo|simpo|alphapo"),
+            ("label_smoothing", "f"),
+            ("cpo_alpha", "f"),
+            ("simpo_gamma", "f"),
+        ],
+    ),
+    (
+        "simpo",
+        &[("beta", "f"), ("simpo_gamma", "f"), ("cpo_alpha", "f")],
+    ),
+    (
+        "kto",
+        &[
+            ("beta", "f"),
+            ("desirable_weight", "f"),
+            ("undesirable_weight", "f"),
+        ],
+    ),
+    ("nash_md", &[("beta", "f"), ("mixture_coef", "f")]),
+    ("orpo", &[("beta", "f")]),
+    ("xpo", &[("beta", "f"), ("alpha", "f")]),
+    (
+        "reward",
+        &[("center_rewards_coefficient", "f"), ("margin", "b")],
+    ),
+    (
+        "ppo",
+        &[
+            ("gamma", "f"),
+            ("lam", "f"),
+            ("cliprange", "f"),
+            ("cliprange_value", "f"),
+            ("vf_coef", "f"),
+            ("kl_coef", "f"),
+            ("ppo_epochs", "i"),
+        ],
+    ),
+    ("prm", &[("step_separator", "t")]),
+    (
+        "grpo",
+        &[
+            ("beta", "f"),
+            ("epsilon", "f"),
+            ("epsilon_high", "f"),
+            ("num_generations", "i"),
+            ("num_iterations", "i"),
+            ("loss_type", "grpo|bnpo|dr_grpo|dapo"),
+            ("scale_rewards", "group|batch|none"),
+        ],
+    ),
+    ("rloo", &[("beta", "f"), ("num_generations", "i")]),
+    (
+        "gkd",
+        &[
+            ("beta", "f"),
+            ("lmbda", "f"),
+            ("temperature", "f"),
+            ("seq_kd", "b"),
+        ],
+    ),
+    ("distill", &[("temperature", "f"), ("alpha", "f")]),
+    ("clip", &[]),
+    ("siglip", &[]),
+    ("itc", &[("label_smoothing", "f")]),
+    ("itm", &[]),
+    ("itg", &[("label_smoothing", "f")]),
 ];
 
 const OPTIMIZERS: &[(&str, &[&str])] = &[
@@ -111,9 +181,12 @@ const OPTIMIZERS: &[(&str, &[&str])] = &[
 ];
 
 const SCHEDULES: &[(&str, &[&str])] = &[
-    ("constant", &["warmup"]),
-    ("linear", &["warmup"]),
-    ("cosine", &["warmup", "min_lr"]),
+    ("constant", &["warmup", "warmup_steps", "warmup_ratio"]),
+    ("linear", &["warmup", "warmup_steps", "warmup_ratio"]),
+    (
+        "cosine",
+        &["warmup", "warmup_steps", "warmup_ratio", "min_lr"],
+    ),
 ];
 
 /// Trainer settings and the kind of value each takes: i int, f number, p patterns, c call,
@@ -376,6 +449,11 @@ fn check_adapter(
             .iter()
             .filter(|path| pattern_matches(p, path))
             .collect();
+        if !hits.is_empty() {
+            if let Some(e) = dead_alternative_error(prog, m, p, modules) {
+                return Err(e);
+            }
+        }
         if hits.is_empty() {
             return Err(err(
                 prog,
@@ -414,6 +492,59 @@ fn check_adapter(
         args,
         targets,
     })
+}
+
+/// An alternative of `p` (`{q_proj, out_proj}`) that matches none of `paths` although the
+/// pattern as a whole does, with the names that stand at its place in the paths `p` could
+/// match with any name there.
+fn dead_alternative(p: &Pattern, paths: &[String]) -> Option<(String, Vec<String>)> {
+    for (i, seg) in p.segs.iter().enumerate() {
+        let PatSeg::Alt(alts) = seg else { continue };
+        let with = |seg: PatSeg| {
+            let mut q = p.clone();
+            q.segs[i] = seg;
+            q
+        };
+        let matches_any = |q: &Pattern| paths.iter().any(|path| pattern_matches(q, path));
+        let Some(dead) = alts
+            .iter()
+            .find(|a| !matches_any(&with(PatSeg::Name((*a).clone()))))
+        else {
+            continue;
+        };
+        let mut names: Vec<String> = paths
+            .iter()
+            .flat_map(|path| path.split('.'))
+            .filter(|c| c.parse::<usize>().is_err())
+            .map(str::to_string)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter(|c| matches_any(&with(PatSeg::Name(c.clone()))))
+            .collect();
+        names.truncate(24);
+        return Some((dead.clone(), names));
+    }
+    None
+}
+
+/// The error for an alternative of `p` that matches nothing (see [`dead_alternative`]).
+fn dead_alternative_error(
+    prog: &Program,
+    m: usize,
+    p: &Pattern,
+    paths: &[String],
+) -> Option<Diagnostic> {
+    let (dead, names) = dead_alternative(p, paths)?;
+    Some(
+        err(
+            prog,
+            m,
+            p.span,
+            format!("`{dead}` in `{p}` matches nothing"),
+        )
+        .label("an alternative that matches nothing")
+        .note(format!("names there: {}", names.join(", "))),
+    )
 }
 
 fn suggest_paths(modules: &[String], p: &Pattern) -> String {
@@ -515,6 +646,13 @@ fn check_trainer(
                                     .any(|(i, _)| under.contains(&path[..i]))
                         })
                         .collect();
+                    if !matched.is_empty() {
+                        let mut all: Vec<String> = modules.to_vec();
+                        all.extend(params.iter().cloned());
+                        if let Some(e) = dead_alternative_error(prog, m, p, &all) {
+                            return Err(e);
+                        }
+                    }
                     if matched.is_empty() {
                         return Err(err(
                             prog,
@@ -656,12 +794,13 @@ fn check_setting(
             };
             let allowed: Option<&[&str]> = match key {
                 "objective" => {
-                    if !OBJECTIVES.contains(&name) {
+                    let Some((_, sig)) = OBJECTIVES.iter().find(|(n, _)| *n == name) else {
+                        let known: Vec<&str> = OBJECTIVES.iter().map(|(n, _)| *n).collect();
                         return Err(err(prog, m, span, format!("unknown objective `{name}`"))
                             .label("not an objective")
-                            .note(format!("objectives: {}", OBJECTIVES.join(", "))));
-                    }
-                    None
+                            .note(format!("objectives: {}", known.join(", "))));
+                    };
+                    return check_objective_args(prog, m, name, sig, args, expr);
                 }
                 "optimizer" | "schedule" => {
                     let table = if key == "optimizer" {
@@ -703,9 +842,112 @@ fn check_setting(
                     }
                 }
             }
+            if key == "schedule" {
+                check_warmup(prog, m, args, expr)?;
+            }
             Ok(())
         }
     }
+}
+
+/// A schedule's warm-up: at most one of `warmup`, `warmup_steps` and `warmup_ratio`; a step
+/// count that is a whole number ≥ 0; a ratio in [0, 1].
+fn check_warmup(prog: &Program, m: usize, args: &[(String, Setting)], expr: &Expr) -> R<()> {
+    let given: Vec<&str> = ["warmup", "warmup_steps", "warmup_ratio"]
+        .into_iter()
+        .filter(|k| args.iter().any(|(n, _)| n == k))
+        .collect();
+    if given.len() > 1 {
+        return Err(err(
+            prog,
+            m,
+            arg_span(expr, given[1], true),
+            format!(
+                "the warm-up is given twice (`{}`, `{}`)",
+                given[0], given[1]
+            ),
+        )
+        .label("give one of them"));
+    }
+    for (k, v) in args {
+        let x = match v {
+            Setting::Int(i) => *i as f64,
+            Setting::Float(f) => *f,
+            _ => continue,
+        };
+        let ok = match k.as_str() {
+            "warmup" | "warmup_steps" => x >= 0.0 && x.fract() == 0.0,
+            "warmup_ratio" => (0.0..=1.0).contains(&x),
+            _ => true,
+        };
+        if !ok {
+            return Err(err(
+                prog,
+                m,
+                arg_span(expr, k, false),
+                match k.as_str() {
+                    "warmup_ratio" => format!("`warmup_ratio` must be in [0, 1], got {x}"),
+                    _ => format!("`{k}` must be a whole number of steps ≥ 0, got {x}"),
+                },
+            )
+            .label("not a valid warm-up"));
+        }
+    }
+    Ok(())
+}
+
+/// Each argument of an objective must be one it takes, with a value of its kind.
+fn check_objective_args(
+    prog: &Program,
+    m: usize,
+    name: &str,
+    sig: &[(&str, &str)],
+    args: &[(String, Setting)],
+    expr: &Expr,
+) -> R<()> {
+    for (k, v) in args {
+        let Some((_, kind)) = sig.iter().find(|(n, _)| n == k) else {
+            let ks: Vec<&str> = sig.iter().map(|(n, _)| *n).collect();
+            return Err(err(
+                prog,
+                m,
+                arg_span(expr, k, true),
+                format!("objective `{name}` has no argument `{k}`"),
+            )
+            .label("unknown argument")
+            .note(format!(
+                "arguments of `{name}`: {}",
+                if ks.is_empty() {
+                    "none".into()
+                } else {
+                    ks.join(", ")
+                }
+            )));
+        };
+        let ok = match *kind {
+            "t" => matches!(v, Setting::Str(_)),
+            "l" => matches!(v, Setting::List(items)
+                if items.iter().all(|i| matches!(i, Setting::Int(_) | Setting::Float(_)))),
+            k if k.len() == 1 => kind_ok(v, k.chars().next().unwrap_or('?')),
+            names => matches!(v, Setting::Symbol(s) if names.split('|').any(|n| n == s)),
+        };
+        if !ok {
+            let wants = match *kind {
+                "t" => "a string".to_string(),
+                "l" => "a list of numbers".to_string(),
+                k if k.len() == 1 => kind_name(k.chars().next().unwrap_or('?')).to_string(),
+                names => format!("one of {}", names.replace('|', ", ")),
+            };
+            return Err(err(
+                prog,
+                m,
+                arg_span(expr, k, false),
+                format!("objective `{name}`'s `{k}` must be {wants}"),
+            )
+            .label("not a valid value"));
+        }
+    }
+    Ok(())
 }
 
 /// The declarations of one kind in `model`'s file that name `model`.
@@ -859,6 +1101,24 @@ fn default_setting(kind: char, text: &str) -> Setting {
     }
 }
 
+/// A file named in a spec (`tokenizer: "tok/tokenizer.json"`) is looked for beside the spec
+/// first: when it is there, its path; else the name as written (the runtime resolves it
+/// beside the weights).
+fn beside_spec(prog: &Program, m: usize, name: &str) -> String {
+    let spec = prog.sources.path(prog.modules[m].file);
+    let here = spec
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join(name);
+    match here.is_file() {
+        true => std::path::absolute(&here)
+            .unwrap_or(here)
+            .to_string_lossy()
+            .into_owned(),
+        false => name.to_string(),
+    }
+}
+
 fn setting_kind_ok(s: &Setting, kind: char) -> bool {
     match kind {
         'l' => {
@@ -968,6 +1228,12 @@ fn check_preprocess(
             .find(|(n, _)| n == k)
             .map(|(_, v)| v.clone())
             .unwrap_or_else(|| default_setting(*kc, d));
+        let v = match v {
+            Setting::Str(path) if *k == "tokenizer" && given.iter().any(|(n, _)| n == k) => {
+                Setting::Str(beside_spec(prog, m, &path))
+            }
+            v => v,
+        };
         args.push((k.to_string(), v));
     }
     let expect_rank_dtype =

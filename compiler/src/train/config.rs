@@ -81,20 +81,45 @@ pub enum ScheduleKind {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Schedule {
     pub kind: ScheduleKind,
+    /// Warm-up steps (`warmup` or `warmup_steps`); when 0, `warmup_ratio` of the run.
     pub warmup: u64,
+    /// The fraction of the run's steps that warm up (transformers' `warmup_ratio`).
+    pub warmup_ratio: f64,
     pub min_lr: f64,
 }
 
 impl Schedule {
+    /// The warm-up steps of a run of `total` steps: `warmup` when set, else
+    /// ⌈total · warmup_ratio⌉ as transformers' `get_warmup_steps`.
+    pub fn warmup_steps(&self, total: u64) -> u64 {
+        if self.warmup > 0 {
+            return self.warmup;
+        }
+        (total as f64 * self.warmup_ratio).ceil() as u64
+    }
+
+    /// A warm-up longer than the run never reaches the peak learning rate: an error.
+    pub fn check(&self, trainer: &str, total: u64) -> Result<(), String> {
+        let w = self.warmup_steps(total);
+        if w > total {
+            return Err(format!(
+                "trainer `{trainer}`: the warm-up ({w} steps) is longer than the run ({total} \
+                 steps): shorten the warm-up (`warmup_steps` or `warmup_ratio`) or train longer"
+            ));
+        }
+        Ok(())
+    }
+
     /// The learning rate at optimiser step `step` (0-based) of `total`, for peak `lr`, as
     /// Hugging Face's `get_{constant,linear,cosine}_schedule_with_warmup` (cosine with a floor
     /// at `min_lr`, as `cosine_with_min_lr`).
     pub fn lr_at(&self, lr: f64, step: u64, total: u64) -> f64 {
-        if step < self.warmup {
-            return lr * step as f64 / self.warmup.max(1) as f64;
+        let warmup = self.warmup_steps(total);
+        if step < warmup {
+            return lr * step as f64 / warmup.max(1) as f64;
         }
-        let rest = total.saturating_sub(self.warmup).max(1) as f64;
-        let progress = (step - self.warmup) as f64 / rest;
+        let rest = total.saturating_sub(warmup).max(1) as f64;
+        let progress = (step - warmup) as f64 / rest;
         match self.kind {
             ScheduleKind::Constant => lr,
             ScheduleKind::Linear => lr * (1.0 - progress).max(0.0),
@@ -228,7 +253,11 @@ impl TrainConfig {
                 "cosine" => ScheduleKind::Cosine,
                 _ => ScheduleKind::Constant,
             },
-            warmup: arg(sargs, "warmup").and_then(num).unwrap_or(0.0) as u64,
+            warmup: arg(sargs, "warmup")
+                .or_else(|| arg(sargs, "warmup_steps"))
+                .and_then(num)
+                .unwrap_or(0.0) as u64,
+            warmup_ratio: arg(sargs, "warmup_ratio").and_then(num).unwrap_or(0.0),
             min_lr: arg(sargs, "min_lr").and_then(num).unwrap_or(0.0),
         };
         let adapter = match get("adapter") {
@@ -311,10 +340,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn warmup_ratio_rounds_up_as_transformers() {
+        let s = Schedule {
+            kind: ScheduleKind::Linear,
+            warmup: 0,
+            warmup_ratio: 0.1,
+            min_lr: 0.0,
+        };
+        // transformers: math.ceil(num_training_steps * warmup_ratio)
+        assert_eq!(s.warmup_steps(25), 3);
+        assert_eq!(s.lr_at(1.0, 1, 25), 1.0 / 3.0);
+        assert_eq!(s.lr_at(1.0, 3, 25), 1.0);
+        assert!(s.check("t", 25).is_ok());
+        let long = Schedule {
+            warmup: 30,
+            ..s.clone()
+        };
+        let e = long.check("t", 25).unwrap_err();
+        assert!(e.contains("30 steps") && e.contains("25"), "{e}");
+        assert_eq!(long.warmup_steps(25), 30);
+    }
+
+    #[test]
     fn schedules_follow_hugging_face() {
         let s = |kind, warmup| Schedule {
             kind,
             warmup,
+            warmup_ratio: 0.0,
             min_lr: 0.0,
         };
         let lin = s(ScheduleKind::Linear, 2);
