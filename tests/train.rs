@@ -71,6 +71,7 @@ fn llava_stage1_trains_only_the_projector() {
     let model = load("models/llava_tiny.vlm");
     let mut cfg = TrainConfig::of(&model, "align").expect("trainer");
     cfg.schedule.warmup = 0;
+    cfg.schedule.warmup_ratio = 0.0;
     let step = train::build(&model, &cfg, StepKind::Fused).expect("step graph");
     vlmc::ir::verify(&step.graph).expect("verifies");
     assert!(step
@@ -446,6 +447,12 @@ fn the_compiled_training_step_equals_the_interpreted_one_on_the_cpu() {
     ];
     for (model, trainer, accum, full) in cases {
         let mut cfg = TrainConfig::of(model, trainer).expect("trainer");
+        // The declared warm-up at full length (10 / 20 steps): the first steps are small, so
+        // Adam's update of a bias with no gradient in exact arithmetic (rounding noise on
+        // both sides, normalised to about ±lr) stays below the bound.
+        cfg.schedule.warmup =
+            cfg.schedule
+                .warmup_steps(if trainer == "contrastive" { 500 } else { 200 });
         cfg.grad_accum = accum;
         cfg.clip_grad = Some(1.0);
         if full {

@@ -198,8 +198,9 @@ fn colour_accuracy(
                 train_data::Example {
                     ids: e.ids[..p].to_vec(),
                     mask: vec![0.0; p],
-                    image: e.image.clone(),
+                    images: e.images.clone(),
                     line: e.line,
+                    ..train_data::Example::default()
                 }
             })
             .collect();

@@ -218,7 +218,15 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
         .collect();
     left.sort();
     // No partial checkpoint (`.checkpoint-2.tmp`), no step 2, no final weights.
-    assert_eq!(left, ["checkpoint-1", "log.jsonl", "model.safetensors"]);
+    assert_eq!(
+        left,
+        [
+            "checkpoint-1",
+            "log.jsonl",
+            "model.safetensors",
+            "tokenizer.json"
+        ]
+    );
 
     // Straight through: `save_every 1` writes checkpoint-1, step 2 stops the run; the
     // checkpoint is the one above, byte for byte.

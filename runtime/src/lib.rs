@@ -23,6 +23,7 @@ pub mod train_data;
 pub mod train_dropout;
 pub mod train_eval;
 pub mod train_folder;
+pub mod train_inputs;
 pub mod train_loop;
 pub mod train_stages;
 pub mod weights;

@@ -29,15 +29,21 @@ fn derr<T>(message: impl Into<String>) -> Result<T, DataError> {
 }
 
 /// One tokenised example.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct Example {
     pub ids: Vec<i32>,
-    /// 1 where the token is a target, 0 for prompt tokens.
+    /// 1 where the token is a target, 0 for prompt tokens (and image placeholders).
     pub mask: Vec<f32>,
-    pub image: Option<PathBuf>,
+    /// The row's images in order (`image`, or `images`), resolved beside the data file.
+    pub images: Vec<PathBuf>,
+    /// The prompt's text without image placeholders (InstructBLIP's Q-Former reads it).
+    pub instruction: String,
     /// The line of the data file it came from (1-based; 0 when made otherwise).
     pub line: usize,
 }
+
+/// Token ids and each token's byte range in the text.
+pub type Encoded = (Vec<i32>, Vec<(usize, usize)>);
 
 /// A tokenizer and what the data needs from it.
 pub struct Tok {
@@ -76,10 +82,73 @@ impl Tok {
 
     /// Token ids of `text`, with the tokenizer's special tokens when `special`.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<i32>, DataError> {
+        Ok(self.encode_offsets(text, special)?.0)
+    }
+
+    /// Token ids of `text` and each token's byte range in it (special tokens the tokenizer
+    /// adds have an empty range).
+    pub fn encode_offsets(
+        &self,
+        text: &str,
+        special: bool,
+    ) -> Result<Encoded, DataError> {
         let enc = self.tok.encode(text, special).map_err(|e| DataError {
             message: format!("cannot tokenize {text:?}: {e}"),
         })?;
-        Ok(enc.get_ids().iter().map(|&x| x as i32).collect())
+        let ids = enc.get_ids().iter().map(|&x| x as i32).collect();
+        Ok((ids, enc.get_offsets().to_vec()))
+    }
+
+    /// The id of a token written as one piece of text (`<image>`), if the vocabulary has it.
+    pub fn token_id(&self, text: &str) -> Option<i32> {
+        self.tok.token_to_id(text).map(|x| x as i32)
+    }
+}
+
+/// Which tokens of a row are targets: the completion (`prompt`), every token (`none`), or
+/// (`messages` rows) every assistant turn (`assistant`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LossMask {
+    #[default]
+    Prompt,
+    None,
+    Assistant,
+}
+
+/// Where a row's images go in its tokens: each `placeholder` token of the text (or, when the
+/// text has none, the start of the row) becomes `expand` (LLaVA: the placeholder repeated once
+/// per patch; Fuyu: the patch grid with its newline tokens).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageTokens {
+    pub placeholder: String,
+    pub id: i32,
+    pub expand: Vec<i32>,
+}
+
+/// How rows become examples.
+#[derive(Clone, Debug, Default)]
+pub struct RowFormat {
+    pub mask: LossMask,
+    /// Truncate to this many tokens (keeping the start, as TRL does).
+    pub max_len: Option<usize>,
+    pub images: Option<ImageTokens>,
+    /// The tokenizer's chat template (tokenizer_config.json) for `messages` rows; without
+    /// one they are rendered `role: content\n`.
+    pub chat: Option<(String, crate::chat::TokenizerConfig)>,
+}
+
+impl RowFormat {
+    /// Rows for a trainer: prompt tokens masked or not, truncated to `max_len`.
+    pub fn plain(prompt_masked: bool, max_len: Option<usize>) -> RowFormat {
+        RowFormat {
+            mask: if prompt_masked {
+                LossMask::Prompt
+            } else {
+                LossMask::None
+            },
+            max_len,
+            ..RowFormat::default()
+        }
     }
 }
 
@@ -95,10 +164,15 @@ pub fn read_jsonl(
     prompt_masked: bool,
     max_len: Option<usize>,
 ) -> Result<Vec<Example>, DataError> {
+    read_rows(path, tok, &RowFormat::plain(prompt_masked, max_len))
+}
+
+/// [`read_jsonl`] with every option of [`RowFormat`].
+pub fn read_rows(path: &Path, tok: &Tok, format: &RowFormat) -> Result<Vec<Example>, DataError> {
     let text = crate::files::read_to_string(path).map_err(|e| DataError {
         message: format!("cannot read {}: {e}", path.display()),
     })?;
-    parse_jsonl(path, &text, tok, prompt_masked, max_len)
+    parse_rows(path, &text, tok, format)
 }
 
 /// [`read_jsonl`] of text already read from `path` (relative image paths resolve beside it).
@@ -109,7 +183,102 @@ pub fn parse_jsonl(
     prompt_masked: bool,
     max_len: Option<usize>,
 ) -> Result<Vec<Example>, DataError> {
+    parse_rows(path, text, tok, &RowFormat::plain(prompt_masked, max_len))
+}
+
+/// A message's text: its `content` string, or the text parts of a content list with the image
+/// placeholder for each image part (the Hugging Face processors' format).
+fn message_text(m: &serde_json::Value, placeholder: &str) -> String {
+    match m.get("content") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Array(parts)) => parts
+            .iter()
+            .map(|p| match str_field(p, "type") {
+                Some("image") => placeholder.to_string(),
+                _ => str_field(p, "text").unwrap_or("").to_string(),
+            })
+            .collect(),
+        _ => String::new(),
+    }
+}
+
+/// Tokens of a text with the byte ranges in it that are targets: the tokens that start in one.
+fn encode_targets(
+    tok: &Tok,
+    text: &str,
+    special: bool,
+    targets: &[(usize, usize)],
+) -> Result<(Vec<i32>, Vec<f32>), DataError> {
+    let (ids, offsets) = tok.encode_offsets(text, special)?;
+    let mask = offsets
+        .iter()
+        .map(|&(a, b)| {
+            let hit = b > a && targets.iter().any(|&(s, e)| a >= s && a < e);
+            if hit {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok((ids, mask))
+}
+
+/// A `messages` row rendered with the chat template: its tokens and target mask. The targets
+/// are the last message (`prompt`), every assistant turn (`assistant`) or everything (`none`);
+/// a turn's text is what rendering the chat up to it adds to rendering the chat before it with
+/// the generation prompt, as TRL's assistant masks.
+fn chat_row(
+    tok: &Tok,
+    template: &str,
+    cfg: &crate::chat::TokenizerConfig,
+    msgs: &[serde_json::Value],
+    mask: LossMask,
+) -> Result<(Vec<i32>, Vec<f32>), String> {
+    let list = |n: usize| serde_json::Value::Array(msgs[..n].to_vec());
+    let full = crate::chat::render(template, &list(msgs.len()), false, cfg)?;
+    let turn = |i: usize| -> Result<(usize, usize), String> {
+        let before = crate::chat::render(template, &list(i), true, cfg)?;
+        let upto = crate::chat::render(template, &list(i + 1), false, cfg)?;
+        if !full.starts_with(&before) || !upto.starts_with(&before) {
+            return Err(format!(
+                "the chat template does not render message {i} after the earlier ones (its text \
+                 before it is not a prefix of the whole chat): cannot tell which tokens are its"
+            ));
+        }
+        Ok((before.len(), upto.len()))
+    };
+    let spans = match mask {
+        LossMask::None => vec![(0, full.len())],
+        LossMask::Prompt => vec![turn(msgs.len() - 1)?],
+        LossMask::Assistant => {
+            let mut v = Vec::new();
+            for (i, m) in msgs.iter().enumerate() {
+                if str_field(m, "role") == Some("assistant") {
+                    v.push(turn(i)?);
+                }
+            }
+            if v.is_empty() {
+                return Err("`sft(mask: assistant)`: the row has no assistant message".into());
+            }
+            v
+        }
+    };
+    encode_targets(tok, &full, false, &spans).map_err(|e| e.message)
+}
+
+/// Parses JSONL rows (relative image paths resolve beside `path`).
+pub fn parse_rows(
+    path: &Path,
+    text: &str,
+    tok: &Tok,
+    format: &RowFormat,
+) -> Result<Vec<Example>, DataError> {
     let base = path.parent().unwrap_or(Path::new("."));
+    let placeholder = format
+        .images
+        .as_ref()
+        .map_or("<image>", |i| i.placeholder.as_str());
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -119,25 +288,35 @@ pub fn parse_jsonl(
         let row: serde_json::Value = serde_json::from_str(line).map_err(|e| DataError {
             message: format!("{at}: not JSON: {e}"),
         })?;
-        let image = str_field(&row, "image")
-            .or_else(|| {
-                row.get("images")
-                    .and_then(|v| v.as_array())
-                    .and_then(|a| a.first())
-                    .and_then(|v| v.as_str())
-            })
-            .map(|p| base.join(p));
+        let mut images: Vec<PathBuf> = Vec::new();
+        if let Some(p) = str_field(&row, "image") {
+            images.push(base.join(p));
+        }
+        if let Some(list) = row.get("images").and_then(|v| v.as_array()) {
+            for (i, v) in list.iter().enumerate() {
+                let Some(p) = v.as_str() else {
+                    return derr(format!("{at}: `images[{i}]` is not a path"));
+                };
+                images.push(base.join(p));
+            }
+        }
+        let prompt_mask = if format.mask == LossMask::None {
+            1.0
+        } else {
+            0.0
+        };
+        let mut instruction: String;
         let (mut ids, mut mask) = if let (Some(p), Some(c)) =
             (str_field(&row, "prompt"), str_field(&row, "completion"))
         {
+            instruction = p.to_string();
             let (p, mut c) = (tok.encode(p, true)?, tok.encode(c, false)?);
             if let Some(eos) = tok.eos_id {
                 if c.last() != Some(&eos) {
                     c.push(eos);
                 }
             }
-            let pm = if prompt_masked { 0.0 } else { 1.0 };
-            let mut mask = vec![pm; p.len()];
+            let mut mask = vec![prompt_mask; p.len()];
             mask.extend(vec![1.0; c.len()]);
             let mut ids = p;
             ids.extend(c);
@@ -146,26 +325,44 @@ pub fn parse_jsonl(
             let Some((last, rest)) = msgs.split_last() else {
                 return derr(format!("{at}: `messages` is empty"));
             };
-            let render = |m: &serde_json::Value| {
-                format!(
-                    "{}: {}\n",
-                    str_field(m, "role").unwrap_or("user"),
-                    str_field(m, "content").unwrap_or("")
-                )
-            };
-            let prompt: String = rest.iter().map(render).collect();
-            let p = tok.encode(&prompt, true)?;
-            let mut c = tok.encode(str_field(last, "content").unwrap_or(""), false)?;
-            if let Some(eos) = tok.eos_id {
-                c.push(eos);
+            instruction = rest
+                .iter()
+                .filter(|m| str_field(m, "role") == Some("user"))
+                .map(|m| message_text(m, ""))
+                .collect::<Vec<_>>()
+                .join("\n");
+            if let Some((template, cfg)) = &format.chat {
+                chat_row(tok, template, cfg, msgs, format.mask).map_err(|e| DataError {
+                    message: format!("{at}: {e}"),
+                })?
+            } else {
+                if format.mask == LossMask::Assistant {
+                    return derr(format!(
+                        "{at}: `sft(mask: assistant)` needs the tokenizer's chat template \
+                         (tokenizer_config.json's \"chat_template\" beside tokenizer.json)"
+                    ));
+                }
+                let render = |m: &serde_json::Value| {
+                    format!(
+                        "{}: {}\n",
+                        str_field(m, "role").unwrap_or("user"),
+                        message_text(m, placeholder)
+                    )
+                };
+                let prompt: String = rest.iter().map(render).collect();
+                let p = tok.encode(&prompt, true)?;
+                let mut c = tok.encode(&message_text(last, placeholder), false)?;
+                if let Some(eos) = tok.eos_id {
+                    c.push(eos);
+                }
+                let mut mask = vec![prompt_mask; p.len()];
+                mask.extend(vec![1.0; c.len()]);
+                let mut ids = p;
+                ids.extend(c);
+                (ids, mask)
             }
-            let pm = if prompt_masked { 0.0 } else { 1.0 };
-            let mut mask = vec![pm; p.len()];
-            mask.extend(vec![1.0; c.len()]);
-            let mut ids = p;
-            ids.extend(c);
-            (ids, mask)
         } else if let Some(t) = str_field(&row, "text").or_else(|| str_field(&row, "caption")) {
+            instruction = t.to_string();
             let ids = tok.encode(t, true)?;
             let mask = vec![1.0; ids.len()];
             (ids, mask)
@@ -177,14 +374,34 @@ pub fn parse_jsonl(
         if ids.is_empty() {
             return derr(format!("{at}: the text has no tokens"));
         }
-        if let Some(m) = max_len {
-            ids.truncate(m.max(1));
-            mask.truncate(m.max(1));
+        if let Some(it) = &format.images {
+            (ids, mask) = place_images(it, ids, mask, images.len()).map_err(|e| DataError {
+                message: format!("{at}: {e}"),
+            })?;
         }
+        if let Some(m) = max_len_of(format) {
+            if ids.len() > m {
+                if let Some(it) = &format.images {
+                    let kept = ids[..m].iter().filter(|&&i| i == it.id).count();
+                    let all = ids.iter().filter(|&&i| i == it.id).count();
+                    if kept != all {
+                        return derr(format!(
+                            "{at}: the row is {} tokens with its images; truncated to `max_len` \
+                             {m} it would lose image tokens: shorten the text or raise `max_len`",
+                            ids.len()
+                        ));
+                    }
+                }
+            }
+            ids.truncate(m);
+            mask.truncate(m);
+        }
+        instruction = instruction.replace(placeholder, "").trim().to_string();
         out.push(Example {
             ids,
             mask,
-            image,
+            images,
+            instruction,
             line: n + 1,
         });
     }
@@ -192,6 +409,51 @@ pub fn parse_jsonl(
         return derr(format!("{} has no rows", path.display()));
     }
     Ok(out)
+}
+
+fn max_len_of(format: &RowFormat) -> Option<usize> {
+    format.max_len.map(|m| m.max(1))
+}
+
+/// Each image placeholder of `ids` becomes the image's tokens (never targets); a row with
+/// images and no placeholder gets them at its start (as BLIP-2's and Fuyu's processors put
+/// them). The placeholders must be as many as the images.
+fn place_images(
+    it: &ImageTokens,
+    ids: Vec<i32>,
+    mask: Vec<f32>,
+    images: usize,
+) -> Result<(Vec<i32>, Vec<f32>), String> {
+    let found = ids.iter().filter(|&&i| i == it.id).count();
+    if found == 0 && images > 0 {
+        let mut out: Vec<i32> = Vec::new();
+        for _ in 0..images {
+            out.extend(&it.expand);
+        }
+        let mut m = vec![0.0; out.len()];
+        out.extend(ids);
+        m.extend(mask);
+        return Ok((out, m));
+    }
+    if found != images {
+        return Err(format!(
+            "the text has {found} image placeholder(s) `{}` but the row gives {images} image(s): \
+             put one `{}` where each image goes",
+            it.placeholder, it.placeholder
+        ));
+    }
+    let mut out = Vec::with_capacity(ids.len() + found * it.expand.len());
+    let mut m = Vec::with_capacity(out.capacity());
+    for (i, w) in ids.into_iter().zip(mask) {
+        if i == it.id {
+            out.extend(&it.expand);
+            m.extend(std::iter::repeat_n(0.0, it.expand.len()));
+        } else {
+            out.push(i);
+            m.push(w);
+        }
+    }
+    Ok((out, m))
 }
 
 /// The position in the data: which epoch, and how many examples of its order were used.
@@ -275,7 +537,7 @@ pub fn collate(
     if let Some(p) = images {
         let mut paths = Vec::new();
         for e in examples {
-            let Some(img) = &e.image else {
+            let Some(img) = e.images.first() else {
                 return derr("the model takes images, but a row has no `image`");
             };
             paths.push(img.display().to_string());
@@ -416,14 +678,14 @@ mod tests {
         let e1 = Example {
             ids: vec![5, 6, 7],
             mask: vec![0.0, 1.0, 1.0],
-            image: None,
             line: 1,
+            ..Example::default()
         };
         let e2 = Example {
             ids: vec![8],
             mask: vec![1.0],
-            image: None,
             line: 2,
+            ..Example::default()
         };
         let b = collate(&[&e1, &e2], 0, None).expect("collates");
         assert_eq!(b["ids"], Tensor::i32(vec![2, 3], vec![5, 6, 7, 8, 0, 0]));

@@ -8,9 +8,10 @@
 
 use crate::tensor::Tensor;
 use crate::train::{Backend, GraphRunner, TrainRunError};
-use crate::train_data::{self, Example};
+use crate::train_data::Example;
+use crate::train_inputs::BatchPlan;
 use std::collections::BTreeMap;
-use vlmc::elab::{Elaborated, Preprocess};
+use vlmc::elab::Elaborated;
 use vlmc::train::TrainConfig;
 
 /// An evaluation set, batched, and the graph that scores it.
@@ -52,8 +53,7 @@ impl Evaluator {
         model: &Elaborated,
         cfg: &TrainConfig,
         examples: &[Example],
-        pad_id: i32,
-        images: Option<&Preprocess>,
+        plan: &BatchPlan,
         backend: &Backend,
     ) -> Result<Evaluator, TrainRunError> {
         if examples.is_empty() {
@@ -66,7 +66,7 @@ impl Evaluator {
         for chunk in examples.chunks(cfg.batch.max(1)) {
             let refs: Vec<&Example> = chunk.iter().collect();
             batches.push(
-                train_data::collate(&refs, pad_id, images)
+                plan.collate(&refs)
                     .map_err(|e| err(format!("evaluation data: {}", e.message)))?,
             );
             rows.push(chunk.len());

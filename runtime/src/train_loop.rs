@@ -7,6 +7,7 @@ use crate::train_ckpt::{self, FileId, Fingerprint, TrainerState};
 use crate::train_data::{self, Position, Tok};
 use crate::train_eval::Evaluator;
 use crate::train_folder::{self, FolderLock};
+use crate::train_inputs::BatchPlan;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -185,6 +186,60 @@ fn check_targets(
 }
 
 /// Checks that the longest row of `rows` fits in memory in a batch run by `graph`.
+/// How the trainer's rows become examples: its loss mask, `max_len`, where the model's images
+/// go in the tokens, and the tokenizer's chat template (tokenizer_config.json beside it).
+fn row_format(
+    cfg: &TrainConfig,
+    plan: &BatchPlan,
+    model: &vlmc::elab::Elaborated,
+    tok: &Tok,
+    tok_dir: &Path,
+) -> Result<train_data::RowFormat, TrainRunError> {
+    use vlmc::train::Objective;
+    let mask = match cfg.objective {
+        Objective::Sft {
+            assistant_only: true,
+            ..
+        } => train_data::LossMask::Assistant,
+        Objective::Sft {
+            prompt_masked: true,
+            ..
+        } => train_data::LossMask::Prompt,
+        _ => train_data::LossMask::None,
+    };
+    let tc = crate::chat::TokenizerConfig::read(tok_dir).map_err(err)?;
+    Ok(train_data::RowFormat {
+        mask,
+        max_len: cfg.max_len,
+        images: plan.image_tokens(model, tok).map_err(|e| err(e.message))?,
+        chat: tc.chat_template.clone().map(|t| (t, tc)),
+    })
+}
+
+/// Every row fits the model's inputs: its images (one per row where the model takes one;
+/// none for a model without images; exactly one image and text per row for contrastive
+/// objectives).
+fn check_rows(
+    cfg: &TrainConfig,
+    plan: &BatchPlan,
+    data: &Path,
+    rows: &[train_data::Example],
+) -> Result<(), TrainRunError> {
+    use vlmc::train::Objective;
+    for e in rows {
+        let at = format!("{}:{}", data.display(), e.line);
+        plan.check_row(e, &at).map_err(|e| err(e.message))?;
+        if matches!(cfg.objective, Objective::Clip | Objective::Siglip) && e.images.len() != 1 {
+            return Err(err(format!(
+                "{at}: a contrastive objective pairs one image with one text per row; the row \
+                 has {} image(s)",
+                e.images.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn check_longest(
     graph: &vlmc::ir::Graph,
     cfg: &TrainConfig,
@@ -351,19 +406,17 @@ pub fn train(
         }
     };
     let tok = Tok::load(&tok_path).map_err(|e| err(e.message))?;
-    let prompt_masked = matches!(
-        cfg.objective,
-        vlmc::train::Objective::Sft {
-            prompt_masked: true
-        }
-    );
+    let tok_dir = tok_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let plan = BatchPlan::of(o.model, &tok, &tok_dir).map_err(|e| err(e.message))?;
+    let format = row_format(&cfg, &plan, o.model, &tok, &tok_dir)?;
     let data_bytes = crate::files::read(o.data)
         .map_err(|e| err(format!("cannot read {}: {e}", o.data.display())))?;
     // Read once: parsed here, hashed into the run's fingerprint below.
     let data_text = std::str::from_utf8(&data_bytes)
         .map_err(|e| err(format!("cannot read {}: {e}", o.data.display())))?;
-    let examples = train_data::parse_jsonl(o.data, data_text, &tok, prompt_masked, cfg.max_len)
-        .map_err(|e| err(e.message))?;
+    let examples =
+        train_data::parse_rows(o.data, data_text, &tok, &format).map_err(|e| err(e.message))?;
+    check_rows(&cfg, &plan, o.data, &examples)?;
     check_targets(&cfg, o.data, &examples)?;
     let n = examples.len();
     let per_step = cfg.batch * cfg.grad_accum;
@@ -462,30 +515,12 @@ pub fn train(
         pos = l.state.position;
         last_ckpt = Some(ck.clone());
     }
-    // Image inputs: the model's `pixels` (or declared image preprocessing).
-    let images = o
-        .model
-        .graph
-        .inputs()
-        .into_iter()
-        .find(|(_, nm, t)| *nm == "pixels" && t.rank() == 4)
-        .map(|(_, _, t)| {
-            let size = t.shape[3].as_const().unwrap_or(224) as usize;
-            train_data::image_preprocess(&o.model.preprocess, size)
-        });
     let eval = match o.eval_data {
         Some(path) => {
-            let rows = train_data::read_jsonl(path, &tok, prompt_masked, session.cfg.max_len)
-                .map_err(|e| err(e.message))?;
+            let rows = train_data::read_rows(path, &tok, &format).map_err(|e| err(e.message))?;
+            check_rows(&session.cfg, &plan, path, &rows)?;
             check_targets(&session.cfg, path, &rows)?;
-            let ev = Evaluator::new(
-                o.model,
-                &session.cfg,
-                &rows,
-                tok.pad_id,
-                images.as_ref(),
-                &o.backend,
-            )?;
+            let ev = Evaluator::new(o.model, &session.cfg, &rows, &plan, &o.backend)?;
             check_longest(ev.runner.graph(), &session.cfg, path, &rows)?;
             Some(ev)
         }
@@ -552,10 +587,7 @@ pub fn train(
             let (idx, next) = train_data::next_batch(n, session.cfg.batch, seed, pos);
             pos = next;
             let rows: Vec<&train_data::Example> = idx.iter().map(|&i| &examples[i]).collect();
-            micro.push(
-                train_data::collate(&rows, tok.pad_id, images.as_ref())
-                    .map_err(|e| err(e.message))?,
-            );
+            micro.push(plan.collate(&rows).map_err(|e| err(e.message))?);
         }
         let stats = match session.step(&micro) {
             Ok(s) => s,

@@ -1074,6 +1074,22 @@ const PREPROCESS: &[PreprocessSig] = &[
             ("image_tokens", 'i', "0"),
         ],
     ),
+    // Fuyu's processor: the image resized to size x size, cut into patch x patch squares, each
+    // flattened (row, column, channel); in the tokens each row of patches is `image_token`
+    // once per patch, then `newline_token`
+    (
+        "patches",
+        &[
+            ("size", 'i', "1080"),
+            ("patch", 'i', "30"),
+            ("rescale", 'f', "0.00392156862745098"),
+            ("mean", 'l', "0.5 0.5 0.5"),
+            ("std", 'l', "0.5 0.5 0.5"),
+            ("resample", 'n', "bilinear"),
+            ("image_token", 's', "|SPEAKER|"),
+            ("newline_token", 's', "|NEWLINE|"),
+        ],
+    ),
     (
         "image",
         &[
@@ -1197,7 +1213,7 @@ fn check_preprocess(
     let Some((_, sig)) = PREPROCESS.iter().find(|(k, _)| *k == kind) else {
         return Err(err(prog, m, source.span, format!("unknown preprocessing `{kind}`"))
             .label("not a preprocessing")
-            .note("preprocessing: text(tokenizer, max_len, image_token, image_tokens), image(size, crop, rescale, mean, std, resample)"));
+            .note("preprocessing: text(tokenizer, max_len, image_token, image_tokens), image(size, crop, rescale, mean, std, resample), patches(size, patch, rescale, mean, std, resample, image_token, newline_token)"));
     };
     let mut args = Vec::new();
     for (k, v) in given {
@@ -1292,10 +1308,26 @@ fn check_preprocess(
                     prog,
                     m,
                     source.span,
-                    "`image` fills one input: the pixels",
+                    format!("`{kind}` fills one input: the pixels"),
                 ));
             }
-            expect_rank_dtype(&targets[0], crate::ir::DType::F32, 4)?;
+            let rank = if kind == "patches" { 3 } else { 4 };
+            expect_rank_dtype(&targets[0], crate::ir::DType::F32, rank)?;
+            if kind == "patches" {
+                let int = |k: &str| match args.iter().find(|(n, _)| n == k).map(|(_, v)| v) {
+                    Some(Setting::Int(i)) => *i,
+                    _ => 0,
+                };
+                let (size, patch) = (int("size"), int("patch"));
+                if patch <= 0 || size <= 0 || size % patch != 0 {
+                    return Err(err(
+                        prog,
+                        m,
+                        source.span,
+                        format!("`patches` needs a positive `size` that is a multiple of `patch` (got size {size}, patch {patch})"),
+                    ));
+                }
+            }
             if let Some(Setting::Symbol(r)) =
                 args.iter().find(|(k, _)| k == "resample").map(|(_, v)| v)
             {

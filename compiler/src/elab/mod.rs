@@ -28,7 +28,7 @@ use vlmc_grammar::ast::{BlockKind, Item, Span};
 pub use decls::{AdapterInfo, NameRule, Preprocess, Setting, TrainerInfo};
 
 /// A model elaborated into a graph, with its adapters and trainers checked.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Elaborated {
     pub model: String,
     pub graph: Graph,

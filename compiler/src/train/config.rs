@@ -8,8 +8,12 @@ use crate::elab::{AdapterInfo, Elaborated, Setting, TrainerInfo};
 pub enum Objective {
     /// Next-token cross-entropy on completion tokens (prompt and padding masked), normalised
     /// by the number of target tokens (TRL `SFTTrainer`). `prompt_masked: false` trains on
-    /// every real token.
-    Sft { prompt_masked: bool },
+    /// every real token; `assistant_only`: every assistant turn of `messages` rows (TRL's
+    /// `assistant_only_loss`).
+    Sft {
+        prompt_masked: bool,
+        assistant_only: bool,
+    },
     /// Plain language modelling: every real token is a target.
     Pretrain,
     /// CLIP's symmetric InfoNCE over `logits_per_image`; `logit_scale` clamped to
@@ -205,9 +209,16 @@ impl TrainConfig {
         let none = Setting::Symbol(String::new());
         let (oname, oargs) = call(get("objective").unwrap_or(&none));
         let objective = match oname {
-            "sft" => Objective::Sft {
-                prompt_masked: !matches!(arg(oargs, "mask"), Some(Setting::Symbol(s)) if s == "none"),
-            },
+            "sft" => {
+                let mask = match arg(oargs, "mask") {
+                    Some(Setting::Symbol(s)) => s.as_str(),
+                    _ => "prompt",
+                };
+                Objective::Sft {
+                    prompt_masked: mask != "none",
+                    assistant_only: mask == "assistant",
+                }
+            }
             "pretrain" => Objective::Pretrain,
             "clip" => Objective::Clip,
             "siglip" => Objective::Siglip,
