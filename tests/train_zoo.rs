@@ -11,6 +11,9 @@
 //! Adam normalises the gradient of a bias that has none in exact arithmetic, such as a key
 //! projection's, so its rounding noise on either side moves it by about ±lr.)
 
+mod common;
+
+use common::{word_tokenizer as tokenizer, zoo_model};
 use std::path::{Path, PathBuf};
 use vlmc::elab::{Elaborated, Setting};
 use vlmc_runtime::train::Backend;
@@ -18,10 +21,6 @@ use vlmc_runtime::train_loop::{train, TrainOptions};
 use vlmc_runtime::weights::WeightFile;
 
 const COLOURS: &str = "tests/fixtures/train/colours";
-const WORDS: &[&str] = &[
-    "what", "colour", "is", "the", "square", "?", "red", "green", "blue", "yellow", "cyan",
-    "magenta",
-];
 const STEPS: u64 = 10;
 
 fn tmp(name: &str) -> PathBuf {
@@ -29,47 +28,6 @@ fn tmp(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("temp dir");
     d
-}
-
-/// The `NAME=VALUE` sizes of a fixture.vlm's `model X = Model(a: 1, b: 2, ...)`.
-fn fixture_sets(dir: &Path) -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(dir.join("fixture.vlm")).expect("fixture.vlm");
-    let body: String = text
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("//"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let open = body.find('(').expect("a model call");
-    let close = body.rfind(')').expect("a model call");
-    body[open + 1..close]
-        .split(',')
-        .filter_map(|a| {
-            let (k, v) = a.split_once(':')?;
-            Some((k.trim().to_string(), v.trim().to_string()))
-        })
-        .collect()
-}
-
-/// A word-level tokenizer.json: `specials` at their ids, the words from id `start`.
-fn tokenizer(path: &Path, specials: &[(&str, u32)], start: u32) {
-    let mut vocab = serde_json::Map::new();
-    let mut added = Vec::new();
-    for (t, id) in specials {
-        vocab.insert(t.to_string(), (*id).into());
-        added.push(
-            serde_json::json!({"id": id, "content": t, "single_word": false,
-            "lstrip": false, "rstrip": false, "normalized": false, "special": true}),
-        );
-    }
-    for (i, w) in WORDS.iter().enumerate() {
-        vocab.insert(w.to_string(), (start + i as u32).into());
-    }
-    let j = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    std::fs::write(path, j.to_string()).expect("tokenizer");
 }
 
 /// The colour images and their colours.
@@ -274,23 +232,14 @@ fn every_zoo_trainer_trains_at_fixture_size() {
         {
             continue;
         }
-        let spec = PathBuf::from(format!("models/{}.vlm", case.file));
         let fixture = PathBuf::from(format!("tests/fixtures/zoo/{}", case.file));
-        let mut sets = if fixture.is_dir() {
-            fixture_sets(&fixture)
+        // a 4 x 4 grid of the fixture's 4-pixel patches for Fuyu
+        let extra: &[(&str, &str)] = if case.file == "fuyu" {
+            &[("image", "16")]
         } else {
-            Vec::new()
+            &[]
         };
-        if case.file == "fuyu" {
-            // a 4 x 4 grid of the fixture's 4-pixel patches
-            sets.push(("image".into(), "16".into()));
-        }
-        let checked = vlmc::elab::check_file_with(&spec, &sets);
-        let text = checked.render();
-        let mut models = checked
-            .result
-            .unwrap_or_else(|_| panic!("{}: {text}", spec.display()));
-        let model = models.pop().expect("a model");
+        let model = zoo_model(case.file, extra);
         let weights = fixture.join("model.safetensors");
         let start = weights.is_file().then(|| {
             let wf = WeightFile::open(&weights).expect("fixture weights");

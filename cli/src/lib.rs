@@ -590,11 +590,15 @@ pub fn check_train_outputs(
 
 /// `vlmc train`'s outputs (for every stage) must not be its inputs: the model file, the
 /// weights, the data, the evaluation data, the tokenizer.
-pub fn check_train_paths(a: &train::TrainArgs, stages: &[String]) -> Result<(), u8> {
-    let mut inputs: Vec<(&str, &Path)> = vec![
-        ("the model file", &a.file),
-        ("the training data (--data)", &a.data),
-    ];
+pub fn check_train_paths(
+    a: &train::TrainArgs,
+    stages: &[String],
+    data: &std::collections::BTreeMap<String, std::path::PathBuf>,
+) -> Result<(), u8> {
+    let mut inputs: Vec<(&str, &Path)> = vec![("the model file", &a.file)];
+    for d in data.values() {
+        inputs.push(("the training data (--data)", d));
+    }
     if let Some(w) = &a.weights {
         inputs.push(("the starting weights (--weights)", w));
     }

@@ -16,9 +16,11 @@ pub struct TrainArgs {
     #[arg(long)]
     pub trainer: String,
     /// Training data: JSONL rows with `text`, `prompt`/`completion` or `messages`, and
-    /// `image` paths for vision-language models.
-    #[arg(long)]
-    pub data: PathBuf,
+    /// `image` paths for vision-language models. `FILE` for every stage, or `STAGE=FILE` for
+    /// one stage of a `from` chain (repeatable); a trainer's own `data` setting is used when
+    /// no `STAGE=FILE` names it.
+    #[arg(long = "data", value_parser = parse_data)]
+    pub data: Vec<(Option<String>, PathBuf)>,
     /// Starting weights (safetensors; default: the init rules with the trainer's seed). With
     /// them, a trainer that starts `from` another runs alone instead of as a chain of stages.
     #[arg(long)]
@@ -83,6 +85,70 @@ pub struct MergeArgs {
     /// The merged weights (safetensors, with the base file's tensor names).
     #[arg(short, long)]
     pub out: PathBuf,
+}
+
+/// `--data FILE` or `--data STAGE=FILE` (a stage name is an identifier; a path with `=` in
+/// it is given as `./a=b.jsonl`).
+fn parse_data(s: &str) -> Result<(Option<String>, PathBuf), String> {
+    match s.split_once('=') {
+        Some((stage, file))
+            if !stage.is_empty()
+                && stage.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+        {
+            if file.is_empty() {
+                return Err(format!("`--data {stage}=`: give the file after `=`"));
+            }
+            Ok((Some(stage.to_string()), PathBuf::from(file)))
+        }
+        _ => Ok((None, PathBuf::from(s))),
+    }
+}
+
+/// The data file of each stage: `--data STAGE=FILE`, else the trainer's `data` setting, else
+/// `--data FILE`. A stage without data, or a `STAGE=` naming no stage of the run, is an error.
+pub fn stage_data(
+    a: &TrainArgs,
+    m: &Elaborated,
+    stages: &[String],
+) -> Result<std::collections::BTreeMap<String, PathBuf>, String> {
+    let mut all: Option<&PathBuf> = None;
+    for (stage, file) in &a.data {
+        match stage {
+            Some(s) if !stages.contains(s) => {
+                return Err(format!(
+                    "`--data {s}=...`: `{s}` is not a stage of this run (stages: {})",
+                    stages.join(", ")
+                ))
+            }
+            Some(_) => {}
+            None if all.is_some() => {
+                return Err(
+                    "--data FILE is given twice: give one file for every stage, or STAGE=FILE \
+                     per stage"
+                        .into(),
+                )
+            }
+            None => all = Some(file),
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for name in stages {
+        let named = a
+            .data
+            .iter()
+            .rev()
+            .find(|(s, _)| s.as_deref() == Some(name.as_str()))
+            .map(|(_, f)| f.clone());
+        let own = vlmc::train::TrainConfig::of(m, name)?.data;
+        let Some(file) = named.or(own).or_else(|| all.cloned()) else {
+            return Err(format!(
+                "stage `{name}` has no training data: give --data FILE, --data {name}=FILE, or \
+                 a `data \"FILE\"` setting in the trainer"
+            ));
+        };
+        out.insert(name.clone(), file);
+    }
+    Ok(out)
 }
 
 fn fail(e: impl std::fmt::Display) -> u8 {
@@ -215,7 +281,8 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
     } else {
         vec![a.trainer.clone()]
     };
-    crate::check_train_paths(a, &stages)?;
+    let data = stage_data(a, m, &stages).map_err(fail)?;
+    crate::check_train_paths(a, &stages, &data)?;
     for name in &stages {
         let cfg = vlmc::train::TrainConfig::of(m, name).map_err(fail)?;
         if let Some(w) = vlmc_runtime::train_loop::eval_warning(&cfg, a.eval_data.as_deref()) {
@@ -223,7 +290,7 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
         }
     }
     if stages.len() > 1 {
-        return train_chain(a, m, &stages);
+        return train_chain(a, m, &stages, &data);
     }
     let weights = match &a.weights {
         Some(w) => Some(bind(m, w)?.params),
@@ -232,7 +299,7 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
     let opts = vlmc_runtime::train_loop::TrainOptions {
         model: m,
         trainer: &a.trainer,
-        data: &a.data,
+        data: &data[&a.trainer],
         tokenizer: a.tokenizer.clone(),
         weights,
         weights_dir: a
@@ -263,7 +330,12 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
 }
 
 /// Runs the stages of a `from` chain in order, each into `OUT/<stage>/`.
-fn train_chain(a: &TrainArgs, m: &Elaborated, stages: &[String]) -> Result<(), u8> {
+fn train_chain(
+    a: &TrainArgs,
+    m: &Elaborated,
+    stages: &[String],
+    data: &std::collections::BTreeMap<String, PathBuf>,
+) -> Result<(), u8> {
     use vlmc_runtime::train_stages::{train_stages, StageEvent, StagesOptions};
     eprintln!(
         "`{}` starts from earlier stages: running {} stages ({}) into {}/<stage>/",
@@ -275,7 +347,7 @@ fn train_chain(a: &TrainArgs, m: &Elaborated, stages: &[String]) -> Result<(), u
     let opts = StagesOptions {
         model: m,
         trainer: &a.trainer,
-        data: &a.data,
+        data,
         tokenizer: a.tokenizer.clone(),
         eval_data: a.eval_data.as_deref(),
         out: &a.out,

@@ -314,3 +314,67 @@ fn eval_every_without_eval_data_warns_once() {
     assert!(err.contains("eval loss"), "{err}");
     let _ = std::fs::remove_dir_all(&work);
 }
+
+#[test]
+fn each_stage_reads_its_own_data() {
+    use common::TOKENIZER;
+    let work = tmp("stage-data");
+    std::fs::create_dir_all(&work).expect("mkdir");
+    let second = work.join("second.jsonl");
+    std::fs::write(
+        &second,
+        "{\"text\": \"red red red\"}\n{\"text\": \"blue blue\"}\n",
+    )
+    .expect("data");
+    let run = |out: &Path, data: &[&str]| {
+        let mut v = vec!["train", TINY_LM, "--trainer", "own_second"];
+        for d in data {
+            v.extend_from_slice(&["--data", d]);
+        }
+        v.extend_from_slice(&["--tokenizer", TOKENIZER, "--quiet", "-o", s(out)]);
+        vlmc(&v)
+    };
+    // the data a stage's checkpoint records (its fingerprint's data file)
+    let data_of = |dir: &Path| -> (String, u64) {
+        let text = std::fs::read_to_string(dir.join("checkpoint-2/trainer_state.json"))
+            .expect("trainer_state.json");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let d = &v["fingerprint"]["data"];
+        (
+            d["path"].as_str().expect("path").to_string(),
+            d["bytes"].as_u64().expect("bytes"),
+        )
+    };
+    let out = work.join("run");
+    let o = run(&out, &[&format!("own_second={}", s(&second))]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let own = std::fs::metadata(format!("{ROOT}/tests/fixtures/train/colours/text.jsonl"))
+        .expect("fixture")
+        .len();
+    let (p1, b1) = data_of(&out.join("own_first"));
+    assert!(p1.ends_with("colours/text.jsonl") && b1 == own, "{p1} {b1}");
+    let (p2, b2) = data_of(&out.join("own_second"));
+    assert!(
+        p2.ends_with("second.jsonl") && b2 == std::fs::metadata(&second).expect("m").len(),
+        "{p2}"
+    );
+    // no data for the second stage, a stage that is not in the run, two plain files
+    let o = run(&work.join("none"), &[]);
+    assert!(
+        stderr(&o).contains("stage `own_second` has no training data"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&work.join("bad"), &[&format!("nope={}", s(&second))]);
+    assert!(
+        stderr(&o).contains("`nope` is not a stage of this run (stages: own_first, own_second)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&work.join("two"), &[s(&second), s(&second)]);
+    assert!(
+        stderr(&o).contains("--data FILE is given twice"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -87,11 +87,7 @@ impl Tok {
 
     /// Token ids of `text` and each token's byte range in it (special tokens the tokenizer
     /// adds have an empty range).
-    pub fn encode_offsets(
-        &self,
-        text: &str,
-        special: bool,
-    ) -> Result<Encoded, DataError> {
+    pub fn encode_offsets(&self, text: &str, special: bool) -> Result<Encoded, DataError> {
         let enc = self.tok.encode(text, special).map_err(|e| DataError {
             message: format!("cannot tokenize {text:?}: {e}"),
         })?;

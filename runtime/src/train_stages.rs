@@ -109,7 +109,8 @@ pub struct StagesOptions<'a> {
     pub model: &'a Elaborated,
     /// The last stage.
     pub trainer: &'a str,
-    pub data: &'a Path,
+    /// Each stage's training data.
+    pub data: &'a std::collections::BTreeMap<String, PathBuf>,
     pub tokenizer: Option<PathBuf>,
     pub eval_data: Option<&'a Path>,
     pub out: &'a Path,
@@ -186,7 +187,10 @@ pub fn train_stages(
         let opts = TrainOptions {
             model: o.model,
             trainer: name,
-            data: o.data,
+            data: o
+                .data
+                .get(name)
+                .ok_or_else(|| err(format!("stage `{name}` has no training data")))?,
             tokenizer: o.tokenizer.clone(),
             weights,
             weights_dir: None,

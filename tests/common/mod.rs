@@ -9,6 +9,9 @@ use vlmc_runtime::Tensor;
 mod files;
 #[allow(unused_imports)] // not every test binary uses them
 pub use files::*;
+mod zoo_data;
+#[allow(unused_imports)]
+pub use zoo_data::*;
 
 /// Every parameter path of a model (a trainer that trains them all).
 pub fn all_params(m: &vlmc::elab::Elaborated) -> Vec<String> {

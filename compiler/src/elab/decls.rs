@@ -209,6 +209,7 @@ const SETTINGS: &[(&str, char)] = &[
     ("save_every", 'i'),
     ("max_len", 'i'),
     ("lr", 'f'),
+    ("data", 't'),
 ];
 
 fn err(prog: &Program, module: usize, span: Span, msg: impl Into<String>) -> Diagnostic {
@@ -296,6 +297,7 @@ fn kind_name(kind: char) -> &'static str {
         'b' => "true or false",
         's' => "a name",
         'c' => "a call such as `adamw(lr: 1e-4)`",
+        't' => "a string",
         'n' => "the name of a declaration",
         _ => "path patterns",
     }
@@ -689,7 +691,23 @@ fn check_trainer(
                 if key == "objective" {
                     has_objective = true;
                 }
-                v
+                match v {
+                    // a data file is relative to the spec
+                    Setting::Str(path) if key == "data" => {
+                        let spec = prog.sources.path(prog.modules[m].file);
+                        let p = spec
+                            .parent()
+                            .unwrap_or(std::path::Path::new("."))
+                            .join(path);
+                        Setting::Str(
+                            std::path::absolute(&p)
+                                .unwrap_or(p)
+                                .to_string_lossy()
+                                .into_owned(),
+                        )
+                    }
+                    v => v,
+                }
             }
         };
         settings.push((key.to_string(), value));
@@ -756,6 +774,10 @@ fn check_setting(
                 span,
                 format!("`{key}` must be a positive finite number"),
             )),
+            _ => Err(bad()),
+        },
+        't' => match v {
+            Setting::Str(_) => Ok(()),
             _ => Err(bad()),
         },
         'n' => {

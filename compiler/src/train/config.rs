@@ -151,6 +151,8 @@ pub struct TrainConfig {
     pub eval_every: Option<u64>,
     pub save_every: Option<u64>,
     pub max_len: Option<usize>,
+    /// The trainer's own data file (`data "..."`, resolved beside the spec).
+    pub data: Option<std::path::PathBuf>,
     /// The adapter the trainer trains, if any.
     pub adapter: Option<AdapterInfo>,
     /// The trainer whose result this one starts from.
@@ -310,6 +312,10 @@ impl TrainConfig {
             eval_every: int("eval_every"),
             save_every: int("save_every"),
             max_len: int("max_len").map(|v| v as usize),
+            data: match get("data") {
+                Some(Setting::Str(s)) => Some(s.into()),
+                _ => None,
+            },
             adapter,
             from: match get("from") {
                 Some(Setting::Symbol(f)) => Some(f.clone()),
