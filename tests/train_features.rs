@@ -259,6 +259,7 @@ fn with_dropout_runs_repeat_and_resume_exactly() {
             overwrite: false,
             restart_unfinished: false,
             backend: Default::default(),
+            tensorboard: false,
         };
         train(&o, &mut |_| {}).expect("trains").losses
     };
@@ -304,6 +305,7 @@ fn eval_loss_is_the_training_loss_of_the_same_batch_and_falls() {
         overwrite: false,
         restart_unfinished: false,
         backend: Default::default(),
+        tensorboard: false,
     };
     let s = train(&o, &mut |_| {}).expect("trains");
     assert_eq!(s.eval_losses.len(), 8);
@@ -373,6 +375,7 @@ fn eval_of_a_vision_language_batch_is_its_training_loss() {
             overwrite: false,
             restart_unfinished: false,
             backend: Default::default(),
+            tensorboard: false,
         };
         train(&o, &mut |_| {}).expect("trains")
     };
@@ -415,10 +418,10 @@ fn from_chains_list_the_stages_in_order_and_name_what_is_wrong() {
     assert_eq!(
         chain(&tiny, "loop_a").unwrap_err().message,
         "trainer `loop_a` starts `from gone`, but model `TinyLm` has no trainer `gone` \
-         (trainers: evaluated, diverge, loop_a, loop_b)"
+         (trainers: evaluated, diverge, loop_a, loop_b, logged, own_first, own_second)"
     );
     assert_eq!(
         chain(&tiny, "nope").unwrap_err().message,
-        "model `TinyLm` has no trainer `nope` (trainers: evaluated, diverge, loop_a, loop_b)"
+        "model `TinyLm` has no trainer `nope` (trainers: evaluated, diverge, loop_a, loop_b, logged, own_first, own_second)"
     );
 }

@@ -58,6 +58,7 @@ fn resuming_reproduces_the_uninterrupted_run() {
             overwrite: false,
             restart_unfinished: false,
             backend: Default::default(),
+            tensorboard: false,
         };
         train(&o, &mut |_| {}).expect("trains").losses
     };
@@ -103,6 +104,7 @@ fn a_lora_adapter_round_trips_through_peft_and_merges() {
         overwrite: false,
         restart_unfinished: false,
         backend: Default::default(),
+        tensorboard: false,
     };
     train(&o, &mut |_| {}).expect("trains");
     let adir = out.join("adapter");

@@ -276,6 +276,7 @@ fn every_zoo_trainer_trains_at_fixture_size() {
                     overwrite: false,
                     restart_unfinished: false,
                     backend,
+                    tensorboard: false,
                 };
                 let s = train(&o, &mut |_| {})
                     .unwrap_or_else(|e| panic!("{} `{trainer}`: {}", case.file, e.message));

@@ -5,6 +5,8 @@ pub mod bench;
 pub mod bench_train;
 pub mod cuda;
 pub mod generate;
+pub mod plot;
+pub mod progress;
 pub mod train;
 
 use std::path::{Path, PathBuf};

@@ -25,6 +25,9 @@ enum Command {
     Generate(vlmc_cli::generate::GenerateArgs),
     /// Fold a LoRA adapter (PEFT layout) into base weights.
     Merge(vlmc_cli::train::MergeArgs),
+    /// Draw a training run's curves (loss and eval loss, learning rate, gradient norm against
+    /// the step) from its log.jsonl as an SVG picture.
+    Plot(vlmc_cli::plot::PlotArgs),
     /// Parse and type-check .vlm files (every model is elaborated and shape-checked).
     Check {
         /// Files to check.
@@ -181,6 +184,7 @@ fn run(cli: Cli) -> ExitCode {
         Command::Train(a) => vlmc_cli::train::train(&a),
         Command::Generate(a) => vlmc_cli::generate::generate(&a),
         Command::Merge(a) => vlmc_cli::train::merge(&a),
+        Command::Plot(a) => vlmc_cli::plot::plot(&a),
         Command::Check { files } => vlmc_cli::check(&files),
         Command::Build {
             file,

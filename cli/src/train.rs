@@ -1,5 +1,6 @@
 //! `vlmc train` and `vlmc merge`.
 
+use crate::progress::{Mode, Progress};
 use std::path::{Path, PathBuf};
 use vlmc::elab::Elaborated;
 
@@ -44,25 +45,60 @@ pub struct TrainArgs {
     #[arg(long)]
     pub stop_after: Option<u64>,
     /// Start again in an output folder that holds an earlier run: delete that run's
-    /// checkpoints, log.jsonl, model.safetensors and adapter/ first (nothing else). Without
+    /// checkpoints, log.jsonl, model.safetensors, adapter/ and runs/ event files first
+    /// (nothing else). Without
     /// it, such a folder is refused unless --resume continues the run.
     #[arg(long)]
     pub overwrite: bool,
     /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
     #[arg(long = "set", value_parser = crate::parse_set)]
     pub sets: Vec<(String, String)>,
-    /// Output folder: log.jsonl, checkpoint-N/, model.safetensors, adapter/ (LoRA).
+    /// Output folder: log.jsonl, checkpoint-N/, model.safetensors, adapter/ (LoRA), runs/
+    /// (TensorBoard, with --report-to tensorboard).
     #[arg(short, long)]
     pub out: PathBuf,
     /// No progress bar (one line per step on stderr instead).
     #[arg(long)]
     pub quiet: bool,
+    /// When stderr is not a terminal (a CI log, `2> file`): a progress line every N steps
+    /// (and at least every 5 s while steps complete). Default: the trainer's `log_every`, 10
+    /// when it sets none.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub log_every: Option<u64>,
+    /// Also report the scalars of each step to: `tensorboard` (an event file in DIR/runs/:
+    /// train/loss, train/learning_rate, train/grad_norm, eval/loss), or `none`.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "TO")]
+    pub report_to: Vec<ReportTo>,
     /// Run the training steps on the reference interpreter instead of compiled CPU code.
     #[arg(long)]
     pub interp: bool,
     /// Do not use the disk cache of compiled CPU kernels (also: VLMC_NO_CACHE=1).
     #[arg(long)]
     pub no_cache: bool,
+}
+
+/// Where `--report-to` sends the scalars of each step.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportTo {
+    /// A TensorBoard event file in `DIR/runs/` (each stage's folder for a chain).
+    Tensorboard,
+    /// Nowhere but log.jsonl.
+    None,
+}
+
+impl TrainArgs {
+    fn tensorboard(&self) -> bool {
+        self.report_to.contains(&ReportTo::Tensorboard)
+    }
+
+    /// How progress shows for trainer `name`.
+    fn mode(&self, m: &Elaborated, name: &str) -> Mode {
+        let every = self.log_every.unwrap_or_else(|| {
+            vlmc::train::TrainConfig::of(m, name)
+                .map_or(vlmc::train::DEFAULT_LOG_EVERY, |c| c.log_every)
+        });
+        Mode::detect(self.quiet, every)
+    }
 }
 
 /// `vlmc merge FILE --adapter DIR --weights W -o OUT`.
@@ -170,50 +206,6 @@ fn bind(m: &Elaborated, weights: &Path) -> Result<vlmc_runtime::weights::Bound, 
     vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint).map_err(fail)
 }
 
-/// A progress bar (or nothing with `--quiet`).
-fn progress(quiet: bool) -> Option<indicatif::ProgressBar> {
-    if quiet {
-        return None;
-    }
-    let b = indicatif::ProgressBar::new(0);
-    b.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    Some(b)
-}
-
-/// Shows one step; `eval` keeps the latest evaluation loss on display.
-fn show_step(
-    bar: Option<&indicatif::ProgressBar>,
-    ev: &vlmc_runtime::train_loop::Event<'_>,
-    eval: &mut Option<f64>,
-) {
-    if ev.eval_loss.is_some() {
-        *eval = ev.eval_loss;
-    }
-    let mut msg = format!(
-        "loss {:.4} lr {:.2e} |g| {:.3} {:.1} ex/s",
-        ev.stats.loss, ev.stats.lr, ev.stats.grad_norm, ev.examples_per_s
-    );
-    if let Some(e) = eval {
-        msg.push_str(&format!(" eval {e:.4}"));
-    }
-    match bar {
-        Some(b) => {
-            b.set_length(ev.total);
-            b.set_position(ev.step);
-            b.set_message(msg);
-        }
-        None => eprintln!("step {}/{}: {msg}", ev.step, ev.total),
-    }
-    if let (Some(b), Some(e)) = (bar, ev.eval_loss) {
-        b.println(format!("step {}/{}: eval loss {e:.4}", ev.step, ev.total));
-    }
-}
-
 fn report(name: &str, s: &vlmc_runtime::train_loop::Summary, secs: f64) {
     if s.skipped {
         eprintln!(
@@ -315,17 +307,21 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
         overwrite: a.overwrite,
         restart_unfinished: false,
         backend: backend(a),
+        tensorboard: a.tensorboard(),
     };
-    let bar = progress(a.quiet);
+    let mut progress = Progress::new(a.mode(m, &a.trainer));
     let t0 = std::time::Instant::now();
-    let mut eval = None;
-    let result =
-        vlmc_runtime::train_loop::train(&opts, &mut |ev| show_step(bar.as_ref(), ev, &mut eval));
-    if let Some(b) = &bar {
-        b.finish();
-    }
+    let result = vlmc_runtime::train_loop::train(&opts, &mut |ev| progress.step(ev));
+    progress.finish(false);
     let s = result.map_err(fail)?;
     report(&a.trainer, &s, t0.elapsed().as_secs_f64());
+    if a.tensorboard() {
+        eprintln!(
+            "TensorBoard event file in {}: tensorboard --logdir {}",
+            a.out.join("runs").display(),
+            a.out.display()
+        );
+    }
     Ok(())
 }
 
@@ -356,9 +352,9 @@ fn train_chain(
         stop_after: a.stop_after,
         overwrite: a.overwrite,
         backend: backend(a),
+        tensorboard: a.tensorboard(),
     };
-    let mut bar: Option<indicatif::ProgressBar> = None;
-    let mut eval = None;
+    let mut progress: Option<Progress> = None;
     let mut t0 = std::time::Instant::now();
     let result = train_stages(&opts, &mut |ev| match ev {
         StageEvent::Start {
@@ -380,22 +376,32 @@ fn train_chain(
                     (None, None) => "from the init rules".to_string(),
                 }
             );
-            bar = progress(a.quiet);
-            eval = None;
+            progress = Some(Progress::new(a.mode(m, name)));
             t0 = std::time::Instant::now();
         }
-        StageEvent::Step(e) => show_step(bar.as_ref(), e, &mut eval),
+        StageEvent::Step(e) => {
+            if let Some(p) = &mut progress {
+                p.step(e);
+            }
+        }
         StageEvent::Done { name, summary, .. } => {
-            if let Some(b) = bar.take() {
-                b.finish_and_clear();
+            if let Some(mut p) = progress.take() {
+                p.finish(true);
             }
             report(name, summary, t0.elapsed().as_secs_f64());
         }
     });
-    if let Some(b) = bar.take() {
-        b.finish();
+    if let Some(mut p) = progress.take() {
+        p.finish(false);
     }
     let done = result.map_err(fail)?;
+    if a.tensorboard() {
+        eprintln!(
+            "TensorBoard event files in {}/<stage>/runs/: tensorboard --logdir {} (a run per stage)",
+            a.out.display(),
+            a.out.display()
+        );
+    }
     if done.len() < stages.len() {
         let (name, s) = done.last().expect("a stage ran");
         eprintln!(

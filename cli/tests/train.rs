@@ -280,7 +280,7 @@ fn cycles_and_unknown_trainers_are_clear_errors() {
     assert_eq!(
         stderr(&out),
         format!(
-            "error: {TINY_LM} has no trainer `nope` (trainers: evaluated, diverge, loop_a, loop_b)\n"
+            "error: {TINY_LM} has no trainer `nope` (trainers: evaluated, diverge, loop_a, loop_b, logged, own_first, own_second)\n"
         )
     );
     assert!(!work.join("out").exists());

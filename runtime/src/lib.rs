@@ -17,6 +17,7 @@ pub mod rng;
 pub mod sample;
 pub mod spin;
 pub mod tensor;
+pub mod tensorboard;
 pub mod train;
 pub mod train_ckpt;
 pub mod train_data;

@@ -14,6 +14,14 @@ use std::path::{Path, PathBuf};
 /// The name of the lock file inside a locked folder.
 pub const LOCK_FILE: &str = ".vlmc.lock";
 
+/// The folder of a run's TensorBoard event files, as [`run_files`] lists it.
+pub const RUNS_DIR: &str = "runs/";
+
+/// Whether `name` is a TensorBoard event file's name (what [`clear_run`] deletes in `runs/`).
+fn is_event_file(name: &str) -> bool {
+    name.contains(crate::tensorboard::INFIX) && !name.starts_with('.')
+}
+
 /// A held lock on an output folder; dropping it releases the lock (and removes the lock file,
 /// and the folder when this lock created it and it is still empty).
 #[derive(Debug)]
@@ -188,7 +196,8 @@ pub fn checkpoint_step(name: &str) -> Option<u64> {
 }
 
 /// What a training run writes into its folder, present in `dir`: `log.jsonl`,
-/// `checkpoint-<N>/`, `model.safetensors`, `adapter/` (sorted, folders with a `/`).
+/// `checkpoint-<N>/`, `model.safetensors`, `adapter/`, `runs/` (when it holds an event file;
+/// sorted, folders with a `/`).
 pub fn run_files(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -203,6 +212,7 @@ pub fn run_files(dir: &Path) -> Vec<String> {
             || (name == "adapter"
                 && (path.join("adapter_model.safetensors").exists()
                     || path.join("adapter_config.json").exists()))
+            || (name == "runs" && !crate::tensorboard::event_files(&path).is_empty())
         {
             out.push(format!("{name}/"));
         }
@@ -217,8 +227,8 @@ pub fn run_files(dir: &Path) -> Vec<String> {
 }
 
 /// Whether `name` is a temporary file or folder that a training run writes and renames:
-/// `.checkpoint-N.tmp<pid>`, `.log.jsonl.tmp<pid>`, `.model.safetensors.tmp<pid>`, and in
-/// `adapter/` the adapter's two files.
+/// `.checkpoint-N.tmp<pid>`, `.log.jsonl.tmp<pid>`, `.model.safetensors.tmp<pid>`, in
+/// `adapter/` the adapter's two files, and in `runs/` event files (cut back on resume).
 fn is_temporary(name: &str) -> bool {
     let Some(rest) = name.strip_prefix('.') else {
         return false;
@@ -227,6 +237,7 @@ fn is_temporary(name: &str) -> bool {
         return false;
     };
     checkpoint_step(base).is_some()
+        || is_event_file(base)
         || matches!(
             base,
             "log.jsonl" | "model.safetensors" | "adapter_model.safetensors" | "adapter_config.json"
@@ -236,7 +247,7 @@ fn is_temporary(name: &str) -> bool {
 /// Removes what writers that died (`kill -9`) left half-written in `dir`: temporary
 /// checkpoints and files. Call it holding the folder's lock (no live writer then).
 pub fn clear_temporary(dir: &Path) -> std::io::Result<()> {
-    for d in [dir.to_path_buf(), dir.join("adapter")] {
+    for d in [dir.to_path_buf(), dir.join("adapter"), dir.join("runs")] {
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;
         };
@@ -269,6 +280,12 @@ pub fn clear_run(dir: &Path) -> Result<(), String> {
                 if q.exists() {
                     std::fs::remove_file(&q).map_err(|x| e(&q, x))?;
                 }
+            }
+            let _ = std::fs::remove_dir(&p);
+        } else if name == RUNS_DIR {
+            // The event files only: anything else a user keeps there stays.
+            for q in crate::tensorboard::event_files(&p) {
+                std::fs::remove_file(&q).map_err(|x| e(&q, x))?;
             }
             let _ = std::fs::remove_dir(&p);
         } else if name.ends_with('/') {
@@ -364,6 +381,7 @@ mod tests {
         std::fs::create_dir_all(d.join(".checkpoint-4.tmp123")).expect("mkdir");
         std::fs::create_dir_all(d.join("adapter")).expect("mkdir");
         std::fs::create_dir_all(d.join("checkpoint-x")).expect("mkdir");
+        std::fs::create_dir_all(d.join("runs")).expect("mkdir");
         for f in [
             "log.jsonl",
             "model.safetensors",
@@ -371,6 +389,9 @@ mod tests {
             "adapter/adapter_config.json",
             "adapter/readme.md",
             ".log.jsonl.tmp99",
+            "runs/events.out.tfevents.1700000000.host.1.0",
+            "runs/.events.out.tfevents.1700000000.host.1.0.tmp99-0",
+            "runs/notes.txt",
         ] {
             std::fs::write(d.join(f), "x").expect("write");
         }
@@ -380,6 +401,7 @@ mod tests {
                 "adapter/",
                 "log.jsonl",
                 "model.safetensors",
+                "runs/",
                 "checkpoint-3/"
             ]
         );
@@ -390,8 +412,18 @@ mod tests {
             .map(|e| e.file_name().to_string_lossy().to_string())
             .collect();
         left.sort();
-        assert_eq!(left, ["adapter", "checkpoint-x", "notes.txt"]);
+        assert_eq!(left, ["adapter", "checkpoint-x", "notes.txt", "runs"]);
         assert!(d.join("adapter/readme.md").is_file());
+        let runs: Vec<String> = std::fs::read_dir(d.join("runs"))
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(
+            runs,
+            ["notes.txt"],
+            "the event files and their temporaries only"
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -50,6 +50,9 @@ pub struct TrainOptions<'a> {
     pub restart_unfinished: bool,
     /// What runs the step and evaluation graphs (default: compiled for the CPU).
     pub backend: crate::train::Backend,
+    /// Also write the scalars of each step to a TensorBoard event file in `out/runs/`
+    /// (`train/loss`, `train/learning_rate`, `train/grad_norm`, `eval/loss`).
+    pub tensorboard: bool,
 }
 
 /// One finished step, for progress reporting.
@@ -58,6 +61,8 @@ pub struct Event<'a> {
     pub total: u64,
     pub stats: &'a StepStats,
     pub examples_per_s: f64,
+    /// The step's time in seconds (data, forward, backward, update; not the evaluation).
+    pub seconds: f64,
     /// The evaluation loss after this step, when the step evaluated.
     pub eval_loss: Option<f64>,
 }
@@ -478,7 +483,12 @@ pub fn train(
     let earlier = train_folder::run_files(o.out);
     let clear = if earlier.is_empty() || here {
         false
-    } else if o.overwrite || (o.restart_unfinished && earlier.iter().all(|f| f == "log.jsonl")) {
+    } else if o.overwrite
+        || (o.restart_unfinished
+            && earlier
+                .iter()
+                .all(|f| f == "log.jsonl" || f == train_folder::RUNS_DIR))
+    {
         true
     } else {
         return Err(err(refuse_earlier(o.out, &earlier, &cfg.name, total, &fp)));
@@ -553,6 +563,10 @@ pub fn train(
                 ck.parent().unwrap_or(Path::new(".")).join("log.jsonl")
             };
             train_folder::cut_log(&src, &log_path, session.step).map_err(err)?;
+            // The event files likewise (a new file continues them, below).
+            let from = ck.parent().unwrap_or(Path::new(".")).join("runs");
+            crate::tensorboard::cut_events(&from, &o.out.join("runs"), session.step)
+                .map_err(err)?;
         }
         None => {
             crate::weights::write_atomic(&log_path, b"")
@@ -567,6 +581,26 @@ pub fn train(
     let mut write_line = |v: serde_json::Value| -> Result<(), TrainRunError> {
         log.write_all(format!("{v}\n").as_bytes())
             .map_err(|e| err(format!("{}: {e}", log_path.display())))
+    };
+    let mut events = match o.tensorboard {
+        true => {
+            let dir = o.out.join("runs");
+            Some(crate::tensorboard::EventWriter::create(&dir).map_err(|e| {
+                err(format!(
+                    "cannot write an event file in {}: {e}",
+                    dir.display()
+                ))
+            })?)
+        }
+        false => None,
+    };
+    let mut event = |step: u64, values: &[(&str, f64)]| -> Result<(), TrainRunError> {
+        match &mut events {
+            Some(w) => w
+                .scalars(step, values)
+                .map_err(|e| err(format!("{}: {e}", w.path().display()))),
+            None => Ok(()),
+        }
     };
     let mut eval_losses = Vec::new();
     let save_every = session.cfg.save_every;
@@ -611,6 +645,14 @@ pub fn train(
             "examples_per_s": eps,
         });
         write_line(line)?;
+        event(
+            session.step,
+            &[
+                ("train/loss", stats.loss),
+                ("train/learning_rate", stats.lr),
+                ("train/grad_norm", stats.grad_norm),
+            ],
+        )?;
         losses.push(stats.loss);
         let mut eval_loss = None;
         if let Some(ev) = &eval {
@@ -622,6 +664,7 @@ pub fn train(
                     "eval_items": ev.items,
                 });
                 write_line(line)?;
+                event(session.step, &[("eval/loss", l)])?;
                 eval_losses.push((session.step, l));
                 eval_loss = Some(l);
             }
@@ -631,6 +674,7 @@ pub fn train(
             total: session.total_steps,
             stats: &stats,
             examples_per_s: eps,
+            seconds: secs,
             eval_loss,
         });
         if save_every.is_some_and(|k| session.step % k == 0) {

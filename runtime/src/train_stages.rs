@@ -125,6 +125,8 @@ pub struct StagesOptions<'a> {
     pub overwrite: bool,
     /// What runs the graphs.
     pub backend: crate::train::Backend,
+    /// Write TensorBoard event files (each stage into `out/<stage>/runs/`).
+    pub tensorboard: bool,
 }
 
 /// Progress of a chain.
@@ -203,6 +205,7 @@ pub fn train_stages(
             overwrite: o.overwrite,
             restart_unfinished: o.resume.is_some(),
             backend: o.backend.clone(),
+            tensorboard: o.tensorboard,
         };
         let summary = train(&opts, &mut |ev| on_event(&StageEvent::Step(ev))).map_err(|e| {
             err(format!(

@@ -207,6 +207,7 @@ const SETTINGS: &[(&str, char)] = &[
     ("clip_grad", 'f'),
     ("eval_every", 'i'),
     ("save_every", 'i'),
+    ("log_every", 'i'),
     ("max_len", 'i'),
     ("lr", 'f'),
     ("data", 't'),

@@ -135,6 +135,10 @@ impl Schedule {
     }
 }
 
+/// Steps between progress lines when the trainer sets no `log_every` (Hugging Face's
+/// `logging_steps` is 500; training runs here are shorter).
+pub const DEFAULT_LOG_EVERY: u64 = 10;
+
 /// A trainer, read.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainConfig {
@@ -150,6 +154,9 @@ pub struct TrainConfig {
     pub clip_grad: Option<f64>,
     pub eval_every: Option<u64>,
     pub save_every: Option<u64>,
+    /// Steps between progress lines when stderr is not a terminal (`log_every`, default
+    /// [`DEFAULT_LOG_EVERY`]); it changes nothing the run computes.
+    pub log_every: u64,
     pub max_len: Option<usize>,
     /// The trainer's own data file (`data "..."`, resolved beside the spec).
     pub data: Option<std::path::PathBuf>,
@@ -311,6 +318,7 @@ impl TrainConfig {
             clip_grad: get("clip_grad").and_then(num),
             eval_every: int("eval_every"),
             save_every: int("save_every"),
+            log_every: int("log_every").unwrap_or(DEFAULT_LOG_EVERY).max(1),
             max_len: int("max_len").map(|v| v as usize),
             data: match get("data") {
                 Some(Setting::Str(s)) => Some(s.into()),

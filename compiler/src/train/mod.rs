@@ -20,7 +20,9 @@ pub mod config;
 pub mod optim;
 pub mod splice;
 
-pub use config::{Objective, Optimizer, OptimizerKind, Schedule, ScheduleKind, TrainConfig};
+pub use config::{
+    Objective, Optimizer, OptimizerKind, Schedule, ScheduleKind, TrainConfig, DEFAULT_LOG_EVERY,
+};
 
 use crate::elab::Elaborated;
 use crate::ir::{DType, Graph, NodeId, Op, TensorType};
