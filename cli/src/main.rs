@@ -94,9 +94,11 @@ enum Command {
         /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
         #[arg(long = "set", value_parser = parse_set)]
         sets: Vec<(String, String)>,
-        /// Weights (safetensors), bound to parameters by name.
-        #[arg(long)]
-        weights: PathBuf,
+        /// Weights: safetensors files (repeat the flag or separate with commas), a sharded
+        /// checkpoint's model.safetensors.index.json, or a Hugging Face model folder; bound to
+        /// parameters by name.
+        #[arg(long, required = true, value_delimiter = ',')]
+        weights: Vec<PathBuf>,
         /// An input: NAME=FILE.npy|FILE.safetensors, text="..." or image=FILE.png (repeatable;
         /// several texts or images make a batch).
         #[arg(long = "input", value_parser = parse_pair)]
@@ -127,9 +129,10 @@ enum Command {
         /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
         #[arg(long = "set", value_parser = parse_set)]
         sets: Vec<(String, String)>,
-        /// Weights (safetensors); default: random parameters from the init rules.
-        #[arg(long)]
-        weights: Option<PathBuf>,
+        /// Weights (files, an index or a folder, as for `vlmc run`); default: random
+        /// parameters from the init rules.
+        #[arg(long, value_delimiter = ',')]
+        weights: Vec<PathBuf>,
         /// Sizes of the symbolic dims, e.g. B=8,T=128.
         #[arg(long, value_delimiter = ',', value_parser = parse_dim)]
         dims: Vec<(String, i64)>,
@@ -318,7 +321,7 @@ fn run(cli: Cli) -> ExitCode {
                     &file,
                     &vlmc_cli::bench_train::TrainBenchArgs {
                         pick,
-                        weights: weights.as_deref(),
+                        weights: (!weights.is_empty()).then_some(&weights[..]),
                         trainer: &trainer,
                         dims: &dims,
                         runs,
@@ -330,7 +333,7 @@ fn run(cli: Cli) -> ExitCode {
                     &file,
                     &vlmc_cli::bench::BenchArgs {
                         pick,
-                        weights: weights.as_deref(),
+                        weights: (!weights.is_empty()).then_some(&weights[..]),
                         dims: &dims,
                         runs,
                         interp_runs,
