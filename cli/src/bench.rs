@@ -2,7 +2,7 @@
 //! interpreter) on synthetic inputs at given sizes, and the GEMM crate's ceiling.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use vlmc_runtime::Tensor;
 
