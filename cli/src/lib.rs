@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_train;
 pub mod cuda;
+pub mod export;
 pub mod generate;
 pub mod train;
 
@@ -169,7 +170,7 @@ fn checked_ok(file: &Path, sets: &[(String, String)]) -> Result<Checked, u8> {
 }
 
 /// Elaborates `file` and picks a model (by name, or the last one).
-fn load_model(file: &Path, p: &Pick<'_>) -> Result<Elaborated, u8> {
+pub(crate) fn load_model(file: &Path, p: &Pick<'_>) -> Result<Elaborated, u8> {
     let checked = checked_ok(file, p.sets)?;
     let models = checked.result.unwrap_or_default();
     let name = pick(&models, p.model, file)?.model.clone();

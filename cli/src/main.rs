@@ -25,6 +25,8 @@ enum Command {
     Generate(vlmc_cli::generate::GenerateArgs),
     /// Fold a LoRA adapter (PEFT layout) into base weights.
     Merge(vlmc_cli::train::MergeArgs),
+    /// Write a model's weights as a transformers checkpoint folder (config.json + safetensors).
+    Export(vlmc_cli::export::ExportArgs),
     /// Parse and type-check .vlm files (every model is elaborated and shape-checked).
     Check {
         /// Files to check.
@@ -184,6 +186,7 @@ fn run(cli: Cli) -> ExitCode {
         Command::Train(a) => vlmc_cli::train::train(&a),
         Command::Generate(a) => vlmc_cli::generate::generate(&a),
         Command::Merge(a) => vlmc_cli::train::merge(&a),
+        Command::Export(a) => vlmc_cli::export::export(&a),
         Command::Check { files } => vlmc_cli::check(&files),
         Command::Build {
             file,
