@@ -327,7 +327,7 @@ fn check_fixture(dir: &Path, out: &Path) -> Vec<String> {
     };
     let mut problems = Vec::new();
     // (a) tensors
-    let exported = WeightSet::open(&[hf.clone()]).expect("open export");
+    let exported = WeightSet::open(std::slice::from_ref(&hf)).expect("open export");
     let want: Vec<String> = weights
         .names()
         .into_iter()

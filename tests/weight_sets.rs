@@ -112,7 +112,7 @@ fn a_sharded_index_and_its_folder_bind_like_the_single_file() {
     let index = write_index(&dir, &files, &groups);
     let want = reference_params(&m);
     for given in [index.clone(), dir.clone()] {
-        let set = WeightSet::open(&[given.clone()]).expect("index");
+        let set = WeightSet::open(std::slice::from_ref(&given)).expect("index");
         assert_eq!(set.files().len(), 2, "{}", given.display());
         let bound = bind(&m.graph, &set, &m.checkpoint).expect("bind");
         assert_eq!(bound.params, want, "{}", given.display());
@@ -124,7 +124,7 @@ fn a_sharded_index_and_its_folder_bind_like_the_single_file() {
     wrong[1].remove(0);
     wrong[0].push(moved.clone());
     write_index(&dir, &files, &wrong);
-    let e = WeightSet::open(&[index.clone()])
+    let e = WeightSet::open(std::slice::from_ref(&index))
         .err()
         .expect("wrong shard")
         .message;
@@ -157,7 +157,7 @@ fn a_folder_is_where_the_tokenizer_is_looked_up() {
         dir.join("model.safetensors"),
     )
     .expect("copy");
-    let set = WeightSet::open(&[dir.clone()]).expect("folder");
+    let set = WeightSet::open(std::slice::from_ref(&dir)).expect("folder");
     assert_eq!(set.tokenizer_dir(), dir.as_path());
     assert_eq!(set.names().len(), 80);
     let file = dir.join("model.safetensors");
@@ -213,6 +213,34 @@ fn inputs_name_a_tensor_of_a_file_and_take_transformers_names() {
     for name in ["pixels", "ids", "mask"] {
         assert_eq!(got[name], io_file.get(name).expect("t"), "{name}");
     }
+
+    // under transformers' name, a file's tensor of that name is read (a processor's output)
+    let dir = scratch("hf-names");
+    let saved = dir.join("processed.safetensors");
+    let pixels = io_file.get("pixels").expect("pixels");
+    let ids = io_file.get("ids").expect("ids");
+    save(
+        &saved,
+        &BTreeMap::from([
+            ("pixel_values".to_string(), pixels.clone()),
+            ("input_ids".to_string(), ids.clone()),
+        ]),
+    )
+    .expect("save");
+    let file = saved.display().to_string();
+    let got = gather_inputs(
+        &[
+            ("pixel_values".into(), file.clone()),
+            ("input_ids".into(), file),
+        ],
+        &["pixels", "ids", "mask"],
+        &[],
+        Path::new("."),
+        None,
+    )
+    .expect("by transformers' tensor names");
+    assert_eq!((&got["pixels"], &got["ids"]), (&pixels, &ids));
+    let _ = std::fs::remove_dir_all(&dir);
 
     // a model with an input of transformers' name keeps it
     let got = gather_inputs(
@@ -281,7 +309,7 @@ fn export_refuses_the_weights_folder_and_a_full_one_and_leaves_no_temporary() {
         weights_dir.join("model.safetensors"),
     )
     .expect("copy");
-    let set = WeightSet::open(&[weights_dir.clone()]).expect("open");
+    let set = WeightSet::open(std::slice::from_ref(&weights_dir)).expect("open");
     let export = |to: &Path| vlmc_runtime::export::export(&m, &set, to, u64::MAX);
 
     let e = export(&weights_dir).expect_err("into the weights").message;

@@ -564,7 +564,8 @@ pub fn load_images(p: &Preprocess, paths: &[String]) -> Result<Tensor, InputErro
 /// Every input a model needs, from `--input NAME=VALUE` pairs: `text=...` and `image=PATH`
 /// go through the model's preprocessing (several make a batch); other names are files (see
 /// [`read_input`]), and must be inputs of the model (`model_inputs`) or transformers' names of
-/// them ([`HF_INPUT_NAMES`]). An unknown name, or a file input given twice, is an error listing
+/// them ([`HF_INPUT_NAMES`]; `pixel_values=FILE.safetensors` then also reads a tensor named
+/// `pixel_values`). An unknown name, or a file input given twice, is an error listing
 /// the model's inputs.
 pub fn gather_inputs(
     pairs: &[(String, String)],
@@ -617,7 +618,14 @@ pub fn gather_inputs(
                     };
                     return ierr(format!("input `{name}` is given twice{also}"));
                 }
-                out.insert(name.to_string(), read_input(name, value)?);
+                // under transformers' name, a file's tensor of that name is the input too
+                let (path, tensor) = split_input_value(value);
+                let hf_tensor = name != given.as_str()
+                    && tensor.is_none()
+                    && path.extension().is_some_and(|e| e == "safetensors")
+                    && WeightFile::open(path).is_ok_and(|f| f.info(given).is_some());
+                let key = if hf_tensor { given.as_str() } else { name };
+                out.insert(name.to_string(), read_input(key, value)?);
             }
         }
     }
