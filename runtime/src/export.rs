@@ -215,10 +215,9 @@ fn entries<'w>(
             continue;
         }
         let hf_name = hf.hf_name(path);
-        if let Some(prev) = out.get(&hf_name) {
+        if out.contains_key(&hf_name) {
             problems.push(format!(
-                "parameters `{path}` and the one from `{}` both become `{hf_name}`",
-                prev.name
+                "parameter `{path}` becomes `{hf_name}`, the name of another parameter"
             ));
             continue;
         }

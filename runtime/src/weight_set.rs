@@ -68,18 +68,20 @@ pub fn files_of(paths: &[PathBuf]) -> Vec<PathBuf> {
     out
 }
 
-/// Expands one path: a folder to its `model.safetensors` or its index, an index to its shards.
+/// Expands one path: a folder to its `model.safetensors` (or else its index), an index to its
+/// shards.
 fn expand(path: &Path) -> Result<Expanded, WeightError> {
     if path.is_dir() {
+        // transformers' order: the single file first, then the index
         let (single, index) = (path.join(SINGLE_NAME), path.join(INDEX_NAME));
-        if index.is_file() {
-            return expand_index(&index);
-        }
         if single.is_file() {
             return Ok(Expanded {
                 files: vec![single],
                 index: None,
             });
+        }
+        if index.is_file() {
+            return expand_index(&index);
         }
         let mut present: Vec<String> = std::fs::read_dir(path)
             .map(|d| {
