@@ -542,6 +542,7 @@ fn check_with(seed: u64, empty: bool) -> Result<bool, String> {
         trainers: Vec::new(),
         checkpoint: Vec::new(),
         preprocess: Vec::new(),
+        params: Default::default(),
     };
     let text = vlmc::ir::text::print(&graph);
     for opts in [

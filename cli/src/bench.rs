@@ -2,7 +2,7 @@
 //! interpreter) on synthetic inputs at given sizes, and the GEMM crate's ceiling.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use vlmc_runtime::Tensor;
 
@@ -10,7 +10,7 @@ use vlmc_runtime::Tensor;
 pub struct BenchArgs<'a> {
     pub pick: crate::Pick<'a>,
     /// Weights (safetensors); random parameters from the init rules when absent.
-    pub weights: Option<&'a Path>,
+    pub weights: Option<&'a [PathBuf]>,
     /// Sizes of the symbolic dims.
     pub dims: &'a [(String, i64)],
     /// Timed runs of the compiled code (after one warm-up run).
@@ -105,12 +105,12 @@ pub fn synthetic_inputs(
 /// from the init rules with `seed`.
 pub fn bench_params(
     m: &vlmc::elab::Elaborated,
-    weights: Option<&Path>,
+    weights: Option<&[PathBuf]>,
     seed: u64,
 ) -> Result<BTreeMap<String, Tensor>, String> {
     match weights {
         Some(w) => {
-            let wf = vlmc_runtime::weights::WeightFile::open(w).map_err(|e| e.to_string())?;
+            let wf = vlmc_runtime::weight_set::WeightSet::open(w).map_err(|e| e.to_string())?;
             Ok(vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint)
                 .map_err(|e| e.to_string())?
                 .params)

@@ -17,7 +17,7 @@ use vlmc_runtime::Tensor;
 /// What `vlmc bench --trainer` measures.
 pub struct TrainBenchArgs<'a> {
     pub pick: crate::Pick<'a>,
-    pub weights: Option<&'a Path>,
+    pub weights: Option<&'a [std::path::PathBuf]>,
     pub trainer: &'a str,
     pub dims: &'a [(String, i64)],
     /// Timed steps of each graph (after one warm-up run).

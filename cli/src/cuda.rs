@@ -139,7 +139,7 @@ pub fn emit(file: &Path, a: &EmitArgs<'_>) -> Result<(), u8> {
 pub struct RunArgs<'a> {
     pub model: Option<&'a str>,
     pub sets: &'a [(String, String)],
-    pub weights: &'a Path,
+    pub weights: &'a [PathBuf],
     /// `--input NAME=VALUE` pairs, in order.
     pub inputs: &'a [(String, String)],
     pub tokenizer: Option<&'a Path>,
@@ -156,12 +156,12 @@ pub fn run(file: &Path, a: &RunArgs<'_>) -> Result<(), u8> {
             .join(&m.model)
             .join("outputs.safetensors")
     });
-    let dir = a.weights.parent().unwrap_or(Path::new("."));
+    let dir = &vlmc_runtime::weight_set::tokenizer_dir(a.weights);
     let tokenizer = a
         .tokenizer
         .map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf);
     crate::check_run_output(&path, file, a.weights, a.inputs, &tokenizer)?;
-    let wf = vlmc_runtime::weights::WeightFile::open(a.weights).map_err(|e| fail(&e))?;
+    let wf = vlmc_runtime::weight_set::WeightSet::open(a.weights).map_err(|e| fail(&e))?;
     let bound = vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint).map_err(|e| fail(&e))?;
     let inputs = crate::gather_inputs(&m, a.inputs, dir, a.tokenizer).map_err(|e| fail(&e))?;
     let t0 = Instant::now();

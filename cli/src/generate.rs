@@ -24,10 +24,11 @@ pub struct GenerateArgs {
     /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
     #[arg(long = "set", value_parser = crate::parse_set)]
     pub sets: Vec<(String, String)>,
-    /// Weights (safetensors); the tokenizer, chat template and end-of-sequence token are read
-    /// from the same folder.
-    #[arg(long)]
-    pub weights: PathBuf,
+    /// Weights: safetensors files (repeat the flag or separate with commas), a sharded
+    /// checkpoint's index or a Hugging Face model folder; the tokenizer, chat template and
+    /// end-of-sequence token are read from the same folder (the first file's).
+    #[arg(long, required = true, value_delimiter = ',')]
+    pub weights: Vec<PathBuf>,
     /// The tokenizer.json (default: the model's `preprocess ... = text(tokenizer: ...)` or
     /// tokenizer.json next to the weights).
     #[arg(long)]
@@ -139,7 +140,11 @@ pub fn generate(a: &GenerateArgs) -> Result<(), u8> {
         ));
     }
     if let Some(out) = &a.out {
-        let mut inputs: Vec<(&str, &Path)> = vec![("the weights (--weights)", &a.weights)];
+        let weight_files = vlmc_runtime::weight_set::files_of(&a.weights);
+        let mut inputs: Vec<(&str, &Path)> = weight_files
+            .iter()
+            .map(|w| ("the weights (--weights)", w.as_path()))
+            .collect();
         if let Some(d) = &a.data {
             inputs.push(("the prompts (--data)", d));
         }
@@ -154,7 +159,7 @@ pub fn generate(a: &GenerateArgs) -> Result<(), u8> {
         }
         1u8
     })?;
-    let dir = a.weights.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let dir = vlmc_runtime::weight_set::tokenizer_dir(&a.weights);
     let text_pre = g
         .prefill
         .preprocess
@@ -182,14 +187,14 @@ pub fn generate(a: &GenerateArgs) -> Result<(), u8> {
         Some(Setting::Int(i)) if *i > 0 => Some(*i as usize),
         _ => None,
     });
-    let wf = vlmc_runtime::weights::WeightFile::open(&a.weights).map_err(fail)?;
+    let wf = vlmc_runtime::weight_set::WeightSet::open(&a.weights).map_err(fail)?;
     let bound =
         vlmc_runtime::weights::bind(&g.prefill.graph, &wf, &g.prefill.checkpoint).map_err(fail)?;
     if !bound.unused.is_empty() {
         eprintln!(
             "warning: {} tensor(s) in {} are not used",
             bound.unused.len(),
-            a.weights.display()
+            wf.label()
         );
     }
     let runner = |m: &vlmc::elab::Elaborated| -> Result<Runner, u8> {

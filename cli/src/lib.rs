@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_train;
 pub mod cuda;
+pub mod export;
 pub mod generate;
 pub mod plot;
 pub mod progress;
@@ -171,7 +172,7 @@ fn checked_ok(file: &Path, sets: &[(String, String)]) -> Result<Checked, u8> {
 }
 
 /// Elaborates `file` and picks a model (by name, or the last one).
-fn load_model(file: &Path, p: &Pick<'_>) -> Result<Elaborated, u8> {
+pub(crate) fn load_model(file: &Path, p: &Pick<'_>) -> Result<Elaborated, u8> {
     let checked = checked_ok(file, p.sets)?;
     let models = checked.result.unwrap_or_default();
     let name = pick(&models, p.model, file)?.model.clone();
@@ -425,7 +426,8 @@ pub fn init(file: &Path, p: &Pick<'_>, seed: u64, out: Option<&Path>) -> Result<
 /// What `vlmc run` needs besides the model file.
 pub struct RunArgs<'a> {
     pub pick: Pick<'a>,
-    pub weights: &'a Path,
+    /// `--weights`: files, an index or a folder (see [`vlmc_runtime::weight_set`]).
+    pub weights: &'a [PathBuf],
     /// `--input NAME=VALUE` pairs, in order.
     pub inputs: &'a [(String, String)],
     pub tokenizer: Option<&'a Path>,
@@ -457,7 +459,7 @@ pub fn run(file: &Path, args: &RunArgs<'_>) -> Result<(), u8> {
             .join(&m.model)
             .join("outputs.safetensors")
     });
-    let dir = args.weights.parent().unwrap_or(Path::new("."));
+    let dir = &vlmc_runtime::weight_set::tokenizer_dir(args.weights);
     check_run_output(
         &path,
         file,
@@ -468,14 +470,14 @@ pub fn run(file: &Path, args: &RunArgs<'_>) -> Result<(), u8> {
             .map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf),
     )?;
     let t1 = Instant::now();
-    let wf = vlmc_runtime::weights::WeightFile::open(args.weights).map_err(|e| fail(&e))?;
+    let wf = vlmc_runtime::weight_set::WeightSet::open(args.weights).map_err(|e| fail(&e))?;
     let bound = vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint).map_err(|e| fail(&e))?;
     if !bound.unused.is_empty() {
         let shown: Vec<&str> = bound.unused.iter().take(8).map(String::as_str).collect();
         eprintln!(
             "warning: {} tensor(s) in {} are not used: {}{}",
             bound.unused.len(),
-            args.weights.display(),
+            wf.label(),
             shown.join(", "),
             if bound.unused.len() > 8 { ", ..." } else { "" }
         );
@@ -550,20 +552,24 @@ pub fn check_output(out: &Path, inputs: &[(&str, &Path)]) -> Result<(), u8> {
 pub fn check_run_output(
     out: &Path,
     file: &Path,
-    weights: &Path,
+    weights: &[PathBuf],
     pairs: &[(String, String)],
     tokenizer: &Path,
 ) -> Result<(), u8> {
     let roles: Vec<(String, &Path)> = pairs
         .iter()
         .filter(|(k, _)| k != "text")
-        .map(|(k, v)| (format!("the input `{k}` (--input {k}=...)"), Path::new(v)))
+        .map(|(k, v)| {
+            let (path, _) = vlmc_runtime::inputs::split_input_value(v);
+            (format!("the input `{k}` (--input {k}=...)"), path)
+        })
         .collect();
-    let mut inputs: Vec<(&str, &Path)> = vec![
-        ("the weights (--weights)", weights),
-        ("the model file", file),
-        ("the tokenizer", tokenizer),
-    ];
+    let weight_files = vlmc_runtime::weight_set::files_of(weights);
+    let mut inputs: Vec<(&str, &Path)> = weight_files
+        .iter()
+        .map(|w| ("the weights (--weights)", w.as_path()))
+        .collect();
+    inputs.extend([("the model file", file), ("the tokenizer", tokenizer)]);
     inputs.extend(roles.iter().map(|(r, p)| (r.as_str(), *p)));
     check_output(out, &inputs)
 }
@@ -601,7 +607,8 @@ pub fn check_train_paths(
     for d in data.values() {
         inputs.push(("the training data (--data)", d));
     }
-    if let Some(w) = &a.weights {
+    let weight_files = vlmc_runtime::weight_set::files_of(&a.weights);
+    for w in &weight_files {
         inputs.push(("the starting weights (--weights)", w));
     }
     if let Some(e) = &a.eval_data {
@@ -617,15 +624,17 @@ pub fn check_train_paths(
 pub fn check_merge_paths(a: &train::MergeArgs) -> Result<(), u8> {
     let adapter = a.adapter.join("adapter_model.safetensors");
     let config = a.adapter.join("adapter_config.json");
-    check_output(
-        &a.out,
-        &[
-            ("the base weights (--weights)", &a.weights),
-            ("the adapter's weights", &adapter),
-            ("the adapter's configuration", &config),
-            ("the model file", &a.file),
-        ],
-    )
+    let weight_files = vlmc_runtime::weight_set::files_of(&a.weights);
+    let mut inputs: Vec<(&str, &Path)> = weight_files
+        .iter()
+        .map(|w| ("the base weights (--weights)", w.as_path()))
+        .collect();
+    inputs.extend([
+        ("the adapter's weights", adapter.as_path()),
+        ("the adapter's configuration", &config),
+        ("the model file", &a.file),
+    ]);
+    check_output(&a.out, &inputs)
 }
 
 /// The largest size a symbolic dimension may be given (`--dims`).

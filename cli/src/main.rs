@@ -28,6 +28,8 @@ enum Command {
     /// Draw a training run's curves (loss and eval loss, learning rate, gradient norm against
     /// the step) from its log.jsonl as an SVG picture.
     Plot(vlmc_cli::plot::PlotArgs),
+    /// Write a model's weights as a transformers checkpoint folder (config.json + safetensors).
+    Export(vlmc_cli::export::ExportArgs),
     /// Parse and type-check .vlm files (every model is elaborated and shape-checked).
     Check {
         /// Files to check.
@@ -97,9 +99,11 @@ enum Command {
         /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
         #[arg(long = "set", value_parser = parse_set)]
         sets: Vec<(String, String)>,
-        /// Weights (safetensors), bound to parameters by name.
-        #[arg(long)]
-        weights: PathBuf,
+        /// Weights: safetensors files (repeat the flag or separate with commas), a sharded
+        /// checkpoint's model.safetensors.index.json, or a Hugging Face model folder; bound to
+        /// parameters by name.
+        #[arg(long, required = true, value_delimiter = ',')]
+        weights: Vec<PathBuf>,
         /// An input: NAME=FILE.npy|FILE.safetensors, text="..." or image=FILE.png (repeatable;
         /// several texts or images make a batch).
         #[arg(long = "input", value_parser = parse_pair)]
@@ -130,9 +134,10 @@ enum Command {
         /// Set a compile-time parameter of the model: NAME=VALUE (repeatable).
         #[arg(long = "set", value_parser = parse_set)]
         sets: Vec<(String, String)>,
-        /// Weights (safetensors); default: random parameters from the init rules.
-        #[arg(long)]
-        weights: Option<PathBuf>,
+        /// Weights (files, an index or a folder, as for `vlmc run`); default: random
+        /// parameters from the init rules.
+        #[arg(long, value_delimiter = ',')]
+        weights: Vec<PathBuf>,
         /// Sizes of the symbolic dims, e.g. B=8,T=128.
         #[arg(long, value_delimiter = ',', value_parser = parse_dim)]
         dims: Vec<(String, i64)>,
@@ -185,6 +190,7 @@ fn run(cli: Cli) -> ExitCode {
         Command::Generate(a) => vlmc_cli::generate::generate(&a),
         Command::Merge(a) => vlmc_cli::train::merge(&a),
         Command::Plot(a) => vlmc_cli::plot::plot(&a),
+        Command::Export(a) => vlmc_cli::export::export(&a),
         Command::Check { files } => vlmc_cli::check(&files),
         Command::Build {
             file,
@@ -322,7 +328,7 @@ fn run(cli: Cli) -> ExitCode {
                     &file,
                     &vlmc_cli::bench_train::TrainBenchArgs {
                         pick,
-                        weights: weights.as_deref(),
+                        weights: (!weights.is_empty()).then_some(&weights[..]),
                         trainer: &trainer,
                         dims: &dims,
                         runs,
@@ -334,7 +340,7 @@ fn run(cli: Cli) -> ExitCode {
                     &file,
                     &vlmc_cli::bench::BenchArgs {
                         pick,
-                        weights: weights.as_deref(),
+                        weights: (!weights.is_empty()).then_some(&weights[..]),
                         dims: &dims,
                         runs,
                         interp_runs,

@@ -22,10 +22,11 @@ pub struct TrainArgs {
     /// no `STAGE=FILE` names it.
     #[arg(long = "data", value_parser = parse_data)]
     pub data: Vec<(Option<String>, PathBuf)>,
-    /// Starting weights (safetensors; default: the init rules with the trainer's seed). With
-    /// them, a trainer that starts `from` another runs alone instead of as a chain of stages.
-    #[arg(long)]
-    pub weights: Option<PathBuf>,
+    /// Starting weights (files, an index or a folder, as for `vlmc run`; default: the init
+    /// rules with the trainer's seed). With them, a trainer that starts `from` another runs
+    /// alone instead of as a chain of stages.
+    #[arg(long, value_delimiter = ',')]
+    pub weights: Vec<PathBuf>,
     /// Evaluation data (JSONL like --data): the mean loss over it every `eval_every` steps and
     /// at the end, logged as `eval_loss`.
     #[arg(long)]
@@ -109,9 +110,9 @@ pub struct MergeArgs {
     /// A LoRA adapter in the PEFT layout (adapter_model.safetensors, adapter_config.json).
     #[arg(long)]
     pub adapter: PathBuf,
-    /// The base weights.
-    #[arg(long)]
-    pub weights: PathBuf,
+    /// The base weights (files, an index or a folder, as for `vlmc run`).
+    #[arg(long, required = true, value_delimiter = ',')]
+    pub weights: Vec<PathBuf>,
     /// Which model of the file (default: the last one).
     #[arg(long)]
     pub model: Option<String>,
@@ -201,8 +202,8 @@ fn models(file: &Path, sets: &[(String, String)]) -> Result<Vec<Elaborated>, u8>
     Ok(checked.result.unwrap_or_default())
 }
 
-fn bind(m: &Elaborated, weights: &Path) -> Result<vlmc_runtime::weights::Bound, u8> {
-    let wf = vlmc_runtime::weights::WeightFile::open(weights).map_err(fail)?;
+fn bind(m: &Elaborated, weights: &[PathBuf]) -> Result<vlmc_runtime::weights::Bound, u8> {
+    let wf = vlmc_runtime::weight_set::WeightSet::open(weights).map_err(fail)?;
     vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint).map_err(fail)
 }
 
@@ -268,7 +269,7 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
             }
         )));
     };
-    let stages = if a.weights.is_none() {
+    let stages = if a.weights.is_empty() {
         vlmc_runtime::train_stages::chain(m, &a.trainer).map_err(fail)?
     } else {
         vec![a.trainer.clone()]
@@ -284,9 +285,9 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
     if stages.len() > 1 {
         return train_chain(a, m, &stages, &data);
     }
-    let weights = match &a.weights {
-        Some(w) => Some(bind(m, w)?.params),
-        None => None,
+    let weights = match a.weights.is_empty() {
+        false => Some(bind(m, &a.weights)?.params),
+        true => None,
     };
     let opts = vlmc_runtime::train_loop::TrainOptions {
         model: m,
@@ -294,10 +295,8 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
         data: &data[&a.trainer],
         tokenizer: a.tokenizer.clone(),
         weights,
-        weights_dir: a
-            .weights
-            .as_ref()
-            .and_then(|w| w.parent().map(Path::to_path_buf)),
+        weights_dir: (!a.weights.is_empty())
+            .then(|| vlmc_runtime::weight_set::tokenizer_dir(&a.weights)),
         out: &a.out,
         resume: a.resume.as_deref(),
         steps: a.steps,
@@ -428,7 +427,7 @@ pub fn merge(a: &MergeArgs) -> Result<(), u8> {
     let merged =
         vlmc_runtime::train_ckpt::merge_lora(&m.graph, &bound.params, &peft).map_err(fail)?;
     // Keep the base file's names: every tensor is copied, the merged ones replaced.
-    let wf = vlmc_runtime::weights::WeightFile::open(&a.weights).map_err(fail)?;
+    let wf = vlmc_runtime::weight_set::WeightSet::open(&a.weights).map_err(fail)?;
     let mut out = std::collections::BTreeMap::new();
     let mut replaced = 0;
     for name in wf.names() {
@@ -453,7 +452,7 @@ pub fn merge(a: &MergeArgs) -> Result<(), u8> {
         let missing: Vec<&String> = merged.keys().filter(|p| !placed.contains(p)).collect();
         return Err(fail(format!(
             "{} has no tensor for the merged {}: nothing written",
-            a.weights.display(),
+            wf.label(),
             missing
                 .iter()
                 .map(|p| format!("`{p}`"))

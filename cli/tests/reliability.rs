@@ -157,9 +157,11 @@ fn non_regular_files_are_refused_as_inputs_without_blocking() {
         e.contains(s(&fifo)) && e.contains("FIFO") && e.contains("not a regular file"),
         "{e}"
     );
+    // a folder is read as a Hugging Face model folder: this one has no checkpoint
     let e = run(&t.dir, &x);
     assert!(
-        e.contains("is a directory") && !e.contains("No such device"),
+        e.contains("is a folder without model.safetensors or model.safetensors.index.json")
+            && !e.contains("No such device"),
         "{e}"
     );
     let e = run(Path::new("/dev/zero"), &x);

@@ -159,6 +159,7 @@ fn with_graph(m: &Elaborated, graph: Graph) -> Elaborated {
         trainers: Vec::new(),
         checkpoint: m.checkpoint.clone(),
         preprocess: m.preprocess.clone(),
+        params: m.params.clone(),
     }
 }
 

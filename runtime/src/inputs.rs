@@ -305,6 +305,61 @@ mod npy_header {
     }
 }
 
+/// Transformers' input names and the zoo's: `--input input_ids=...` fills `ids` for a model
+/// whose forward takes `ids` and no `input_ids` (the one table of these aliases; docs/running.md
+/// lists it).
+pub const HF_INPUT_NAMES: &[(&str, &str)] = &[
+    ("input_ids", "ids"),
+    ("attention_mask", "mask"),
+    ("pixel_values", "pixels"),
+    ("token_type_ids", "types"),
+];
+
+/// The model input `name` stands for: itself when the model has it, else the zoo name of a
+/// transformers name ([`HF_INPUT_NAMES`]) when the model has that; `None` when neither.
+pub fn resolve_input_name<'a>(name: &'a str, model_inputs: &[&'a str]) -> Option<&'a str> {
+    if model_inputs.contains(&name) {
+        return Some(name);
+    }
+    HF_INPUT_NAMES
+        .iter()
+        .find(|(hf, _)| *hf == name)
+        .map(|(_, ours)| *ours)
+        .filter(|ours| model_inputs.contains(ours))
+}
+
+/// A file input's value: the file and, for `FILE.safetensors:TENSOR`, the tensor it names. A
+/// file whose own name holds `.safetensors:` is read whole when it exists.
+pub fn split_input_value(value: &str) -> (&Path, Option<&str>) {
+    const EXT: &str = ".safetensors:";
+    match value.rfind(EXT) {
+        Some(at) if !Path::new(value).exists() => {
+            let (file, tensor) = value.split_at(at + EXT.len());
+            (Path::new(&file[..file.len() - 1]), Some(tensor))
+        }
+        _ => (Path::new(value), None),
+    }
+}
+
+/// Reads an input from `--input NAME=VALUE`'s value: a `.npy` file, a `.safetensors` file (the
+/// tensor named `name`, or its only tensor), or `FILE.safetensors:TENSOR` (that tensor).
+pub fn read_input(name: &str, value: &str) -> Result<Tensor, InputError> {
+    match split_input_value(value) {
+        (path, Some(tensor)) => {
+            let f = WeightFile::open(path).map_err(|e| InputError { message: e.message })?;
+            if f.info(tensor).is_none() {
+                return ierr(format!(
+                    "{} has no tensor `{tensor}` (it has: {})",
+                    path.display(),
+                    f.names().join(", ")
+                ));
+            }
+            f.get(tensor).map_err(|e| InputError { message: e.message })
+        }
+        (path, None) => read_input_file(name, path),
+    }
+}
+
 /// Reads an input file: `.npy` (one array) or `.safetensors` (the tensor named `name`, or the
 /// only tensor in the file).
 pub fn read_input_file(name: &str, path: &Path) -> Result<Tensor, InputError> {
@@ -319,15 +374,16 @@ pub fn read_input_file(name: &str, path: &Path) -> Result<Tensor, InputError> {
                 names[0].clone()
             } else {
                 return ierr(format!(
-                    "{} has no tensor `{name}` (it has: {})",
+                    "{} has no tensor `{name}` (it has: {}; name one with `{}:TENSOR`)",
                     path.display(),
-                    names.join(", ")
+                    names.join(", "),
+                    path.display()
                 ));
             };
             f.get(&pick).map_err(|e| InputError { message: e.message })
         }
         _ => ierr(format!(
-            "{}: inputs are read from .npy or .safetensors files",
+            "{}: inputs are read from .npy or .safetensors files (or FILE.safetensors:TENSOR)",
             path.display()
         )),
     }
@@ -506,9 +562,11 @@ pub fn load_images(p: &Preprocess, paths: &[String]) -> Result<Tensor, InputErro
 }
 
 /// Every input a model needs, from `--input NAME=VALUE` pairs: `text=...` and `image=PATH`
-/// go through the model's preprocessing (several make a batch); other names are files, and
-/// must be inputs of the model (`model_inputs`). An unknown name, or a file input given twice,
-/// is an error listing the model's inputs.
+/// go through the model's preprocessing (several make a batch); other names are files (see
+/// [`read_input`]), and must be inputs of the model (`model_inputs`) or transformers' names of
+/// them ([`HF_INPUT_NAMES`]; `pixel_values=FILE.safetensors` then also reads a tensor named
+/// `pixel_values`). An unknown name, or a file input given twice, is an error listing
+/// the model's inputs.
 pub fn gather_inputs(
     pairs: &[(String, String)],
     model_inputs: &[&str],
@@ -532,29 +590,42 @@ pub fn gather_inputs(
             false => known.join(", "),
         }
     };
-    for (name, value) in pairs {
-        let is_input = model_inputs.contains(&name.as_str());
-        match name.as_str() {
+    for (given, value) in pairs {
+        let resolved = resolve_input_name(given, model_inputs);
+        let is_input = resolved.is_some();
+        let name = resolved.unwrap_or(given);
+        match name {
             "text" if has("text") => texts.push(value.clone()),
             "image" if has("image") => images.push(value.clone()),
             "text" | "image" if !is_input => {
                 return ierr(format!(
-                    "`--input {name}=...` needs a `preprocess ... = {name}(...)` in the model, \
+                    "`--input {given}=...` needs a `preprocess ... = {name}(...)` in the model, \
                      and this model has none; it has no input `{name}` either; its inputs are: {}",
                     known()
                 ));
             }
             _ if !is_input => {
                 return ierr(format!(
-                    "`--input {name}=...`: the model has no input `{name}`; its inputs are: {}",
+                    "`--input {given}=...`: the model has no input `{given}`; its inputs are: {}",
                     known()
                 ));
             }
             _ => {
                 if out.contains_key(name) {
-                    return ierr(format!("input `{name}` is given twice"));
+                    let also = match name == given.as_str() {
+                        true => String::new(),
+                        false => format!(" (`{given}` is transformers' name for it)"),
+                    };
+                    return ierr(format!("input `{name}` is given twice{also}"));
                 }
-                out.insert(name.clone(), read_input_file(name, Path::new(value))?);
+                // under transformers' name, a file's tensor of that name is the input too
+                let (path, tensor) = split_input_value(value);
+                let hf_tensor = name != given.as_str()
+                    && tensor.is_none()
+                    && path.extension().is_some_and(|e| e == "safetensors")
+                    && WeightFile::open(path).is_ok_and(|f| f.info(given).is_some());
+                let key = if hf_tensor { given.as_str() } else { name };
+                out.insert(name.to_string(), read_input(key, value)?);
             }
         }
     }

@@ -7,8 +7,10 @@ pub mod alloc;
 pub mod chat;
 pub mod cpu;
 pub mod cuda;
+pub mod export;
 pub mod gemv;
 pub mod generate;
+pub mod hf_config;
 pub mod init;
 pub mod inputs;
 pub mod interp;
@@ -27,6 +29,7 @@ pub mod train_folder;
 pub mod train_inputs;
 pub mod train_loop;
 pub mod train_stages;
+pub mod weight_set;
 pub mod weights;
 
 pub use interp::{run, RunError};

@@ -128,9 +128,41 @@ impl WeightFile {
         Ok(Tensor { shape, data })
     }
 
+    /// A tensor as stored: dtype, shape and its bytes in the memory map (no conversion).
+    pub fn raw(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8]), WeightError> {
+        let st = self.parsed()?;
+        let view = st.tensor(name).map_err(|_| WeightError {
+            message: format!("{} has no tensor `{name}`", self.path.display()),
+        })?;
+        Ok((view.dtype(), view.shape().to_vec(), view.data()))
+    }
+
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Where [`bind`] reads tensors: one file ([`WeightFile`]) or several read as one
+/// ([`crate::weight_set::WeightSet`]).
+pub trait TensorSource {
+    /// Every tensor name, sorted.
+    fn tensor_names(&self) -> Vec<String>;
+    /// Reads a tensor.
+    fn tensor(&self, name: &str) -> Result<Tensor, WeightError>;
+    /// The file or files, for messages.
+    fn label(&self) -> String;
+}
+
+impl TensorSource for WeightFile {
+    fn tensor_names(&self) -> Vec<String> {
+        self.names()
+    }
+    fn tensor(&self, name: &str) -> Result<Tensor, WeightError> {
+        self.get(name)
+    }
+    fn label(&self) -> String {
+        self.path.display().to_string()
     }
 }
 
@@ -340,13 +372,19 @@ pub fn map_name(name: &str, rules: &[NameRule]) -> Option<String> {
     Some(n)
 }
 
-/// Binds every parameter of `graph` to a tensor of `file`, checking shapes and dtypes.
-/// All problems are reported together.
-pub fn bind(graph: &Graph, file: &WeightFile, rules: &[NameRule]) -> Result<Bound, WeightError> {
+/// Binds every parameter of `graph` to a tensor of `file` (one file or a [`WeightSet`]),
+/// checking shapes and dtypes. All problems are reported together.
+///
+/// [`WeightSet`]: crate::weight_set::WeightSet
+pub fn bind(
+    graph: &Graph,
+    file: &impl TensorSource,
+    rules: &[NameRule],
+) -> Result<Bound, WeightError> {
     let mut by_param: BTreeMap<String, String> = BTreeMap::new();
     let mut unused = Vec::new();
     let mut problems = Vec::new();
-    for name in file.names() {
+    for name in file.tensor_names() {
         match map_name(&name, rules) {
             None => {}
             Some(p) => {
@@ -375,12 +413,12 @@ pub fn bind(graph: &Graph, file: &WeightFile, rules: &[NameRule]) -> Result<Boun
         let Some(name) = by_param.get(path) else {
             problems.push(format!(
                 "parameter `{path}` ({ty}) has no tensor in {}{}",
-                file.path().display(),
+                file.label(),
                 closest(path, &by_param)
             ));
             continue;
         };
-        match file.get(name) {
+        match file.tensor(name) {
             Err(e) => problems.push(e.message),
             Ok(t) => {
                 if t.shape != want {
@@ -405,7 +443,7 @@ pub fn bind(graph: &Graph, file: &WeightFile, rules: &[NameRule]) -> Result<Boun
         let shown: Vec<String> = problems.into_iter().take(12).collect();
         return werr(format!(
             "cannot bind {} to the model ({n} problem{}):\n  {}{}",
-            file.path().display(),
+            file.label(),
             if n == 1 { "" } else { "s" },
             shown.join("\n  "),
             if n > 12 {

@@ -38,6 +38,25 @@ pub struct Elaborated {
     pub checkpoint: Vec<NameRule>,
     /// How raw inputs (text, images) become input tensors.
     pub preprocess: Vec<Preprocess>,
+    /// The model declaration it instantiates and its compile-time parameters' values.
+    pub params: ModelParams,
+}
+
+/// The compile-time parameters of an elaborated model: the declaration instantiated (`Llava`
+/// for `model LlavaFixture = Llava(image: 12, ...)`) and every parameter's value after
+/// defaults, aliases and `--set` overrides, in declaration order (enum variants and functions
+/// as symbols; other kinds of values are left out).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelParams {
+    pub block: String,
+    pub values: Vec<(String, Setting)>,
+}
+
+impl ModelParams {
+    /// The value of parameter `name`.
+    pub fn get(&self, name: &str) -> Option<&Setting> {
+        self.values.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
 }
 
 /// The result of checking one file: the sources read (for rendering diagnostics) and either
@@ -228,6 +247,29 @@ pub fn elaborate_entry(
         _ => loc,
     };
     let root = el.instantiate(target, args, String::new(), site)?;
+    let params = ModelParams {
+        block: decl.name.name.clone(),
+        values: decl
+            .params
+            .iter()
+            .filter_map(|p| {
+                let v = match root.env.get(&p.name.name)? {
+                    Value::Int(i) => Setting::Int(*i),
+                    Value::Float(f) => Setting::Float(*f),
+                    Value::Bool(b) => Setting::Bool(*b),
+                    Value::Str(s) => Setting::Str(s.clone()),
+                    Value::Enum(e) => Setting::Symbol(e.clone()),
+                    // a function parameter (`act: fn = quick_gelu`): the function's name
+                    Value::Func(value::Func::Item(f)) => {
+                        Setting::Symbol(program.item_name(*f)?.to_string())
+                    }
+                    Value::Func(value::Func::Builtin(f)) => Setting::Symbol(f.to_string()),
+                    _ => return None,
+                };
+                Some((p.name.name.clone(), v))
+            })
+            .collect(),
+    };
     el.run_entry(&root, loc, entry)?;
     el.finish_generation(loc)?;
     // Adapters and trainers are checked against `forward`'s graph (not generation's); another
@@ -263,6 +305,7 @@ pub fn elaborate_entry(
         trainers,
         checkpoint,
         preprocess,
+        params,
     })
 }
 
