@@ -418,10 +418,10 @@ fn from_chains_list_the_stages_in_order_and_name_what_is_wrong() {
     assert_eq!(
         chain(&tiny, "loop_a").unwrap_err().message,
         "trainer `loop_a` starts `from gone`, but model `TinyLm` has no trainer `gone` \
-         (trainers: evaluated, diverge, loop_a, loop_b, logged, own_first, own_second)"
+         (trainers: evaluated, diverge, loop_a, loop_b, logged, own_first, own_second, long_warmup)"
     );
     assert_eq!(
         chain(&tiny, "nope").unwrap_err().message,
-        "model `TinyLm` has no trainer `nope` (trainers: evaluated, diverge, loop_a, loop_b, logged, own_first, own_second)"
+        "model `TinyLm` has no trainer `nope` (trainers: evaluated, diverge, loop_a, loop_b, logged, own_first, own_second, long_warmup)"
     );
 }

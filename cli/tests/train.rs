@@ -280,7 +280,7 @@ fn cycles_and_unknown_trainers_are_clear_errors() {
     assert_eq!(
         stderr(&out),
         format!(
-            "error: {TINY_LM} has no trainer `nope` (trainers: evaluated, diverge, loop_a, loop_b, logged, own_first, own_second)\n"
+            "error: {TINY_LM} has no trainer `nope` (trainers: evaluated, diverge, loop_a, loop_b, logged, own_first, own_second, long_warmup)\n"
         )
     );
     assert!(!work.join("out").exists());
@@ -318,6 +318,7 @@ fn eval_every_without_eval_data_warns_once() {
 #[test]
 fn each_stage_reads_its_own_data() {
     use common::TOKENIZER;
+    // (also: the spec's tokenizer path is relative to the spec; the outputs keep it)
     let work = tmp("stage-data");
     std::fs::create_dir_all(&work).expect("mkdir");
     let second = work.join("second.jsonl");
@@ -331,7 +332,8 @@ fn each_stage_reads_its_own_data() {
         for d in data {
             v.extend_from_slice(&["--data", d]);
         }
-        v.extend_from_slice(&["--tokenizer", TOKENIZER, "--quiet", "-o", s(out)]);
+        // no --tokenizer: the spec's `tokenizer:` resolves beside the spec
+        v.extend_from_slice(&["--quiet", "-o", s(out)]);
         vlmc(&v)
     };
     // the data a stage's checkpoint records (its fingerprint's data file)
@@ -358,6 +360,14 @@ fn each_stage_reads_its_own_data() {
         p2.ends_with("second.jsonl") && b2 == std::fs::metadata(&second).expect("m").len(),
         "{p2}"
     );
+    // each stage's output holds the tokenizer it trained with
+    for stage in ["own_first", "own_second"] {
+        assert_eq!(
+            std::fs::read(out.join(stage).join("tokenizer.json")).expect("saved tokenizer"),
+            std::fs::read(format!("{ROOT}/{TOKENIZER}")).expect("tokenizer"),
+            "{stage}"
+        );
+    }
     // no data for the second stage, a stage that is not in the run, two plain files
     let o = run(&work.join("none"), &[]);
     assert!(
@@ -377,4 +387,20 @@ fn each_stage_reads_its_own_data() {
         "{}",
         stderr(&o)
     );
+}
+
+#[test]
+fn a_warm_up_longer_than_the_run_is_refused() {
+    let work = tmp("warmup");
+    let data = text_data(&work);
+    let o = vlmc(&train_args("long_warmup", &data, &work.join("out"), &[]));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains(
+            "trainer `long_warmup`: the warm-up (10 steps) is longer than the run (4 steps)"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!work.join("out").join("log.jsonl").exists());
 }
