@@ -321,3 +321,54 @@ fn rows_that_do_not_fit_the_model_are_refused_with_their_line() {
         "{e}"
     );
 }
+
+#[test]
+fn inputs_given_per_row_are_read_and_stacked() {
+    // LXMERT's region features come with the row: files (npy / safetensors) per row
+    let p = Pipe::new(
+        "lxmert",
+        zoo_model("lxmert", &[]),
+        &[("<pad>", 0), ("<unk>", 3), ("</s>", 2)],
+    );
+    let io = std::fs::canonicalize("tests/fixtures/zoo/lxmert/io.safetensors").expect("io");
+    let feats = vlmc_runtime::weights::WeightFile::open(&io)
+        .expect("io")
+        .get("visual_feats")
+        .expect("visual_feats");
+    let pos = vlmc_runtime::weights::WeightFile::open(&io)
+        .expect("io")
+        .get("visual_pos")
+        .expect("visual_pos");
+    // one row's [R, D] each, written as npy-free safetensors files
+    let (r, d) = (feats.shape[1], feats.shape[2]);
+    let one =
+        |t: &Tensor, w: usize| Tensor::f32(vec![r, w], t.as_f32().expect("f32")[..r * w].to_vec());
+    let mut m = BTreeMap::new();
+    m.insert("feats".to_string(), one(&feats, d));
+    m.insert("pos".to_string(), one(&pos, pos.shape[2]));
+    let file = p.dir.join("region.safetensors");
+    vlmc_runtime::weights::save(&file, &m).expect("save");
+    let f = file.display().to_string();
+    let row = serde_json::json!({"text": "what colour", "visual_feats": format!("{f}:feats"),
+        "visual_pos": format!("{f}:pos")});
+    let b = p.batch(&[row.clone(), row]);
+    assert_eq!(b["visual_feats"].shape, vec![2, r, d]);
+    let got = b["visual_feats"].as_f32().expect("f32").to_vec();
+    assert_eq!(&got[..r * d], &feats.as_f32().expect("f32")[..r * d]);
+    assert_eq!(&got[r * d..], &feats.as_f32().expect("f32")[..r * d]);
+    assert_eq!(ids(&b["token_type_ids"]), vec![0; 4]);
+    assert_eq!(ids(&b["attention_mask"]), vec![1; 4]);
+    // a row without them is refused before the run, naming the input
+    let ex = p
+        .rows(&[serde_json::json!({"text": "what"})])
+        .expect("rows");
+    let e = p
+        .plan
+        .check_row(&ex[0], "data.jsonl:1")
+        .unwrap_err()
+        .message;
+    assert!(
+        e.contains("data.jsonl:1: the model's input `visual_feats`"),
+        "{e}"
+    );
+}

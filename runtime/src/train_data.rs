@@ -38,6 +38,9 @@ pub struct Example {
     pub images: Vec<PathBuf>,
     /// The prompt's text without image placeholders (InstructBLIP's Q-Former reads it).
     pub instruction: String,
+    /// The row's other fields (a model input given per row: a file path, relative to the
+    /// data file, or a number).
+    pub fields: BTreeMap<String, serde_json::Value>,
     /// The line of the data file it came from (1-based; 0 when made otherwise).
     pub line: usize,
 }
@@ -393,11 +396,24 @@ pub fn parse_rows(
             mask.truncate(m);
         }
         instruction = instruction.replace(placeholder, "").trim().to_string();
+        let mut fields = BTreeMap::new();
+        for (k, v) in row.as_object().into_iter().flatten() {
+            if ROW_KEYS.contains(&k.as_str()) {
+                continue;
+            }
+            let v = match v.as_str() {
+                // a file: relative to the data file (`FILE.safetensors:TENSOR` kept whole)
+                Some(s) => serde_json::Value::String(base.join(s).display().to_string()),
+                None => v.clone(),
+            };
+            fields.insert(k.clone(), v);
+        }
         out.push(Example {
             ids,
             mask,
             images,
             instruction,
+            fields,
             line: n + 1,
         });
     }
@@ -406,6 +422,17 @@ pub fn parse_rows(
     }
     Ok(out)
 }
+
+/// The row fields the text and images are read from.
+const ROW_KEYS: &[&str] = &[
+    "text",
+    "caption",
+    "prompt",
+    "completion",
+    "messages",
+    "image",
+    "images",
+];
 
 fn max_len_of(format: &RowFormat) -> Option<usize> {
     format.max_len.map(|m| m.max(1))

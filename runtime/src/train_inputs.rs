@@ -62,6 +62,9 @@ pub struct BatchPlan {
     instruction: Option<Instruction>,
     /// The image placeholder id (IDEFICS' image mask follows it).
     placeholder: Option<i32>,
+    /// Inputs nothing above fills: given per row by a field of their name (a file holding the
+    /// row's tensor, or a number), stacked along a new first axis.
+    per_row: Vec<(String, TensorType)>,
     pad_id: i32,
 }
 
@@ -198,6 +201,20 @@ impl BatchPlan {
             }
             None => None,
         };
+        let mut filled: Vec<&str> = vec![ids.as_str()];
+        filled.extend(attention.as_deref());
+        filled.extend(types.as_deref());
+        filled.extend(images.as_ref().map(|i| i.input.as_str()));
+        filled.extend(image_mask.as_deref());
+        if let Some(i) = &instruction {
+            filled.push(&i.ids);
+            filled.extend(i.mask.as_deref());
+        }
+        let per_row = inputs
+            .iter()
+            .filter(|(n, _)| !filled.contains(&n.as_str()))
+            .cloned()
+            .collect();
         Ok(BatchPlan {
             ids,
             attention,
@@ -206,6 +223,7 @@ impl BatchPlan {
             image_mask,
             instruction,
             placeholder: placeholder_id,
+            per_row,
             pad_id: tok.pad_id,
         })
     }
@@ -278,9 +296,18 @@ impl BatchPlan {
         self.images.as_ref().map(|i| i.input.as_str())
     }
 
-    /// Checks a row's images against the model before the run: a model with one image per row
-    /// needs exactly one; a model without images takes none.
+    /// Checks a row against the model before the run: a model with one image per row needs
+    /// exactly one; a model without images takes none; every per-row input is given.
     pub fn check_row(&self, e: &Example, at: &str) -> Result<(), DataError> {
+        for (name, _) in &self.per_row {
+            if !e.fields.contains_key(name) {
+                return derr(format!(
+                    "{at}: the model's input `{name}` is not filled from text or images: give it \
+                     in every row (`\"{name}\": \"FILE.npy\"`, a .safetensors file or \
+                     FILE.safetensors:TENSOR, or a number)"
+                ));
+            }
+        }
         match &self.images {
             None if !e.images.is_empty() => derr(format!(
                 "{at}: the row has {} image(s), but the model takes no images",
@@ -323,6 +350,9 @@ impl BatchPlan {
             if let Some(m) = &self.image_mask {
                 out.insert(m.clone(), self.image_mask_tensor(examples, t, slots));
             }
+        }
+        for (name, ty) in &self.per_row {
+            out.insert(name.clone(), per_row_tensor(name, ty, examples)?);
         }
         if let Some(ins) = &self.instruction {
             let mut rows = Vec::new();
@@ -434,6 +464,48 @@ impl BatchPlan {
         }
         Tensor::i32(vec![b, t, slots], m)
     }
+}
+
+/// A per-row input: each row's tensor (a file) or number, stacked along a new first axis, in
+/// the input's dtype.
+fn per_row_tensor(name: &str, ty: &TensorType, examples: &[&Example]) -> Result<Tensor, DataError> {
+    let mut parts = Vec::new();
+    for e in examples {
+        let at = || format!("line {}: `{name}`", e.line);
+        let t = match e.fields.get(name) {
+            Some(serde_json::Value::String(v)) => {
+                crate::inputs::read_input(name, v).map_err(|x| DataError {
+                    message: format!("{}: {}", at(), x.message),
+                })?
+            }
+            Some(serde_json::Value::Number(x)) => {
+                Tensor::f32(vec![], vec![x.as_f64().unwrap_or(0.0) as f32])
+            }
+            Some(serde_json::Value::Bool(b)) => Tensor::f32(vec![], vec![f32::from(u8::from(*b))]),
+            _ => {
+                return derr(format!(
+                    "{}: give a file or a number (the model's input `{name}`)",
+                    at()
+                ))
+            }
+        };
+        parts.push(t);
+    }
+    let shape = parts.first().map(|t| t.shape.clone()).unwrap_or_default();
+    if let Some(p) = parts.iter().find(|p| p.shape != shape) {
+        return derr(format!(
+            "the rows of a batch give `{name}` of different shapes ({:?} and {:?})",
+            shape, p.shape
+        ));
+    }
+    let mut full = vec![examples.len()];
+    full.extend(&shape);
+    let values: Vec<f64> = parts.iter().flat_map(|p| p.to_f64()).collect();
+    Ok(match ty.dtype {
+        vlmc::ir::DType::I32 => Tensor::i32(full, values.iter().map(|&v| v as i32).collect()),
+        vlmc::ir::DType::Bool => Tensor::bool(full, values.iter().map(|&v| v != 0.0).collect()),
+        _ => Tensor::f32(full, values.iter().map(|&v| v as f32).collect()),
+    })
 }
 
 /// `[N, 3, S, S]` pixels as `[N, (S/p)², p·p·3]` patches, row-major over the grid, each patch
