@@ -185,6 +185,8 @@ pub fn generate(a: &GenerateArgs) -> Result<(), u8> {
     let wf = vlmc_runtime::weights::WeightFile::open(&a.weights).map_err(fail)?;
     let bound =
         vlmc_runtime::weights::bind(&g.prefill.graph, &wf, &g.prefill.checkpoint).map_err(fail)?;
+    crate::adapter::check_lora_tensors(&a.file, &a.weights, &wf, &bound, None, &g.prefill)
+        .map_err(|e| fail(format!("{e} (vlmc generate has no --adapter: merge it)")))?;
     if !bound.unused.is_empty() {
         eprintln!(
             "warning: {} tensor(s) in {} are not used",

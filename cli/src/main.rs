@@ -97,6 +97,13 @@ enum Command {
         /// Weights (safetensors), bound to parameters by name.
         #[arg(long)]
         weights: PathBuf,
+        /// A LoRA adapter in the PEFT layout (adapter_model.safetensors, adapter_config.json)
+        /// to run on top of the weights, unmerged.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Apply --adapter even to weights other than the base it records (vlmc_base.json).
+        #[arg(long)]
+        allow_other_base: bool,
         /// An input: NAME=FILE.npy|FILE.safetensors, text="..." or image=FILE.png (repeatable;
         /// several texts or images make a batch).
         #[arg(long = "input", value_parser = parse_pair)]
@@ -248,6 +255,8 @@ fn run(cli: Cli) -> ExitCode {
             model,
             sets,
             weights,
+            adapter,
+            allow_other_base,
             inputs,
             tokenizer,
             out,
@@ -265,6 +274,8 @@ fn run(cli: Cli) -> ExitCode {
                     model: model.as_deref(),
                     sets: &sets,
                     weights: &weights,
+                    adapter: adapter.as_deref(),
+                    allow_other_base,
                     inputs: &inputs,
                     tokenizer: tokenizer.as_deref(),
                     out: out.as_deref(),
@@ -276,6 +287,8 @@ fn run(cli: Cli) -> ExitCode {
             model,
             sets,
             weights,
+            adapter,
+            allow_other_base,
             inputs,
             tokenizer,
             out,
@@ -290,6 +303,8 @@ fn run(cli: Cli) -> ExitCode {
                     sets: &sets,
                 },
                 weights: &weights,
+                adapter: adapter.as_deref(),
+                allow_other_base,
                 inputs: &inputs,
                 tokenizer: tokenizer.as_deref(),
                 out: out.as_deref(),

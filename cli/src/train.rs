@@ -74,6 +74,9 @@ pub struct MergeArgs {
     /// The base weights.
     #[arg(long)]
     pub weights: PathBuf,
+    /// Merge even into weights other than the base the adapter records (vlmc_base.json).
+    #[arg(long)]
+    pub allow_other_base: bool,
     /// Which model of the file (default: the last one).
     #[arg(long)]
     pub model: Option<String>,
@@ -226,7 +229,11 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
         return train_chain(a, m, &stages);
     }
     let weights = match &a.weights {
-        Some(w) => Some(bind(m, w)?.params),
+        Some(w) => {
+            let b = bind(m, w)?;
+            crate::adapter::refuse_for_training(&a.file, w, &b).map_err(fail)?;
+            Some(b.params)
+        }
         None => None,
     };
     let opts = vlmc_runtime::train_loop::TrainOptions {
@@ -239,6 +246,7 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
             .weights
             .as_ref()
             .and_then(|w| w.parent().map(Path::to_path_buf)),
+        base_name: Some(a.weights.as_ref().unwrap_or(&a.file).display().to_string()),
         out: &a.out,
         resume: a.resume.as_deref(),
         steps: a.steps,
@@ -274,6 +282,7 @@ fn train_chain(a: &TrainArgs, m: &Elaborated, stages: &[String]) -> Result<(), u
     );
     let opts = StagesOptions {
         model: m,
+        spec: Some(&a.file),
         trainer: &a.trainer,
         data: &a.data,
         tokenizer: a.tokenizer.clone(),
@@ -346,14 +355,18 @@ pub fn merge(a: &MergeArgs) -> Result<(), u8> {
     }
     .ok_or_else(|| fail("no such model"))?;
     let bound = bind(m, &a.weights)?;
-    let peft = vlmc_runtime::train_ckpt::load_peft(&a.adapter).map_err(fail)?;
+    let peft = crate::adapter::load(&a.adapter, &bound.params, &a.weights, a.allow_other_base)
+        .map_err(fail)?;
+    let wf = vlmc_runtime::weights::WeightFile::open(&a.weights).map_err(fail)?;
+    // A training output's own LoRA tensors (the adapter's) are left out of the merged file.
+    let lora = crate::adapter::check_lora_tensors(&a.file, &a.weights, &wf, &bound, Some(&peft), m)
+        .map_err(fail)?;
     let merged =
         vlmc_runtime::train_ckpt::merge_lora(&m.graph, &bound.params, &peft).map_err(fail)?;
     // Keep the base file's names: every tensor is copied, the merged ones replaced.
-    let wf = vlmc_runtime::weights::WeightFile::open(&a.weights).map_err(fail)?;
     let mut out = std::collections::BTreeMap::new();
     let mut replaced = 0;
-    for name in wf.names() {
+    for name in wf.names().into_iter().filter(|n| !lora.contains(n)) {
         let t = wf.get(&name).map_err(fail)?;
         let path = vlmc_runtime::weights::map_name(&name, &m.checkpoint);
         match path.as_ref().and_then(|p| merged.get(p)) {
@@ -385,10 +398,15 @@ pub fn merge(a: &MergeArgs) -> Result<(), u8> {
     }
     vlmc_runtime::weights::save(&a.out, &out).map_err(fail)?;
     eprintln!(
-        "merged {} LoRA targets (rank {}, scale {}) into {} of {} tensors: wrote {}",
+        "merged {} LoRA targets (rank {}, scale {}){} into {} of {} tensors: wrote {}",
         peft.targets.len(),
         peft.lora.rank,
         peft.lora.scale(),
+        if peft.modules.is_empty() {
+            String::new()
+        } else {
+            format!(" and {} saved module tensor(s)", peft.modules.len())
+        },
         replaced,
         out.len(),
         a.out.display()

@@ -229,7 +229,11 @@ fn is_temporary(name: &str) -> bool {
     checkpoint_step(base).is_some()
         || matches!(
             base,
-            "log.jsonl" | "model.safetensors" | "adapter_model.safetensors" | "adapter_config.json"
+            "log.jsonl"
+                | "model.safetensors"
+                | "adapter_model.safetensors"
+                | "adapter_config.json"
+                | "vlmc_base.json"
         )
 }
 
@@ -264,7 +268,11 @@ pub fn clear_run(dir: &Path) -> Result<(), String> {
     for name in run_files(dir) {
         let p = dir.join(name.trim_end_matches('/'));
         if name == "adapter/" {
-            for f in ["adapter_model.safetensors", "adapter_config.json"] {
+            for f in [
+                "adapter_model.safetensors",
+                "adapter_config.json",
+                crate::adapter::BASE_FILE,
+            ] {
                 let q = p.join(f);
                 if q.exists() {
                     std::fs::remove_file(&q).map_err(|x| e(&q, x))?;
@@ -278,6 +286,25 @@ pub fn clear_run(dir: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Keeps the newest `keep` checkpoints of `dir` (by step) and deletes the older ones (the
+/// trainer's `save_total_limit`, as transformers' `Trainer`); returns the deleted folders.
+/// Call it after a new checkpoint is renamed into place.
+pub fn prune_checkpoints(dir: &Path, keep: u64) -> Result<Vec<PathBuf>, String> {
+    let mut steps: Vec<u64> = run_files(dir)
+        .iter()
+        .filter_map(|n| checkpoint_step(n.strip_suffix('/')?))
+        .collect();
+    steps.sort_unstable();
+    let old = steps.len().saturating_sub(keep as usize);
+    let mut deleted = Vec::new();
+    for s in &steps[..old] {
+        let p = dir.join(format!("checkpoint-{s}"));
+        std::fs::remove_dir_all(&p).map_err(|e| format!("cannot delete {}: {e}", p.display()))?;
+        deleted.push(p);
+    }
+    Ok(deleted)
 }
 
 /// The step of a `log.jsonl` line, if it is a whole JSON line with a `step`.

@@ -134,6 +134,7 @@ const SETTINGS: &[(&str, char)] = &[
     ("clip_grad", 'f'),
     ("eval_every", 'i'),
     ("save_every", 'i'),
+    ("save_total_limit", 'i'),
     ("max_len", 'i'),
     ("lr", 'f'),
 ];

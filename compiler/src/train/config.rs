@@ -121,6 +121,8 @@ pub struct TrainConfig {
     pub clip_grad: Option<f64>,
     pub eval_every: Option<u64>,
     pub save_every: Option<u64>,
+    /// Keep only the newest this many checkpoints (transformers' `save_total_limit`).
+    pub save_total_limit: Option<u64>,
     pub max_len: Option<usize>,
     /// The adapter the trainer trains, if any.
     pub adapter: Option<AdapterInfo>,
@@ -269,6 +271,7 @@ impl TrainConfig {
             clip_grad: get("clip_grad").and_then(num),
             eval_every: int("eval_every"),
             save_every: int("save_every"),
+            save_total_limit: int("save_total_limit"),
             max_len: int("max_len").map(|v| v as usize),
             adapter,
             from: match get("from") {
