@@ -126,15 +126,18 @@ pub fn check_base(
     let shown: Vec<String> = diff.iter().take(6).map(|p| format!("`{p}`")).collect();
     cerr(format!(
         "the adapter {} was trained on other base weights than {}: {} of the {} base tensors \
-         it records ({}) differ: {}{}; give the weights the training started from (the \
-         adapter's `base_model_name_or_path`), or --allow-other-base to apply it anyway",
+         it records ({}) differ: {}{}; give the weights the training started from{}, or \
+         --allow-other-base to apply it anyway",
         adapter.display(),
         weights.display(),
         diff.len(),
         rec.tensors.len(),
         adapter.join(BASE_FILE).display(),
         shown.join(", "),
-        if diff.len() > 6 { ", ..." } else { "" }
+        if diff.len() > 6 { ", ..." } else { "" },
+        peft.base_model.as_ref().map_or(String::new(), |b| format!(
+            " (`base_model_name_or_path`: {b})"
+        ))
     ))
 }
 

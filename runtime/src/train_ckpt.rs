@@ -631,6 +631,8 @@ pub struct Peft {
     pub modules: BTreeMap<String, Tensor>,
     /// The base weights the adapter was trained on, when vlmc trained it (`vlmc_base.json`).
     pub base: Option<crate::adapter::BaseRecord>,
+    /// PEFT's `base_model_name_or_path`: what the adapter names as its base.
+    pub base_model: Option<String>,
 }
 
 /// `target_modules` / `exclude_modules`: PEFT's module names (a module matches a name when it
@@ -1042,6 +1044,7 @@ pub fn load_peft(dir: &Path) -> Result<Peft, CkptError> {
         fan_in_fan_out: s.fan_in_fan_out,
         modules,
         base: crate::adapter::BaseRecord::read(dir)?,
+        base_model: cfg["base_model_name_or_path"].as_str().map(str::to_string),
     })
 }
 
