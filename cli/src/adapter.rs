@@ -100,15 +100,19 @@ pub fn refuse_for_training(file: &Path, weights: &Path, bound: &Bound) -> Result
     }))
 }
 
-/// Loads the PEFT adapter `dir` for the base weights `base` (bound from `weights`): checks it
-/// was trained on them (unless `allow_other_base`).
+/// Loads the PEFT adapter `dir` for model `m` (its module names mapped by the model's
+/// `checkpoint` rules) and the base weights `base` (bound from `weights`): checks it was
+/// trained on them (unless `allow_other_base`).
 pub fn load(
+    m: &Elaborated,
     dir: &Path,
     base: &BTreeMap<String, Tensor>,
     weights: &Path,
     allow_other_base: bool,
 ) -> Result<Peft, String> {
-    let peft = vlmc_runtime::train_ckpt::load_peft(dir).map_err(|e| e.message)?;
+    let mut peft = vlmc_runtime::train_ckpt::load_peft(dir).map_err(|e| e.message)?;
+    vlmc_runtime::adapter::map_names(&mut peft, &m.checkpoint)
+        .map_err(|e| format!("{}: {}", dir.display(), e.message))?;
     if !allow_other_base {
         vlmc_runtime::adapter::check_base(&peft, dir, base, weights).map_err(|e| e.message)?;
     }
@@ -129,7 +133,7 @@ pub fn bind_for_run(
     let mut bound =
         vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint).map_err(|e| e.message)?;
     let peft = match adapter {
-        Some(d) => Some(load(d, &bound.params, weights, allow_other_base)?),
+        Some(d) => Some(load(m, d, &bound.params, weights, allow_other_base)?),
         None => None,
     };
     let theirs = check_lora_tensors(file, weights, &wf, &bound, peft.as_ref(), m)?;

@@ -355,7 +355,7 @@ pub fn merge(a: &MergeArgs) -> Result<(), u8> {
     }
     .ok_or_else(|| fail("no such model"))?;
     let bound = bind(m, &a.weights)?;
-    let peft = crate::adapter::load(&a.adapter, &bound.params, &a.weights, a.allow_other_base)
+    let peft = crate::adapter::load(m, &a.adapter, &bound.params, &a.weights, a.allow_other_base)
         .map_err(fail)?;
     let wf = vlmc_runtime::weights::WeightFile::open(&a.weights).map_err(fail)?;
     // A training output's own LoRA tensors (the adapter's) are left out of the merged file.

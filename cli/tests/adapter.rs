@@ -110,6 +110,62 @@ fn a_peft_adapter_runs_unmerged_as_peft_computes_it_and_as_merged() {
     assert!(em <= 1e-5, "merged vs unmerged: {em:e}");
     assert!(rel(&after, expect) <= 1e-4);
     eprintln!("--adapter vs PEFT {e:.2e}, merged vs --adapter {em:.2e}, base {e_base:.2e}");
+
+    // The same adapter as PEFT names it on a bare LlamaForCausalLM (`base_model.model.model.
+    // layers...`, `modules_to_save: ["lm_head"]`), for a spec whose `checkpoint` rules map
+    // transformers' names: the adapter's modules are mapped by those rules too.
+    let hf = work.join("hf");
+    std::fs::create_dir_all(hf.join("adapter")).expect("mkdir");
+    let bare = |m: BTreeMap<String, Tensor>, prefix: &str| -> BTreeMap<String, Tensor> {
+        m.into_iter()
+            .map(|(k, v)| {
+                (
+                    k.replacen(&format!("{prefix}language_model."), prefix, 1),
+                    v,
+                )
+            })
+            .collect()
+    };
+    let root = |f: &str| PathBuf::from(common::ROOT).join(f);
+    vlmc_runtime::weights::save(
+        &hf.join("base.safetensors"),
+        &bare(weights_of(&root(&base)), ""),
+    )
+    .expect("save");
+    vlmc_runtime::weights::save(
+        &hf.join("adapter/adapter_model.safetensors"),
+        &bare(saved, "base_model.model."),
+    )
+    .expect("save");
+    let cfg = std::fs::read_to_string(root(&fixture("adapter/adapter_config.json")))
+        .expect("config")
+        .replace("\"language_model.lm_head\"", "\"lm_head\"");
+    std::fs::write(hf.join("adapter/adapter_config.json"), cfg).expect("write");
+    let spec = std::fs::read_to_string(root(&fixture("fixture.vlm")))
+        .expect("spec")
+        .replace(
+            "  fn forward",
+            "  checkpoint {\n    \"model.\" => \"language_model.model.\",\n    \"lm_head.\" => \
+             \"language_model.lm_head.\",\n  }\n  fn forward",
+        );
+    let spec_path = hf.join("hf.vlm");
+    std::fs::write(&spec_path, spec).expect("write");
+    let out = hf.join("out.safetensors");
+    let o = vlmc(&[
+        "run",
+        s(&spec_path),
+        "--weights",
+        s(&hf.join("base.safetensors")),
+        "--adapter",
+        s(&hf.join("adapter")),
+        "--input",
+        &format!("ids={}", fixture("io.safetensors")),
+        "-o",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let eh = rel(&weights_of(&out)["output"], expect);
+    assert!(eh <= 1e-4, "transformers' names: {eh:e}");
     let _ = std::fs::remove_dir_all(&work);
 }
 
@@ -349,10 +405,7 @@ fn an_adapter_trainer_writes_adapter_checkpoints_and_its_output_runs_only_with_t
     vlmc_runtime::weights::save(&edited, &w).expect("save");
     let o = merge(&edited, &[]);
     let err = stderr(&o);
-    assert!(
-        err.contains(&format!("1 of the 20 base tensors it records")),
-        "{err}"
-    );
+    assert!(err.contains("1 of the 20 base tensors it records"), "{err}");
     assert!(err.contains(&format!("differ: `{norm}`;")), "{err}");
     // The training output itself is a right base (its frozen tensors are the base's): the
     // merge leaves its LoRA tensors out.

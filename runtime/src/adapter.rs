@@ -194,6 +194,41 @@ pub fn attach(
     Ok(())
 }
 
+/// Renames the adapter's modules to the model's parameter paths with its `checkpoint` rules
+/// (PEFT names them as the checkpoint does, e.g. transformers' `language_model.model.layers`).
+pub fn map_names(peft: &mut Peft, rules: &[vlmc::elab::NameRule]) -> Result<(), CkptError> {
+    if rules.is_empty() {
+        return Ok(());
+    }
+    let path_of = |name: &str| {
+        crate::weights::map_name(name, rules).ok_or_else(|| CkptError {
+            message: format!(
+                "the adapter holds `{name}`, which the model's `checkpoint` rules ignore"
+            ),
+        })
+    };
+    let mut targets = Vec::new();
+    let mut params = BTreeMap::new();
+    for t in &peft.targets {
+        let w = path_of(&format!("{t}.weight"))?;
+        let to = w.strip_suffix(".weight").unwrap_or(&w).to_string();
+        for x in ["lora_A", "lora_B"] {
+            if let Some(v) = peft.params.get(&format!("{t}.{x}.weight")) {
+                params.insert(format!("{to}.{x}.weight"), v.clone());
+            }
+        }
+        targets.push(to);
+    }
+    let mut modules = BTreeMap::new();
+    for (p, v) in &peft.modules {
+        modules.insert(path_of(p)?, v.clone());
+    }
+    peft.targets = targets;
+    peft.params = params;
+    peft.modules = modules;
+    Ok(())
+}
+
 /// The tensors of `names` that are LoRA weights (`….lora_A.weight`, `….lora_B.weight`, and
 /// PEFT's `….lora_A.default.weight` form).
 pub fn lora_tensors(names: &[String]) -> Vec<&str> {
