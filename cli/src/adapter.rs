@@ -119,6 +119,19 @@ pub fn load(
     Ok(peft)
 }
 
+/// Fails unless `out` (an output of `vlmc run`) is none of the adapter's files.
+pub fn check_output(out: &Path, adapter: Option<&Path>) -> Result<(), String> {
+    let Some(d) = adapter else {
+        return Ok(());
+    };
+    let files = [
+        ("the adapter's weights", d.join("adapter_model.safetensors")),
+        ("the adapter's configuration", d.join("adapter_config.json")),
+    ];
+    let inputs: Vec<(&str, &Path)> = files.iter().map(|(w, p)| (*w, p.as_path())).collect();
+    vlmc::files::refuse_overwriting(out, &inputs)
+}
+
 /// What `vlmc run` runs: the model's graph and the bound parameters, with `--adapter` (if
 /// given) added unmerged. LoRA tensors in the weights are refused unless they are the
 /// adapter's own.

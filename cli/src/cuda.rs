@@ -165,6 +165,7 @@ pub fn run(file: &Path, a: &RunArgs<'_>) -> Result<(), u8> {
         .tokenizer
         .map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf);
     crate::check_run_output(&path, file, a.weights, a.inputs, &tokenizer)?;
+    crate::adapter::check_output(&path, a.adapter).map_err(|e| fail(&e))?;
     let bound =
         crate::adapter::bind_for_run(file, &mut m, a.weights, a.adapter, a.allow_other_base)
             .map_err(|e| fail(&e))?;

@@ -471,6 +471,7 @@ pub fn run(file: &Path, args: &RunArgs<'_>) -> Result<(), u8> {
             .map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf),
     )?;
     let t1 = Instant::now();
+    adapter::check_output(&path, args.adapter).map_err(|e| fail(&e))?;
     let bound = adapter::bind_for_run(
         file,
         &mut m,

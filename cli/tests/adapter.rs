@@ -166,6 +166,52 @@ fn a_peft_adapter_runs_unmerged_as_peft_computes_it_and_as_merged() {
     assert!(o.status.success(), "{}", stderr(&o));
     let eh = rel(&weights_of(&out)["output"], expect);
     assert!(eh <= 1e-4, "transformers' names: {eh:e}");
+
+    // Bad adapters: a tensor that `modules_to_save` does not name, a saved module of the
+    // wrong shape; and an output that is the adapter's own file.
+    let bad = work.join("bad");
+    std::fs::create_dir_all(&bad).expect("mkdir");
+    let cfg_text =
+        std::fs::read_to_string(root(&fixture("adapter/adapter_config.json"))).expect("config");
+    let mut held = weights_of(&root(&fixture("adapter/adapter_model.safetensors")));
+    let refused = |cfg: &str, tensors: &BTreeMap<String, Tensor>, want: &str| {
+        std::fs::write(bad.join("adapter_config.json"), cfg).expect("write");
+        vlmc_runtime::weights::save(&bad.join("adapter_model.safetensors"), tensors).expect("save");
+        let err = run(&work, "bad", &base, &["--adapter", s(&bad)]).expect_err("refused");
+        assert!(err.contains(want), "wanted {want:?} in: {err}");
+    };
+    let unsaved = cfg_text.replace("\"language_model.lm_head\"", "\"language_model.norm\"");
+    refused(
+        &unsaved,
+        &held,
+        "tensor `base_model.model.language_model.lm_head.weight` is neither a LoRA weight",
+    );
+    let key = format!("base_model.model.{head}");
+    held.insert(key, Tensor::f32(vec![32, 15], vec![0.5; 480]));
+    refused(
+        &cfg_text,
+        &held,
+        "the adapter saves `language_model.lm_head.weight` as [32, 15], but the model's \
+         parameter is f32[15, 32]",
+    );
+    let o = vlmc(&[
+        "run",
+        "tests/fixtures/peft/fixture.vlm",
+        "--weights",
+        &base,
+        "--adapter",
+        &adapter,
+        "--input",
+        &format!("ids={}", fixture("io.safetensors")),
+        "-o",
+        &fixture("adapter/adapter_model.safetensors"),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("the adapter's weights"),
+        "{}",
+        stderr(&o)
+    );
     let _ = std::fs::remove_dir_all(&work);
 }
 
