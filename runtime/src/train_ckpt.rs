@@ -653,6 +653,22 @@ impl Modules {
     }
 }
 
+/// Whether the parameter `path` lies in a module that the `modules_to_save` entry `key`
+/// names (the module or one of its ancestors; a bare parameter outside any module, such as
+/// BLIP-2's `query_tokens`, by its own name).
+fn saved_by(path: &str, key: &str) -> bool {
+    let mut m = path;
+    loop {
+        if name_matches(m, key) {
+            return true;
+        }
+        match m.rsplit_once('.') {
+            Some((up, _)) => m = up,
+            None => return false,
+        }
+    }
+}
+
 fn name_matches(module: &str, key: &str) -> bool {
     module == key || module.ends_with(&format!(".{key}"))
 }
@@ -946,9 +962,8 @@ pub fn load_peft(dir: &Path) -> Result<Peft, CkptError> {
             b_of.insert(m.to_string(), t.shape.clone());
         } else {
             // A parameter of a module the config saves whole (PEFT's key for it:
-            // `base_model.model.<module>.<parameter>`).
-            let module = path.rsplit_once('.').map_or("", |(m, _)| m);
-            if !s.modules_to_save.iter().any(|k| name_matches(module, k)) {
+            // `base_model.model.<module>.<parameter>`, below the module named).
+            if !s.modules_to_save.iter().any(|k| saved_by(&path, k)) {
                 return cerr(format!(
                     "{fat}: tensor `{name}` is neither a LoRA weight (`<module>.lora_A.weight` \
                      or `<module>.lora_B.weight`) nor a parameter of a module that the config's \
@@ -961,11 +976,11 @@ pub fn load_peft(dir: &Path) -> Result<Peft, CkptError> {
         }
         params.insert(path, t);
     }
-    if let Some(k) = s.modules_to_save.iter().find(|k| {
-        !modules
-            .keys()
-            .any(|p| name_matches(p.rsplit_once('.').map_or("", |(m, _)| m), k))
-    }) {
+    if let Some(k) = s
+        .modules_to_save
+        .iter()
+        .find(|k| !modules.keys().any(|p| saved_by(p, k)))
+    {
         return cerr(format!(
             "{at}: `modules_to_save` names `{k}`, but {fat} holds no parameter of a module `{k}`"
         ));
@@ -1249,4 +1264,27 @@ fn merge_targets(
         .into_iter()
         .map(|(p, id)| (p, values[&id].clone()))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::saved_by;
+
+    #[test]
+    fn modules_to_save_names_a_module_or_an_ancestor_by_its_last_segments() {
+        // PEFT's keys: `<module>.<parameter>`, below the module named.
+        assert!(saved_by("language_model.lm_head.weight", "lm_head"));
+        assert!(saved_by(
+            "language_model.lm_head.weight",
+            "language_model.lm_head"
+        ));
+        assert!(saved_by("qformer.layer.0.attention.query.bias", "qformer"));
+        assert!(saved_by("query_tokens", "query_tokens"));
+        assert!(!saved_by("language_model.lm_head.weight", "head"));
+        assert!(!saved_by(
+            "language_model.lm_head.weight",
+            "language_model.norm"
+        ));
+        assert!(!saved_by("vision.lm_head_extra.weight", "lm_head"));
+    }
 }

@@ -423,6 +423,26 @@ mod tests {
     }
 
     #[test]
+    fn pruning_keeps_the_newest_checkpoints_by_step() {
+        let d = tmp("prune");
+        for n in [2, 9, 10, 11] {
+            std::fs::create_dir_all(d.join(format!("checkpoint-{n}"))).expect("mkdir");
+        }
+        std::fs::create_dir_all(d.join("checkpoint-x")).expect("mkdir");
+        assert!(prune_checkpoints(&d, 5).expect("prunes").is_empty());
+        let gone = prune_checkpoints(&d, 2).expect("prunes");
+        assert_eq!(gone, [d.join("checkpoint-2"), d.join("checkpoint-9")]);
+        let mut left: Vec<String> = std::fs::read_dir(&d)
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["checkpoint-10", "checkpoint-11", "checkpoint-x"]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
     fn the_log_is_cut_back_to_a_step() {
         let d = tmp("cut");
         std::fs::create_dir_all(&d).expect("mkdir");
