@@ -111,6 +111,29 @@ fn a_peft_adapter_runs_unmerged_as_peft_computes_it_and_as_merged() {
     assert!(rel(&after, expect) <= 1e-4);
     eprintln!("--adapter vs PEFT {e:.2e}, merged vs --adapter {em:.2e}, base {e_base:.2e}");
 
+    // `vlmc generate --adapter` (prefill and decoding step both adapted): the greedy text of
+    // the merged weights, not the base's.
+    let generate = |w: &[&str]| {
+        let mut args = vec!["generate", "tests/fixtures/peft/fixture.vlm"];
+        args.extend_from_slice(w);
+        args.extend([
+            "--tokenizer",
+            TOKENIZER,
+            "--prompt",
+            "red green",
+            "--max-new-tokens",
+            "12",
+        ]);
+        let o = vlmc(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let g_adapter = generate(&["--weights", &base, "--adapter", &adapter]);
+    let g_merged = generate(&["--weights", s(&merged)]);
+    let g_base = generate(&["--weights", &base]);
+    assert_eq!(g_adapter, g_merged);
+    assert_ne!(g_adapter, g_base);
+
     // The same adapter as PEFT names it on a bare LlamaForCausalLM (`base_model.model.model.
     // layers...`, `modules_to_save: ["lm_head"]`), for a spec whose `checkpoint` rules map
     // transformers' names: the adapter's modules are mapped by those rules too.
@@ -300,6 +323,7 @@ fn an_adapter_trainer_writes_adapter_checkpoints_and_its_output_runs_only_with_t
     assert_eq!(weights_of(&ck.join("optimizer.safetensors")).len(), 18);
     let cfg: serde_json::Value =
         serde_json::from_slice(&bytes(a.join("adapter/adapter_config.json"))).expect("json");
+    assert_eq!(cfg["task_type"], serde_json::json!("CAUSAL_LM"));
     assert_eq!(
         cfg["modules_to_save"],
         serde_json::json!(["language_model.lm_head"])

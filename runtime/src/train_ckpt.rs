@@ -534,6 +534,8 @@ pub struct AdapterSave<'a> {
     pub modules: &'a [String],
     pub lora: &'a vlmc::passes::lora::LoraConfig,
     pub dropout: f64,
+    /// PEFT's `task_type`: `CAUSAL_LM` for language-model objectives, else none.
+    pub task_type: Option<&'a str>,
     /// PEFT's `base_model_name_or_path`: the weights the run started from (or the spec).
     pub base_model: Option<&'a str>,
     /// The base tensors the adapter was trained on (`vlmc_base.json`).
@@ -587,7 +589,7 @@ pub fn save_peft(
         .map_err(|e| CkptError { message: e.message })?;
     let config = serde_json::json!({
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": a.task_type,
         "r": a.lora.rank,
         "lora_alpha": a.lora.alpha,
         "lora_dropout": a.dropout,

@@ -571,6 +571,7 @@ pub fn train(
         modules: &modules,
         lora: l,
         dropout,
+        task_type: session.cfg.objective.is_token_loss().then_some("CAUSAL_LM"),
         base_model: o.base_name.as_deref(),
         base: base.as_ref(),
     });
