@@ -369,6 +369,24 @@ fn an_adapter_trainer_writes_adapter_checkpoints_and_its_output_runs_only_with_t
         );
     }
 
+    // PEFT computes with this adapter what vlmc does: make.py --check-vlmc loaded the adapter
+    // of this same training run into transformers' model with PEFT 0.21 and saved its logits.
+    let base = fixture("base.safetensors");
+    let peft_logits =
+        weights_of(&PathBuf::from(common::ROOT).join(fixture("vlmc_trained.safetensors")))
+            .remove("peft.logits")
+            .expect("peft.logits");
+    let ours = run(
+        &work,
+        "trained",
+        &base,
+        &["--adapter", s(&a.join("adapter"))],
+    )
+    .expect("runs");
+    let ep = rel(&ours, &peft_logits);
+    assert!(ep <= 1e-4, "vlmc-trained adapter: vlmc vs PEFT {ep:e}");
+    eprintln!("vlmc-trained adapter: vlmc run --adapter vs PEFT {ep:.2e}");
+
     // The output's model.safetensors holds the adapter unmerged: refused alone, naming what
     // to do; with its adapter it runs, as the base with the adapter does.
     let model = a.join("model.safetensors");
@@ -380,7 +398,6 @@ fn an_adapter_trainer_writes_adapter_checkpoints_and_its_output_runs_only_with_t
         "{err}"
     );
     let with = run(&work, "with", s(&model), &["--adapter", s(&adapter)]).expect("runs");
-    let base = fixture("base.safetensors");
     let on_base = run(&work, "on_base", &base, &["--adapter", s(&adapter)]).expect("runs");
     assert_eq!(with.to_f64(), on_base.to_f64());
     let plain = run(&work, "plain", &base, &[]).expect("runs");
