@@ -111,7 +111,7 @@ pub fn load(
     allow_other_base: bool,
 ) -> Result<Peft, String> {
     let mut peft = vlmc_runtime::train_ckpt::load_peft(dir).map_err(|e| e.message)?;
-    vlmc_runtime::adapter::map_names(&mut peft, &m.checkpoint)
+    vlmc_runtime::adapter::map_names(&mut peft, &m.graph, &m.checkpoint)
         .map_err(|e| format!("{}: {}", dir.display(), e.message))?;
     if !allow_other_base {
         vlmc_runtime::adapter::check_base(&peft, dir, base, weights).map_err(|e| e.message)?;

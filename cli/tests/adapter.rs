@@ -168,8 +168,7 @@ fn a_peft_adapter_runs_unmerged_as_peft_computes_it_and_as_merged() {
         .expect("spec")
         .replace(
             "  fn forward",
-            "  checkpoint {\n    \"model.\" => \"language_model.model.\",\n    \"lm_head.\" => \
-             \"language_model.lm_head.\",\n  }\n  fn forward",
+            "  checkpoint {\n    \"\" => \"language_model.\",\n  }\n  fn forward",
         );
     let spec_path = hf.join("hf.vlm");
     std::fs::write(&spec_path, spec).expect("write");
@@ -189,6 +188,26 @@ fn a_peft_adapter_runs_unmerged_as_peft_computes_it_and_as_merged() {
     assert!(o.status.success(), "{}", stderr(&o));
     let eh = rel(&weights_of(&out)["output"], expect);
     assert!(eh <= 1e-4, "transformers' names: {eh:e}");
+    // The adapter under the spec's own paths (as vlmc writes it) is not renamed by the rule
+    // (`language_model.model...` is a parameter path, not `language_model.language_model...`).
+    let out2 = hf.join("out2.safetensors");
+    let o = vlmc(&[
+        "run",
+        s(&spec_path),
+        "--weights",
+        s(&hf.join("base.safetensors")),
+        "--adapter",
+        &adapter,
+        "--input",
+        &format!("ids={}", fixture("io.safetensors")),
+        "-o",
+        s(&out2),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        weights_of(&out2)["output"].to_f64(),
+        weights_of(&out)["output"].to_f64()
+    );
 
     // Bad adapters: a tensor that `modules_to_save` does not name, a saved module of the
     // wrong shape; and an output that is the adapter's own file.

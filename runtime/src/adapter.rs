@@ -195,12 +195,20 @@ pub fn attach(
 }
 
 /// Renames the adapter's modules to the model's parameter paths with its `checkpoint` rules
-/// (PEFT names them as the checkpoint does, e.g. transformers' `language_model.model.layers`).
-pub fn map_names(peft: &mut Peft, rules: &[vlmc::elab::NameRule]) -> Result<(), CkptError> {
+/// (PEFT names them as the checkpoint does, e.g. transformers' `model.language_model.layers`).
+/// A name that already is a parameter path of `graph` (an adapter vlmc wrote) stays.
+pub fn map_names(
+    peft: &mut Peft,
+    graph: &vlmc::ir::Graph,
+    rules: &[vlmc::elab::NameRule],
+) -> Result<(), CkptError> {
     if rules.is_empty() {
         return Ok(());
     }
     let path_of = |name: &str| {
+        if graph.param(name).is_some() {
+            return Ok(name.to_string());
+        }
         crate::weights::map_name(name, rules).ok_or_else(|| CkptError {
             message: format!(
                 "the adapter holds `{name}`, which the model's `checkpoint` rules ignore"
