@@ -65,9 +65,10 @@ pub fn check_lora_tensors(
         }));
     };
     for n in &lora {
+        // Named as the spec's paths (vlmc's output) or as the checkpoint's.
         let path = vlmc_runtime::weights::map_name(n, &m.checkpoint).unwrap_or(n.to_string());
         let t = wf.get(n).map_err(|e| e.message)?;
-        match peft.params.get(&path) {
+        match peft.params.get(*n).or_else(|| peft.params.get(&path)) {
             Some(a) if a.shape == t.shape && a.to_f64() == t.to_f64() => {}
             _ => {
                 return Err(format!(

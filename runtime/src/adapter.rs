@@ -255,3 +255,41 @@ pub fn lora_tensors(names: &[String]) -> Vec<&str> {
         .map(String::as_str)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_base_record_names_the_tensors_that_differ_and_reads_back_checked() {
+        let t = |v: f32| Tensor::f32(vec![2], vec![v, 1.0]);
+        let base: BTreeMap<String, Tensor> = [("a", t(0.5)), ("b", t(2.0)), ("lora", t(3.0))]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        let rec = BaseRecord::of(&base, &["a", "b", "lora"], &["lora".to_string()]);
+        assert_eq!(rec.tensors.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert!(rec.differences(&base).is_empty());
+        let mut other = base.clone();
+        other.insert("b".into(), t(2.5));
+        other.remove("a");
+        assert_eq!(rec.differences(&other), ["a", "b"]);
+        // The shape counts too.
+        other.insert("a".into(), Tensor::f32(vec![1, 2], vec![0.5, 1.0]));
+        assert_eq!(rec.differences(&other), ["a", "b"]);
+
+        let dir = std::env::temp_dir().join(format!("vlmc-base-record-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        assert_eq!(BaseRecord::read(&dir).expect("none"), None);
+        rec.write(&dir).expect("write");
+        assert_eq!(BaseRecord::read(&dir).expect("reads"), Some(rec));
+        std::fs::write(dir.join(BASE_FILE), r#"{"tensors": {"a": "xyz"}}"#).expect("write");
+        let e = BaseRecord::read(&dir).expect_err("bad hash");
+        assert!(
+            e.message.contains("`a` must be a hash of 16 hex digits"),
+            "{}",
+            e.message
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
