@@ -57,8 +57,9 @@ pub fn check_lora_tensors(
     let Some(peft) = peft else {
         return Err(unmerged(weights, &lora, &|a| {
             format!(
-                "Run it with its adapter: `vlmc run {f} --weights {w} --adapter {a} ...`, or \
-                 merge it: `vlmc merge {f} --adapter {a} --weights {w} -o merged.safetensors`",
+                "Give its adapter, `--adapter {a}` (run and generate then apply it unmerged), \
+                 or merge it: `vlmc merge {f} --adapter {a} --weights {w} -o \
+                 merged.safetensors`",
                 f = file.display(),
                 w = weights.display()
             )
