@@ -277,6 +277,7 @@ fn every_zoo_trainer_trains_at_fixture_size() {
                     restart_unfinished: false,
                     backend,
                     tensorboard: false,
+                    base_name: None,
                 };
                 let s = train(&o, &mut |_| {})
                     .unwrap_or_else(|e| panic!("{} `{trainer}`: {}", case.file, e.message));

@@ -140,6 +140,10 @@ pub struct RunArgs<'a> {
     pub model: Option<&'a str>,
     pub sets: &'a [(String, String)],
     pub weights: &'a [PathBuf],
+    /// A PEFT LoRA adapter to run on top of the weights, unmerged (`--adapter`).
+    pub adapter: Option<&'a Path>,
+    /// Apply the adapter to weights other than those it records as its base.
+    pub allow_other_base: bool,
     /// `--input NAME=VALUE` pairs, in order.
     pub inputs: &'a [(String, String)],
     pub tokenizer: Option<&'a Path>,
@@ -150,7 +154,7 @@ pub struct RunArgs<'a> {
 /// first, with a message saying so.
 pub fn run(file: &Path, a: &RunArgs<'_>) -> Result<(), u8> {
     vlmc_runtime::cuda::check_driver().map_err(|e| fail(&e))?;
-    let m = load(file, a.model, a.sets)?;
+    let mut m = load(file, a.model, a.sets)?;
     let path = a.out.map(Path::to_path_buf).unwrap_or_else(|| {
         PathBuf::from("build")
             .join(&m.model)
@@ -161,8 +165,10 @@ pub fn run(file: &Path, a: &RunArgs<'_>) -> Result<(), u8> {
         .tokenizer
         .map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf);
     crate::check_run_output(&path, file, a.weights, a.inputs, &tokenizer)?;
-    let wf = vlmc_runtime::weight_set::WeightSet::open(a.weights).map_err(|e| fail(&e))?;
-    let bound = vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint).map_err(|e| fail(&e))?;
+    crate::adapter::check_output(&path, a.adapter).map_err(|e| fail(&e))?;
+    let bound =
+        crate::adapter::bind_for_run(file, &mut m, a.weights, a.adapter, a.allow_other_base)
+            .map_err(|e| fail(&e))?;
     let inputs = crate::gather_inputs(&m, a.inputs, dir, a.tokenizer).map_err(|e| fail(&e))?;
     let t0 = Instant::now();
     let opts = vlmc_runtime::cuda::CudaOptions::default();

@@ -29,6 +29,12 @@ pub struct GenerateArgs {
     /// end-of-sequence token are read from the same folder (the first file's).
     #[arg(long, required = true, value_delimiter = ',')]
     pub weights: Vec<PathBuf>,
+    /// A LoRA adapter in the PEFT layout to generate with, unmerged (as `vlmc run --adapter`).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Apply --adapter even to weights other than the base it records (vlmc_base.json).
+    #[arg(long)]
+    pub allow_other_base: bool,
     /// The tokenizer.json (default: the model's `preprocess ... = text(tokenizer: ...)` or
     /// tokenizer.json next to the weights).
     #[arg(long)]
@@ -150,15 +156,17 @@ pub fn generate(a: &GenerateArgs) -> Result<(), u8> {
         }
         inputs.push(("the model file", &a.file));
         crate::check_output(out, &inputs)?;
+        crate::adapter::check_output(out, a.adapter.as_deref()).map_err(fail)?;
     }
     let t0 = Instant::now();
-    let g = vlmc::elab::generation_graphs(&a.file, a.model.as_deref(), &a.sets).map_err(|e| {
-        eprint!("{e}");
-        if !e.ends_with('\n') {
-            eprintln!();
-        }
-        1u8
-    })?;
+    let mut g =
+        vlmc::elab::generation_graphs(&a.file, a.model.as_deref(), &a.sets).map_err(|e| {
+            eprint!("{e}");
+            if !e.ends_with('\n') {
+                eprintln!();
+            }
+            1u8
+        })?;
     let dir = vlmc_runtime::weight_set::tokenizer_dir(&a.weights);
     let text_pre = g
         .prefill
@@ -187,14 +195,32 @@ pub fn generate(a: &GenerateArgs) -> Result<(), u8> {
         Some(Setting::Int(i)) if *i > 0 => Some(*i as usize),
         _ => None,
     });
-    let wf = vlmc_runtime::weight_set::WeightSet::open(&a.weights).map_err(fail)?;
-    let bound =
-        vlmc_runtime::weights::bind(&g.prefill.graph, &wf, &g.prefill.checkpoint).map_err(fail)?;
+    let mut bound = crate::adapter::bind_for_run(
+        &a.file,
+        &mut g.prefill,
+        &a.weights,
+        a.adapter.as_deref(),
+        a.allow_other_base,
+    )
+    .map_err(fail)?;
+    if let Some(d) = &a.adapter {
+        // The decoding step reads the same layers: the same adapter, the same tensors.
+        let peft =
+            crate::adapter::load(&g.step, d, &bound.params, &a.weights, true).map_err(fail)?;
+        let mut step_params = std::collections::BTreeMap::new();
+        vlmc_runtime::adapter::attach(&mut g.step.graph, &mut step_params, &peft)
+            .map_err(|e| fail(format!("{}: {}", d.display(), e.message)))?;
+        bound.params.extend(step_params);
+    }
     if !bound.unused.is_empty() {
         eprintln!(
             "warning: {} tensor(s) in {} are not used",
             bound.unused.len(),
-            wf.label()
+            a.weights
+                .iter()
+                .map(|w| w.display().to_string())
+                .collect::<Vec<_>>()
+                .join(",")
         );
     }
     let runner = |m: &vlmc::elab::Elaborated| -> Result<Runner, u8> {

@@ -1,6 +1,7 @@
 //! The commands behind the `vlmc` binary: `check` and `build`. Diagnostics go to stderr,
 //! artefacts are written to a temporary name and renamed into place.
 
+pub mod adapter;
 pub mod bench;
 pub mod bench_train;
 pub mod cuda;
@@ -428,6 +429,10 @@ pub struct RunArgs<'a> {
     pub pick: Pick<'a>,
     /// `--weights`: files, an index or a folder (see [`vlmc_runtime::weight_set`]).
     pub weights: &'a [PathBuf],
+    /// A PEFT LoRA adapter to run on top of the weights, unmerged (`--adapter`).
+    pub adapter: Option<&'a Path>,
+    /// Apply the adapter to weights other than those it records as its base.
+    pub allow_other_base: bool,
     /// `--input NAME=VALUE` pairs, in order.
     pub inputs: &'a [(String, String)],
     pub tokenizer: Option<&'a Path>,
@@ -447,7 +452,7 @@ pub fn run(file: &Path, args: &RunArgs<'_>) -> Result<(), u8> {
         1u8
     };
     let t0 = Instant::now();
-    let m = load_model(file, &args.pick)?;
+    let mut m = load_model(file, &args.pick)?;
     eprintln!(
         "elaborated {} ({} ops) in {:.0} ms",
         m.model,
@@ -470,14 +475,25 @@ pub fn run(file: &Path, args: &RunArgs<'_>) -> Result<(), u8> {
             .map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf),
     )?;
     let t1 = Instant::now();
-    let wf = vlmc_runtime::weight_set::WeightSet::open(args.weights).map_err(|e| fail(&e))?;
-    let bound = vlmc_runtime::weights::bind(&m.graph, &wf, &m.checkpoint).map_err(|e| fail(&e))?;
+    adapter::check_output(&path, args.adapter).map_err(|e| fail(&e))?;
+    let bound = adapter::bind_for_run(
+        file,
+        &mut m,
+        args.weights,
+        args.adapter,
+        args.allow_other_base,
+    )
+    .map_err(|e| fail(&e))?;
     if !bound.unused.is_empty() {
         let shown: Vec<&str> = bound.unused.iter().take(8).map(String::as_str).collect();
         eprintln!(
             "warning: {} tensor(s) in {} are not used: {}{}",
             bound.unused.len(),
-            wf.label(),
+            args.weights
+                .iter()
+                .map(|w| w.display().to_string())
+                .collect::<Vec<_>>()
+                .join(","),
             shown.join(", "),
             if bound.unused.len() > 8 { ", ..." } else { "" }
         );

@@ -104,6 +104,13 @@ enum Command {
         /// parameters by name.
         #[arg(long, required = true, value_delimiter = ',')]
         weights: Vec<PathBuf>,
+        /// A LoRA adapter in the PEFT layout (adapter_model.safetensors, adapter_config.json)
+        /// to run on top of the weights, unmerged.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Apply --adapter even to weights other than the base it records (vlmc_base.json).
+        #[arg(long)]
+        allow_other_base: bool,
         /// An input: NAME=FILE.npy|FILE.safetensors, text="..." or image=FILE.png (repeatable;
         /// several texts or images make a batch).
         #[arg(long = "input", value_parser = parse_pair)]
@@ -258,6 +265,8 @@ fn run(cli: Cli) -> ExitCode {
             model,
             sets,
             weights,
+            adapter,
+            allow_other_base,
             inputs,
             tokenizer,
             out,
@@ -275,6 +284,8 @@ fn run(cli: Cli) -> ExitCode {
                     model: model.as_deref(),
                     sets: &sets,
                     weights: &weights,
+                    adapter: adapter.as_deref(),
+                    allow_other_base,
                     inputs: &inputs,
                     tokenizer: tokenizer.as_deref(),
                     out: out.as_deref(),
@@ -286,6 +297,8 @@ fn run(cli: Cli) -> ExitCode {
             model,
             sets,
             weights,
+            adapter,
+            allow_other_base,
             inputs,
             tokenizer,
             out,
@@ -300,6 +313,8 @@ fn run(cli: Cli) -> ExitCode {
                     sets: &sets,
                 },
                 weights: &weights,
+                adapter: adapter.as_deref(),
+                allow_other_base,
                 inputs: &inputs,
                 tokenizer: tokenizer.as_deref(),
                 out: out.as_deref(),

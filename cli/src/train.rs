@@ -113,6 +113,9 @@ pub struct MergeArgs {
     /// The base weights (files, an index or a folder, as for `vlmc run`).
     #[arg(long, required = true, value_delimiter = ',')]
     pub weights: Vec<PathBuf>,
+    /// Merge even into weights other than the base the adapter records (vlmc_base.json).
+    #[arg(long)]
+    pub allow_other_base: bool,
     /// Which model of the file (default: the last one).
     #[arg(long)]
     pub model: Option<String>,
@@ -286,7 +289,11 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
         return train_chain(a, m, &stages, &data);
     }
     let weights = match a.weights.is_empty() {
-        false => Some(bind(m, &a.weights)?.params),
+        false => {
+            let b = bind(m, &a.weights)?;
+            crate::adapter::refuse_for_training(&a.file, &a.weights, &b).map_err(fail)?;
+            Some(b.params)
+        }
         true => None,
     };
     let opts = vlmc_runtime::train_loop::TrainOptions {
@@ -297,6 +304,15 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
         weights,
         weights_dir: (!a.weights.is_empty())
             .then(|| vlmc_runtime::weight_set::tokenizer_dir(&a.weights)),
+        base_name: Some(match a.weights.is_empty() {
+            false => a
+                .weights
+                .iter()
+                .map(|w| w.display().to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            true => a.file.display().to_string(),
+        }),
         out: &a.out,
         resume: a.resume.as_deref(),
         steps: a.steps,
@@ -341,6 +357,7 @@ fn train_chain(
     );
     let opts = StagesOptions {
         model: m,
+        spec: Some(&a.file),
         trainer: &a.trainer,
         data,
         tokenizer: a.tokenizer.clone(),
@@ -423,14 +440,18 @@ pub fn merge(a: &MergeArgs) -> Result<(), u8> {
     }
     .ok_or_else(|| fail("no such model"))?;
     let bound = bind(m, &a.weights)?;
-    let peft = vlmc_runtime::train_ckpt::load_peft(&a.adapter).map_err(fail)?;
+    let peft = crate::adapter::load(m, &a.adapter, &bound.params, &a.weights, a.allow_other_base)
+        .map_err(fail)?;
+    let wf = vlmc_runtime::weight_set::WeightSet::open(&a.weights).map_err(fail)?;
+    // A training output's own LoRA tensors (the adapter's) are left out of the merged file.
+    let lora = crate::adapter::check_lora_tensors(&a.file, &a.weights, &wf, &bound, Some(&peft), m)
+        .map_err(fail)?;
     let merged =
         vlmc_runtime::train_ckpt::merge_lora(&m.graph, &bound.params, &peft).map_err(fail)?;
     // Keep the base file's names: every tensor is copied, the merged ones replaced.
-    let wf = vlmc_runtime::weight_set::WeightSet::open(&a.weights).map_err(fail)?;
     let mut out = std::collections::BTreeMap::new();
     let mut replaced = 0;
-    for name in wf.names() {
+    for name in wf.names().into_iter().filter(|n| !lora.contains(n)) {
         let t = wf.get(&name).map_err(fail)?;
         let path = vlmc_runtime::weights::map_name(&name, &m.checkpoint);
         match path.as_ref().and_then(|p| merged.get(p)) {
@@ -462,10 +483,15 @@ pub fn merge(a: &MergeArgs) -> Result<(), u8> {
     }
     vlmc_runtime::weights::save(&a.out, &out).map_err(fail)?;
     eprintln!(
-        "merged {} LoRA targets (rank {}, scale {}) into {} of {} tensors: wrote {}",
+        "merged {} LoRA targets (rank {}, scale {}){} into {} of {} tensors: wrote {}",
         peft.targets.len(),
         peft.lora.rank,
         peft.lora.scale(),
+        if peft.modules.is_empty() {
+            String::new()
+        } else {
+            format!(" and {} saved module tensor(s)", peft.modules.len())
+        },
         replaced,
         out.len(),
         a.out.display()

@@ -590,9 +590,10 @@ fn merge_checks_the_adapter_and_honours_what_peft_writes() {
     );
     refused(with("use_dora", true.into()), "DoRA");
     refused(with("bias", "all".into()), "biases");
+    // `modules_to_save` is applied (tests/peft.rs): here it names a module with no tensors.
     refused(
         with("modules_to_save", serde_json::json!(["lm_head"])),
-        "whole trained copies",
+        "`modules_to_save` names `lm_head`, but",
     );
     refused(
         with("alpha_pattern", serde_json::json!({"q_proj": 32})),

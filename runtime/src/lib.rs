@@ -3,6 +3,7 @@
 //! inputs. Every allocation whose size the user decides goes through [`alloc`], so a model
 //! too large for the machine is an error that names the tensor, never an abort.
 
+pub mod adapter;
 pub mod alloc;
 pub mod chat;
 pub mod cpu;

@@ -1,8 +1,9 @@
 //! Training checkpoints and adapters on disk.
 //!
-//! A checkpoint is a folder `checkpoint-<step>/` holding `model.safetensors` (every parameter,
-//! adapter included), `optimizer.safetensors` (the state `optim.<slot>.<path>`) and
-//! `trainer_state.json` (step, data position, seed, trainer). It is written under a temporary
+//! A checkpoint is a folder `checkpoint-<step>/` holding `model.safetensors` (every parameter;
+//! for an adapter trainer, the adapter in the PEFT layout instead: only what trains),
+//! `optimizer.safetensors` (the state `optim.<slot>.<path>`) and `trainer_state.json` (step,
+//! data position, seed, trainer). It is written under a temporary
 //! name and renamed into place, so a crash leaves either the old or the new one, never half.
 //!
 //! LoRA adapters are also saved alone in the Hugging Face PEFT layout:
@@ -41,22 +42,31 @@ fn hex(h: u64) -> String {
 /// A 64-bit hash of named tensors (names, shapes, values), a word at a time.
 pub fn hash_tensors(tensors: &BTreeMap<String, Tensor>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut mix = |x: u64| {
-        h = (h ^ x).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
-    };
     for (name, t) in tensors {
-        mix(fnv64(name.as_bytes()));
-        for &d in &t.shape {
-            mix(d as u64);
-        }
-        match &t.data {
-            crate::tensor::Data::F32(v) => v.iter().for_each(|x| mix(u64::from(x.to_bits()))),
-            crate::tensor::Data::F64(v) => v.iter().for_each(|x| mix(x.to_bits())),
-            crate::tensor::Data::I32(v) => v.iter().for_each(|&x| mix(x as u32 as u64)),
-            crate::tensor::Data::Bool(v) => v.iter().for_each(|&x| mix(u64::from(x))),
-        }
+        h = mix_tensor(mix(h, fnv64(name.as_bytes())), t);
     }
     h
+}
+
+/// A 64-bit hash of one tensor (shape and values), as [`hash_tensors`] mixes it.
+pub fn hash_tensor(t: &Tensor) -> u64 {
+    mix_tensor(0xcbf2_9ce4_8422_2325, t)
+}
+
+fn mix(h: u64, x: u64) -> u64 {
+    (h ^ x).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29)
+}
+
+fn mix_tensor(mut h: u64, t: &Tensor) -> u64 {
+    for &d in &t.shape {
+        h = mix(h, d as u64);
+    }
+    match &t.data {
+        crate::tensor::Data::F32(v) => v.iter().fold(h, |h, x| mix(h, u64::from(x.to_bits()))),
+        crate::tensor::Data::F64(v) => v.iter().fold(h, |h, x| mix(h, x.to_bits())),
+        crate::tensor::Data::I32(v) => v.iter().fold(h, |h, &x| mix(h, x as u32 as u64)),
+        crate::tensor::Data::Bool(v) => v.iter().fold(h, |h, &x| mix(h, u64::from(x))),
+    }
 }
 
 /// A file as a fingerprint records it: where it was, its size and the hash of its bytes.
@@ -377,12 +387,15 @@ fn io(what: &Path, e: std::io::Error) -> CkptError {
     }
 }
 
-/// Writes `dir/checkpoint-<step>/` atomically; returns its path.
+/// Writes `dir/checkpoint-<step>/` atomically; returns its path. With `adapter` (an adapter
+/// trainer) it holds the adapter in the PEFT layout instead of `model.safetensors`: only the
+/// tensors that train (the base is the run's starting weights, which its fingerprint records).
 pub fn save_checkpoint(
     dir: &Path,
     params: &BTreeMap<String, Tensor>,
     optim: &BTreeMap<String, Tensor>,
     state: &TrainerState,
+    adapter: Option<&AdapterSave<'_>>,
 ) -> Result<PathBuf, CkptError> {
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let name = format!("checkpoint-{}", state.step);
@@ -395,7 +408,10 @@ pub fn save_checkpoint(
     }
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     let werr = |e: crate::weights::WeightError| CkptError { message: e.message };
-    save(&tmp.join("model.safetensors"), params).map_err(werr)?;
+    match adapter {
+        Some(a) => save_peft(&tmp, params, a)?,
+        None => save(&tmp.join("model.safetensors"), params).map_err(werr)?,
+    }
     save(&tmp.join("optimizer.safetensors"), optim).map_err(werr)?;
     crate::weights::write_atomic(&tmp.join("trainer_state.json"), state.to_json().as_bytes())
         .map_err(|e| io(&tmp, e))?;
@@ -446,7 +462,11 @@ fn read_all(path: &Path) -> Result<BTreeMap<String, Tensor>, CkptError> {
 
 /// A checkpoint read back.
 pub struct Loaded {
+    /// Every parameter, or (`adapter_only`) the ones that train.
     pub params: BTreeMap<String, Tensor>,
+    /// The checkpoint of an adapter trainer: `params` are the adapter's file's tensors (LoRA
+    /// and `modules_to_save`, by path); the base is the run's starting weights.
+    pub adapter_only: bool,
     pub optim: BTreeMap<String, Tensor>,
     pub state: TrainerState,
 }
@@ -475,8 +495,26 @@ pub fn read_state(ckpt: &Path) -> Result<TrainerState, CkptError> {
 /// Reads a checkpoint folder.
 pub fn load_checkpoint(ckpt: &Path) -> Result<Loaded, CkptError> {
     let state = read_state(ckpt)?;
+    let adapter = ckpt.join("adapter_model.safetensors");
+    let adapter_only = adapter.is_file() && !ckpt.join("model.safetensors").exists();
+    let params = if adapter_only {
+        read_all(&adapter)?
+            .into_iter()
+            .map(|(n, t)| {
+                (
+                    n.strip_prefix("base_model.model.")
+                        .unwrap_or(&n)
+                        .to_string(),
+                    t,
+                )
+            })
+            .collect()
+    } else {
+        read_all(&ckpt.join("model.safetensors"))?
+    };
     Ok(Loaded {
-        params: read_all(&ckpt.join("model.safetensors"))?,
+        params,
+        adapter_only,
         optim: read_all(&ckpt.join("optimizer.safetensors"))?,
         state,
     })
@@ -487,33 +525,63 @@ pub fn peft_name(path: &str) -> String {
     format!("base_model.model.{path}")
 }
 
-/// Saves LoRA parameters (`<module>.lora_A.weight`, `.lora_B.weight`) in the PEFT layout.
+/// What an adapter folder in the PEFT layout holds, besides the parameters' values (see
+/// [`save_peft`]).
+pub struct AdapterSave<'a> {
+    /// The LoRA parameters (`<module>.lora_A.weight`, `.lora_B.weight`).
+    pub adapter_params: &'a [String],
+    /// Base-model parameters that trained too: saved whole (PEFT's `modules_to_save`).
+    pub modules: &'a [String],
+    pub lora: &'a vlmc::passes::lora::LoraConfig,
+    pub dropout: f64,
+    /// PEFT's `task_type`: `CAUSAL_LM` for language-model objectives, else none.
+    pub task_type: Option<&'a str>,
+    /// PEFT's `base_model_name_or_path`: the weights the run started from (or the spec).
+    pub base_model: Option<&'a str>,
+    /// The base tensors the adapter was trained on (`vlmc_base.json`).
+    pub base: Option<&'a crate::adapter::BaseRecord>,
+}
+
+/// Saves an adapter in the PEFT layout: `adapter_model.safetensors` (the LoRA pairs, and the
+/// parameters of `modules_to_save` under `base_model.model.<path>`, PEFT's keys),
+/// `adapter_config.json`, and vlmc's record of the base (`vlmc_base.json`, beside PEFT's files:
+/// PEFT warns about fields of `adapter_config.json` it does not know).
 pub fn save_peft(
     dir: &Path,
     params: &BTreeMap<String, Tensor>,
-    adapter_params: &[String],
-    lora: &vlmc::passes::lora::LoraConfig,
-    dropout: f64,
+    a: &AdapterSave<'_>,
 ) -> Result<(), CkptError> {
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let mut tensors = BTreeMap::new();
-    let mut modules: Vec<String> = Vec::new();
-    for p in adapter_params {
-        let t = params
-            .get(p)
-            .ok_or_else(|| CkptError {
-                message: format!("no adapter parameter `{p}`"),
-            })?
-            .to_f32_tensor();
-        tensors.insert(peft_name(p), t);
+    let mut targets: Vec<String> = Vec::new();
+    let get = |p: &String| {
+        params.get(p).ok_or_else(|| CkptError {
+            message: format!("no adapter parameter `{p}`"),
+        })
+    };
+    for p in a.adapter_params {
+        tensors.insert(peft_name(p), get(p)?.to_f32_tensor());
         if let Some(m) = p
             .strip_suffix(".lora_A.weight")
             .or_else(|| p.strip_suffix(".lora_B.weight"))
         {
             let last = m.rsplit('.').next().unwrap_or(m).to_string();
-            if !modules.contains(&last) {
-                modules.push(last);
+            if !targets.contains(&last) {
+                targets.push(last);
             }
+        }
+    }
+    targets.sort();
+    // PEFT saves every parameter of a module of `modules_to_save`, named by its full path.
+    let mut modules: Vec<String> = Vec::new();
+    for p in a.modules {
+        tensors.insert(peft_name(p), get(p)?.clone());
+        let m = p
+            .rsplit_once('.')
+            .map_or(p.as_str(), |(m, _)| m)
+            .to_string();
+        if !modules.contains(&m) {
+            modules.push(m);
         }
     }
     modules.sort();
@@ -521,18 +589,22 @@ pub fn save_peft(
         .map_err(|e| CkptError { message: e.message })?;
     let config = serde_json::json!({
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": lora.rank,
-        "lora_alpha": lora.alpha,
-        "lora_dropout": dropout,
-        "use_rslora": lora.rslora,
-        "target_modules": modules,
+        "task_type": a.task_type,
+        "r": a.lora.rank,
+        "lora_alpha": a.lora.alpha,
+        "lora_dropout": a.dropout,
+        "use_rslora": a.lora.rslora,
+        "target_modules": targets,
         "bias": "none",
         "fan_in_fan_out": false,
         "init_lora_weights": true,
         "inference_mode": true,
-        "modules_to_save": serde_json::Value::Null,
-        "base_model_name_or_path": serde_json::Value::Null,
+        "modules_to_save": if modules.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!(modules)
+        },
+        "base_model_name_or_path": a.base_model,
     });
     crate::weights::write_atomic(
         &dir.join("adapter_config.json"),
@@ -540,7 +612,11 @@ pub fn save_peft(
             .unwrap_or_default()
             .as_bytes(),
     )
-    .map_err(|e| io(dir, e))
+    .map_err(|e| io(dir, e))?;
+    match a.base {
+        Some(b) => b.write(dir),
+        None => Ok(()),
+    }
 }
 
 /// An adapter read back from the PEFT layout: its parameters by path, the adapted modules
@@ -552,6 +628,13 @@ pub struct Peft {
     /// PEFT's `fan_in_fan_out`: the base weights are stored `[in, out]` (GPT-2's `Conv1D`),
     /// so the update added to them is `(B·A)ᵀ`.
     pub fan_in_fan_out: bool,
+    /// PEFT's `modules_to_save`: whole trained copies of base parameters (by path) that
+    /// replace the base's.
+    pub modules: BTreeMap<String, Tensor>,
+    /// The base weights the adapter was trained on, when vlmc trained it (`vlmc_base.json`).
+    pub base: Option<crate::adapter::BaseRecord>,
+    /// PEFT's `base_model_name_or_path`: what the adapter names as its base.
+    pub base_model: Option<String>,
 }
 
 /// `target_modules` / `exclude_modules`: PEFT's module names (a module matches a name when it
@@ -568,6 +651,22 @@ impl Modules {
             Modules::Any => true,
             Modules::Names(n) => n.iter().any(|k| name_matches(module, k)),
             Modules::Regex(_) => regex.is_some_and(|r| r.is_match(module).unwrap_or(false)),
+        }
+    }
+}
+
+/// Whether the parameter `path` lies in a module that the `modules_to_save` entry `key`
+/// names (the module or one of its ancestors; a bare parameter outside any module, such as
+/// BLIP-2's `query_tokens`, by its own name).
+fn saved_by(path: &str, key: &str) -> bool {
+    let mut m = path;
+    loop {
+        if name_matches(m, key) {
+            return true;
+        }
+        match m.rsplit_once('.') {
+            Some((up, _)) => m = up,
+            None => return false,
         }
     }
 }
@@ -602,13 +701,14 @@ struct AdapterSettings {
     exclude: Modules,
     layers: Option<Vec<i64>>,
     layers_pattern: Vec<String>,
+    modules_to_save: Vec<String>,
 }
 
 /// Reads an `adapter_config.json` strictly: the fields PEFT (0.21) writes are checked for their
 /// type, those that change what merging computes are honoured (`r`, `lora_alpha`,
 /// `use_rslora`, `fan_in_fan_out`, `target_modules`, `exclude_modules`,
-/// `layers_to_transform`, `layers_pattern`) or refused when vlmc cannot honour them (DoRA,
-/// trained biases, `modules_to_save`, rank or alpha patterns, LoRA variants); an unknown
+/// `layers_to_transform`, `layers_pattern`, `modules_to_save`) or refused when vlmc cannot
+/// honour them (DoRA, trained biases, rank or alpha patterns, LoRA variants); an unknown
 /// field with a value that says something is an error rather than ignored.
 fn adapter_settings(cfg: &serde_json::Value, at: &str) -> Result<AdapterSettings, CkptError> {
     let Some(obj) = cfg.as_object() else {
@@ -635,6 +735,7 @@ fn adapter_settings(cfg: &serde_json::Value, at: &str) -> Result<AdapterSettings
         exclude: Modules::Names(Vec::new()),
         layers: None,
         layers_pattern: Vec::new(),
+        modules_to_save: Vec::new(),
     };
     for (k, v) in obj {
         let bad = |what: &str| cerr(format!("{at}: `{k}` must be {what}, not {v}"));
@@ -728,15 +829,19 @@ fn adapter_settings(cfg: &serde_json::Value, at: &str) -> Result<AdapterSettings
                     return bad("a name, a list of names or null");
                 }
             }
-            "modules_to_save" | "target_parameters" => {
+            "modules_to_save" => {
+                if v.is_null() {
+                } else if let Some(l) = strings(v) {
+                    s.modules_to_save = l;
+                } else {
+                    return bad("a list of module names or null");
+                }
+            }
+            "target_parameters" => {
                 if v.is_null() {
                 } else if let Some(l) = strings(v) {
                     if !l.is_empty() {
-                        return refuse(if k == "modules_to_save" {
-                            "the adapter holds whole trained copies of these modules"
-                        } else {
-                            "LoRA on bare parameters (not linear layers)"
-                        });
+                        return refuse("LoRA on bare parameters (not linear layers)");
                     }
                 } else {
                     return bad("a list of names or null");
@@ -846,6 +951,7 @@ pub fn load_peft(dir: &Path) -> Result<Peft, CkptError> {
         ));
     }
     let mut params = BTreeMap::new();
+    let mut modules = BTreeMap::new();
     let (mut a_of, mut b_of) = (BTreeMap::new(), BTreeMap::new());
     for (name, t) in tensors {
         let path = name
@@ -857,12 +963,29 @@ pub fn load_peft(dir: &Path) -> Result<Peft, CkptError> {
         } else if let Some(m) = path.strip_suffix(".lora_B.weight") {
             b_of.insert(m.to_string(), t.shape.clone());
         } else {
-            return cerr(format!(
-                "{fat}: tensor `{name}` is not a LoRA weight (`<module>.lora_A.weight` or \
-                 `<module>.lora_B.weight`): vlmc merge cannot fold it in"
-            ));
+            // A parameter of a module the config saves whole (PEFT's key for it:
+            // `base_model.model.<module>.<parameter>`, below the module named).
+            if !s.modules_to_save.iter().any(|k| saved_by(&path, k)) {
+                return cerr(format!(
+                    "{fat}: tensor `{name}` is neither a LoRA weight (`<module>.lora_A.weight` \
+                     or `<module>.lora_B.weight`) nor a parameter of a module that the config's \
+                     `modules_to_save` ({}) names",
+                    cfg["modules_to_save"]
+                ));
+            }
+            modules.insert(path, t);
+            continue;
         }
         params.insert(path, t);
+    }
+    if let Some(k) = s
+        .modules_to_save
+        .iter()
+        .find(|k| !modules.keys().any(|p| saved_by(p, k)))
+    {
+        return cerr(format!(
+            "{at}: `modules_to_save` names `{k}`, but {fat} holds no parameter of a module `{k}`"
+        ));
     }
     let r = s.lora.rank as usize;
     for (m, a) in &a_of {
@@ -936,6 +1059,9 @@ pub fn load_peft(dir: &Path) -> Result<Peft, CkptError> {
         targets,
         lora: s.lora,
         fan_in_fan_out: s.fan_in_fan_out,
+        modules,
+        base: crate::adapter::BaseRecord::read(dir)?,
+        base_model: cfg["base_model_name_or_path"].as_str().map(str::to_string),
     })
 }
 
@@ -986,8 +1112,52 @@ fn layout(g: &vlmc::ir::Graph, w: vlmc::ir::NodeId) -> Option<Layout> {
 /// Layers that store their weight `[in, out]` (`Conv1D`, used as `x·W`) take PEFT's
 /// `fan_in_fan_out` layout: the update is `(B·A)ᵀ`, computed directly. The config's
 /// `fan_in_fan_out` must match the layers (as PEFT writes it: true exactly for `Conv1D`).
-/// Returns the new values of the targets' `weight` parameters.
+/// Returns the new values of the targets' `weight` parameters and of the parameters of the
+/// modules the adapter saves whole (`modules_to_save`).
 pub fn merge_lora(
+    graph: &vlmc::ir::Graph,
+    base: &BTreeMap<String, Tensor>,
+    peft: &Peft,
+) -> Result<BTreeMap<String, Tensor>, CkptError> {
+    let mut out = merge_targets(graph, base, peft)?;
+    out.extend(saved_modules(graph, peft)?);
+    Ok(out)
+}
+
+/// The parameters of the modules the adapter saves whole, checked against the model: each
+/// must be a parameter of it, of its type's shape.
+pub fn saved_modules(
+    graph: &vlmc::ir::Graph,
+    peft: &Peft,
+) -> Result<BTreeMap<String, Tensor>, CkptError> {
+    let mut out = BTreeMap::new();
+    for (path, t) in &peft.modules {
+        let Some(id) = graph.param(path) else {
+            return cerr(format!(
+                "the adapter saves `{path}` (`modules_to_save`), but the model has no such \
+                 parameter"
+            ));
+        };
+        let ty = &graph.node(id).ty;
+        let want: Vec<usize> = ty
+            .shape
+            .0
+            .iter()
+            .map(|d| d.as_const().unwrap_or(-1) as usize)
+            .collect();
+        if t.shape != want {
+            return cerr(format!(
+                "the adapter saves `{path}` as {:?}, but the model's parameter is {ty}",
+                t.shape
+            ));
+        }
+        out.insert(path.clone(), t.clone());
+    }
+    Ok(out)
+}
+
+/// [`merge_lora`] for the LoRA targets alone.
+fn merge_targets(
     graph: &vlmc::ir::Graph,
     base: &BTreeMap<String, Tensor>,
     peft: &Peft,
@@ -1096,4 +1266,27 @@ pub fn merge_lora(
         .into_iter()
         .map(|(p, id)| (p, values[&id].clone()))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::saved_by;
+
+    #[test]
+    fn modules_to_save_names_a_module_or_an_ancestor_by_its_last_segments() {
+        // PEFT's keys: `<module>.<parameter>`, below the module named.
+        assert!(saved_by("language_model.lm_head.weight", "lm_head"));
+        assert!(saved_by(
+            "language_model.lm_head.weight",
+            "language_model.lm_head"
+        ));
+        assert!(saved_by("qformer.layer.0.attention.query.bias", "qformer"));
+        assert!(saved_by("query_tokens", "query_tokens"));
+        assert!(!saved_by("language_model.lm_head.weight", "head"));
+        assert!(!saved_by(
+            "language_model.lm_head.weight",
+            "language_model.norm"
+        ));
+        assert!(!saved_by("vision.lm_head_extra.weight", "lm_head"));
+    }
 }

@@ -240,7 +240,11 @@ fn is_temporary(name: &str) -> bool {
         || is_event_file(base)
         || matches!(
             base,
-            "log.jsonl" | "model.safetensors" | "adapter_model.safetensors" | "adapter_config.json"
+            "log.jsonl"
+                | "model.safetensors"
+                | "adapter_model.safetensors"
+                | "adapter_config.json"
+                | "vlmc_base.json"
         )
 }
 
@@ -275,7 +279,11 @@ pub fn clear_run(dir: &Path) -> Result<(), String> {
     for name in run_files(dir) {
         let p = dir.join(name.trim_end_matches('/'));
         if name == "adapter/" {
-            for f in ["adapter_model.safetensors", "adapter_config.json"] {
+            for f in [
+                "adapter_model.safetensors",
+                "adapter_config.json",
+                crate::adapter::BASE_FILE,
+            ] {
                 let q = p.join(f);
                 if q.exists() {
                     std::fs::remove_file(&q).map_err(|x| e(&q, x))?;
@@ -295,6 +303,25 @@ pub fn clear_run(dir: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Keeps the newest `keep` checkpoints of `dir` (by step) and deletes the older ones (the
+/// trainer's `save_total_limit`, as transformers' `Trainer`); returns the deleted folders.
+/// Call it after a new checkpoint is renamed into place.
+pub fn prune_checkpoints(dir: &Path, keep: u64) -> Result<Vec<PathBuf>, String> {
+    let mut steps: Vec<u64> = run_files(dir)
+        .iter()
+        .filter_map(|n| checkpoint_step(n.strip_suffix('/')?))
+        .collect();
+    steps.sort_unstable();
+    let old = steps.len().saturating_sub(keep as usize);
+    let mut deleted = Vec::new();
+    for s in &steps[..old] {
+        let p = dir.join(format!("checkpoint-{s}"));
+        std::fs::remove_dir_all(&p).map_err(|e| format!("cannot delete {}: {e}", p.display()))?;
+        deleted.push(p);
+    }
+    Ok(deleted)
 }
 
 /// The step of a `log.jsonl` line, if it is a whole JSON line with a `step`.
@@ -424,6 +451,26 @@ mod tests {
             ["notes.txt"],
             "the event files and their temporaries only"
         );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_checkpoints_by_step() {
+        let d = tmp("prune");
+        for n in [2, 9, 10, 11] {
+            std::fs::create_dir_all(d.join(format!("checkpoint-{n}"))).expect("mkdir");
+        }
+        std::fs::create_dir_all(d.join("checkpoint-x")).expect("mkdir");
+        assert!(prune_checkpoints(&d, 5).expect("prunes").is_empty());
+        let gone = prune_checkpoints(&d, 2).expect("prunes");
+        assert_eq!(gone, [d.join("checkpoint-2"), d.join("checkpoint-9")]);
+        let mut left: Vec<String> = std::fs::read_dir(&d)
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["checkpoint-10", "checkpoint-11", "checkpoint-x"]);
         let _ = std::fs::remove_dir_all(&d);
     }
 

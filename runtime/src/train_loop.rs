@@ -1,9 +1,10 @@
 //! The training loop behind `vlmc train`: data, steps, the loss log, evaluation, checkpoints,
 //! resume. Chains of stages (`from`) are in [`crate::train_stages`].
 
+use crate::adapter::BaseRecord;
 use crate::tensor::Tensor;
 use crate::train::{Session, StepStats, TrainRunError};
-use crate::train_ckpt::{self, FileId, Fingerprint, TrainerState};
+use crate::train_ckpt::{self, AdapterSave, FileId, Fingerprint, TrainerState};
 use crate::train_data::{self, Position, Tok};
 use crate::train_eval::Evaluator;
 use crate::train_folder::{self, FolderLock};
@@ -25,6 +26,9 @@ pub struct TrainOptions<'a> {
     /// Starting weights (default: the init rules with the trainer's seed).
     pub weights: Option<BTreeMap<String, Tensor>>,
     pub weights_dir: Option<PathBuf>,
+    /// What a LoRA adapter names as its base (PEFT's `base_model_name_or_path`): the weights
+    /// file the run started from, or the spec when it started from the init rules.
+    pub base_name: Option<String>,
     pub out: &'a Path,
     /// Continue from the latest checkpoint in this folder (or this checkpoint folder). It must
     /// be a checkpoint of this run: same trainer, model, data, tokenizer, settings and steps.
@@ -368,7 +372,17 @@ fn check_resume(
         }
         Ok(())
     };
-    same("model.safetensors", &l.params, &session.params)?;
+    if l.adapter_only {
+        // The trainable tensors alone; the base is the starting weights (the fingerprint).
+        let ours: BTreeMap<String, Tensor> = session
+            .trainable
+            .iter()
+            .map(|p| (p.clone(), session.params[p].clone()))
+            .collect();
+        same("adapter_model.safetensors", &l.params, &ours)?;
+    } else {
+        same("model.safetensors", &l.params, &session.params)?;
+    }
     same("optimizer.safetensors", &l.optim, &session.state)?;
     Ok(())
 }
@@ -518,7 +532,11 @@ pub fn train(
     if let Some(ck) = &resume_ck {
         let l = train_ckpt::load_checkpoint(ck).map_err(|e| err(e.message))?;
         check_resume(ck, &l, &session, &fp, total, o.steps, n, per_step)?;
-        session.params = l.params;
+        if l.adapter_only {
+            session.params.extend(l.params);
+        } else {
+            session.params = l.params;
+        }
         session.state = l.optim;
         session.step = l.state.step;
         session.total_steps = l.state.total_steps;
@@ -612,6 +630,47 @@ pub fn train(
         position: pos,
         fingerprint: fp.clone(),
     };
+    // An adapter trainer's checkpoints and `adapter/` hold what trains, in the PEFT layout.
+    let modules: Vec<String> = session
+        .trainable
+        .iter()
+        .filter(|p| !session.adapter_params.contains(p))
+        .cloned()
+        .collect();
+    let base_paths: Vec<&str> = o
+        .model
+        .graph
+        .params()
+        .iter()
+        .map(|(_, p, _, _)| *p)
+        .collect();
+    let base = lora
+        .as_ref()
+        .map(|_| BaseRecord::of(&session.params, &base_paths, &session.trainable));
+    let adapter_params = session.adapter_params.clone();
+    let adapter = lora.as_ref().map(|l| AdapterSave {
+        adapter_params: &adapter_params,
+        modules: &modules,
+        lora: l,
+        dropout,
+        task_type: session.cfg.objective.is_token_loss().then_some("CAUSAL_LM"),
+        base_model: o.base_name.as_deref(),
+        base: base.as_ref(),
+    });
+    let save_ckpt = |s: &Session, pos: Position| -> Result<PathBuf, TrainRunError> {
+        let ck = train_ckpt::save_checkpoint(
+            o.out,
+            &s.params,
+            &s.state,
+            &state_of(s, pos),
+            adapter.as_ref(),
+        )
+        .map_err(|e| err(e.message))?;
+        if let Some(k) = s.cfg.save_total_limit {
+            train_folder::prune_checkpoints(o.out, k).map_err(err)?;
+        }
+        Ok(ck)
+    };
     let mut losses = Vec::new();
     let stop = o.stop_after.unwrap_or(u64::MAX).min(session.total_steps);
     while session.step < stop {
@@ -678,39 +737,17 @@ pub fn train(
             eval_loss,
         });
         if save_every.is_some_and(|k| session.step % k == 0) {
-            last_ckpt = Some(
-                train_ckpt::save_checkpoint(
-                    o.out,
-                    &session.params,
-                    &session.state,
-                    &state_of(&session, pos),
-                )
-                .map_err(|e| err(e.message))?,
-            );
+            last_ckpt = Some(save_ckpt(&session, pos)?);
         }
     }
     // The final state: a checkpoint (to resume from), the weights, and the adapter alone.
-    last_ckpt = Some(
-        train_ckpt::save_checkpoint(
-            o.out,
-            &session.params,
-            &session.state,
-            &state_of(&session, pos),
-        )
-        .map_err(|e| err(e.message))?,
-    );
+    last_ckpt = Some(save_ckpt(&session, pos)?);
     crate::weights::save(&o.out.join("model.safetensors"), &session.params)
         .map_err(|e| err(e.message))?;
     save_tokenizer(&tok_path, o.out)?;
-    if let Some(l) = &lora {
-        train_ckpt::save_peft(
-            &o.out.join("adapter"),
-            &session.params,
-            &session.adapter_params,
-            l,
-            dropout,
-        )
-        .map_err(|e| err(e.message))?;
+    if let Some(a) = &adapter {
+        train_ckpt::save_peft(&o.out.join("adapter"), &session.params, a)
+            .map_err(|e| err(e.message))?;
     }
     Ok(Summary {
         steps: session.step,

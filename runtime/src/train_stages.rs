@@ -107,6 +107,9 @@ pub fn stage_weights(
 /// What to run: the chain ending with `trainer`, each stage into `out/<stage>/`.
 pub struct StagesOptions<'a> {
     pub model: &'a Elaborated,
+    /// The model's `.vlm` file: what the first stage's adapter names as its base (PEFT's
+    /// `base_model_name_or_path`) when it starts from the init rules.
+    pub spec: Option<&'a Path>,
     /// The last stage.
     pub trainer: &'a str,
     /// Each stage's training data.
@@ -196,6 +199,11 @@ pub fn train_stages(
             tokenizer: o.tokenizer.clone(),
             weights,
             weights_dir: None,
+            // The previous stage's folder (its weights, its adapter merged), or the spec.
+            base_name: match &prev {
+                Some((_, d)) => Some(d.display().to_string()),
+                None => o.spec.map(|p| p.display().to_string()),
+            },
             out: &dir,
             resume: resume.as_deref(),
             steps: o.steps,

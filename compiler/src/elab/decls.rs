@@ -208,6 +208,7 @@ const SETTINGS: &[(&str, char)] = &[
     ("eval_every", 'i'),
     ("save_every", 'i'),
     ("log_every", 'i'),
+    ("save_total_limit", 'i'),
     ("max_len", 'i'),
     ("lr", 'f'),
     ("data", 't'),

@@ -157,6 +157,8 @@ pub struct TrainConfig {
     /// Steps between progress lines when stderr is not a terminal (`log_every`, default
     /// [`DEFAULT_LOG_EVERY`]); it changes nothing the run computes.
     pub log_every: u64,
+    /// Keep only the newest this many checkpoints (transformers' `save_total_limit`).
+    pub save_total_limit: Option<u64>,
     pub max_len: Option<usize>,
     /// The trainer's own data file (`data "..."`, resolved beside the spec).
     pub data: Option<std::path::PathBuf>,
@@ -319,6 +321,7 @@ impl TrainConfig {
             eval_every: int("eval_every"),
             save_every: int("save_every"),
             log_every: int("log_every").unwrap_or(DEFAULT_LOG_EVERY).max(1),
+            save_total_limit: int("save_total_limit"),
             max_len: int("max_len").map(|v| v as usize),
             data: match get("data") {
                 Some(Setting::Str(s)) => Some(s.into()),
