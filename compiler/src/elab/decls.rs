@@ -102,6 +102,7 @@ const OBJECTIVES: &[&str] = &[
     "itc",
     "itm",
     "itg",
+    "blip2_stage1",
 ];
 
 const OPTIMIZERS: &[(&str, &[&str])] = &[
