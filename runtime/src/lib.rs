@@ -25,6 +25,7 @@ pub mod train_eval;
 pub mod train_folder;
 pub mod train_loop;
 pub mod train_stages;
+pub mod train_uniform;
 pub mod weights;
 
 pub use interp::{run, RunError};
