@@ -19,8 +19,8 @@ const DIR: &str = "tests/fixtures/blip2_stage1";
 /// training (as the zoo trainer's `freeze [vision_model]`).
 fn tiny() -> (vlmc::elab::Elaborated, TrainConfig) {
     let model = load(&format!("{DIR}/tiny.vlm"));
-    let checked = vlmc::elab::check_file(std::path::Path::new("models/blip2.vlm"));
-    let zoo = checked.result.expect("models/blip2.vlm checks");
+    let checked = vlmc::elab::check_file(std::path::Path::new("models/blip2_qformer.vlm"));
+    let zoo = checked.result.expect("models/blip2_qformer.vlm checks");
     let stage1 = zoo
         .iter()
         .find(|m| m.model == "Blip2Qformer")
