@@ -168,3 +168,81 @@ fn stage1_training_loss_falls() {
     assert!((0.001..=0.5).contains(&temp), "temp {temp}");
 }
 
+
+/// Stage 2 (models/blip2.vlm `generative`, LAVIS `blip2_opt`): the caption's next-token
+/// cross-entropy through OPT with the projected queries as prefix, image placeholders and
+/// padding no targets. Its loss on the zoo fixture equals the mean cross-entropy computed
+/// here from transformers' logits (tests/fixtures/zoo/blip2).
+#[test]
+fn stage2_generative_loss_is_the_caption_lm_loss_of_transformers_logits() {
+    let dir = std::path::Path::new("tests/fixtures/zoo/blip2");
+    let model = load(dir.join("fixture.vlm").to_str().expect("path"));
+    let checked = vlmc::elab::check_file(std::path::Path::new("models/blip2.vlm"));
+    let zoo = checked.result.expect("models/blip2.vlm checks");
+    let mut cfg = TrainConfig::of(&zoo[0], "generative").expect("trainer");
+    assert_eq!(
+        cfg.objective,
+        Objective::Sft {
+            prompt_masked: true
+        }
+    );
+    cfg.trainable = common::all_params(&model)
+        .into_iter()
+        .filter(|p| {
+            ["query_tokens", "qformer.", "language_projection."]
+                .iter()
+                .any(|r| p.starts_with(r))
+        })
+        .collect();
+    let wf = WeightFile::open(&dir.join("model.safetensors")).expect("weights");
+    let params = vlmc_runtime::weights::bind(&model.graph, &wf, &model.checkpoint)
+        .expect("bind")
+        .params;
+    let io = WeightFile::open(&dir.join("io.safetensors")).expect("io");
+    let (ids, mask) = (io.get("ids").expect("ids"), io.get("mask").expect("mask"));
+    let (b, t) = (ids.shape[0], ids.shape[1]);
+    // targets: the text after the 6 image placeholders (LAVIS: -100 on the query positions
+    // and on padding)
+    let loss_mask: Vec<f32> = mask
+        .to_f64()
+        .iter()
+        .enumerate()
+        .map(|(i, &m)| if i % t >= 6 && m != 0.0 { 1.0 } else { 0.0 })
+        .collect();
+    let logits = io.get("expect.logits").expect("logits").to_f64();
+    let v = logits.len() / (b * t);
+    let (mut sum, mut n) = (0f64, 0f64);
+    let idv = ids.to_f64();
+    for r in 0..b {
+        for p in 0..t - 1 {
+            if loss_mask[r * t + p + 1] == 0.0 {
+                continue;
+            }
+            let row = &logits[(r * t + p) * v..(r * t + p + 1) * v];
+            let mx = row.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+            sum += lse - row[idv[r * t + p + 1] as usize];
+            n += 1.0;
+        }
+    }
+    let want = sum / n;
+    let mut batch = BTreeMap::new();
+    for k in ["pixels", "ids", "mask"] {
+        batch.insert(k.to_string(), io.get(k).expect("input"));
+    }
+    batch.insert("loss_mask".into(), Tensor::f32(vec![b, t], loss_mask));
+    batch.insert(
+        "loss_scale".into(),
+        Tensor::f32(vec![], vec![(1.0 / n) as f32]),
+    );
+    let step = train::build(&model, &cfg, StepKind::Grad).expect("step graph");
+    let out = GraphRunner::new(step.graph.clone(), &Backend::Interp)
+        .run(&batch, &params)
+        .expect("step");
+    let got = out["loss"].to_f64()[0];
+    eprintln!("stage 2 caption loss {got:.6} vs {want:.6} from transformers' logits ({n} targets)");
+    assert!((got - want).abs() <= 1e-4 * want, "{got} vs {want}");
+    assert!(out.keys().all(|k| !k.starts_with("grad.language_model.")
+        && !k.starts_with("grad.vision_model.")));
+    assert!(out.contains_key("grad.language_projection.weight"));
+}
