@@ -27,7 +27,10 @@ fn tiny() -> (vlmc::elab::Elaborated, TrainConfig) {
         .expect("Blip2Qformer");
     let mut cfg = TrainConfig::of(stage1, "pretrain_qformer").expect("trainer");
     assert_eq!(cfg.objective, Objective::Blip2Stage1);
-    assert!(cfg.trainable.iter().all(|p| !p.starts_with("vision_model.")));
+    assert!(cfg
+        .trainable
+        .iter()
+        .all(|p| !p.starts_with("vision_model.")));
     cfg.trainable = common::all_params(&model)
         .into_iter()
         .filter(|p| !p.starts_with("vision_model."))
@@ -83,14 +86,20 @@ fn stage1_losses_and_gradients_match_lavis() {
             ..cfg.clone()
         };
         let step = train::build(&model, &cfg, StepKind::Grad).expect("step graph");
-        let backends = [("interpreter", Backend::Interp), ("cpu", Backend::default())];
+        let backends = [
+            ("interpreter", Backend::Interp),
+            ("cpu", Backend::default()),
+        ];
         for (name, backend) in backends {
             let out = GraphRunner::new(step.graph.clone(), &backend)
                 .run(&batch, &params)
                 .expect("step");
             let loss = out["loss"].to_f64()[0];
             let e = (loss - want(key)).abs() / want(key).abs();
-            report.push(format!("{key} ({name}) {loss:.6} vs {:.6}: {e:.1e}", want(key)));
+            report.push(format!(
+                "{key} ({name}) {loss:.6} vs {:.6}: {e:.1e}",
+                want(key)
+            ));
             assert!(e <= 1e-4, "{key} on the {name}: {loss} vs {}", want(key));
             if objective != Objective::Blip2Stage1 {
                 continue;
@@ -127,11 +136,11 @@ fn colour_batch(step: u64, b: usize) -> BTreeMap<String, Tensor> {
     let (mut px, mut ids, mut mask) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..b {
         let c = ((step as usize) * b + r * 5) % 6;
-        for ch in 0..3 {
-            px.extend(std::iter::repeat_n(colours[c][ch], 400));
+        for v in colours[c] {
+            px.extend(std::iter::repeat_n(v, 400));
         }
         // [CLS], the colour word, a shared word, and padding on odd colours
-        let row = [1, 10 + c as i32, 30, if c % 2 == 0 { 31 } else { 0 }];
+        let row = [1, 10 + c as i32, 30, if c.is_multiple_of(2) { 31 } else { 0 }];
         ids.extend(row);
         mask.extend(row.iter().map(|&i| i32::from(i != 0)));
     }
@@ -167,7 +176,6 @@ fn stage1_training_loss_falls() {
     let temp = s.params["temp"].to_f64()[0];
     assert!((0.001..=0.5).contains(&temp), "temp {temp}");
 }
-
 
 /// Stage 2 (models/blip2.vlm `generative`, LAVIS `blip2_opt`): the caption's next-token
 /// cross-entropy through OPT with the projected queries as prefix, image placeholders and
@@ -242,7 +250,8 @@ fn stage2_generative_loss_is_the_caption_lm_loss_of_transformers_logits() {
     let got = out["loss"].to_f64()[0];
     eprintln!("stage 2 caption loss {got:.6} vs {want:.6} from transformers' logits ({n} targets)");
     assert!((got - want).abs() <= 1e-4 * want, "{got} vs {want}");
-    assert!(out.keys().all(|k| !k.starts_with("grad.language_model.")
-        && !k.starts_with("grad.vision_model.")));
+    assert!(out
+        .keys()
+        .all(|k| !k.starts_with("grad.language_model.") && !k.starts_with("grad.vision_model.")));
     assert!(out.contains_key("grad.language_projection.weight"));
 }

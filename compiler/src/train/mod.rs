@@ -144,13 +144,15 @@ fn objective_outputs(g: &Graph, cfg: &TrainConfig) -> Result<Vec<(String, NodeId
     wanted
         .iter()
         .map(|w| {
-            g.output(w).map(|id| (format!("out_{w}"), id)).ok_or_else(|| {
-                TrainError(format!(
-                    "objective {:?} needs the output `{w}`; the model's outputs are: {}",
-                    cfg.objective,
-                    names.join(", ")
-                ))
-            })
+            g.output(w)
+                .map(|id| (format!("out_{w}"), id))
+                .ok_or_else(|| {
+                    TrainError(format!(
+                        "objective {:?} needs the output `{w}`; the model's outputs are: {}",
+                        cfg.objective,
+                        names.join(", ")
+                    ))
+                })
         })
         .collect()
 }
