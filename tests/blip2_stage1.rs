@@ -255,3 +255,62 @@ fn stage2_generative_loss_is_the_caption_lm_loss_of_transformers_logits() {
         .all(|k| !k.starts_with("grad.language_model.") && !k.starts_with("grad.vision_model.")));
     assert!(out.contains_key("grad.language_projection.weight"));
 }
+
+/// LXMERT's cross-modality matching (`objective itm` on models/lxmert.vlm
+/// `LxmertForPreTraining`) against transformers' LxmertForPreTraining called with
+/// `matched_label` (tests/fixtures/lxmert_itm/make.py): the loss and gradients of one step, on
+/// the interpreter and compiled for the CPU.
+#[test]
+fn lxmert_itm_matches_transformers() {
+    let dir = std::path::Path::new("tests/fixtures/lxmert_itm");
+    let model = load(dir.join("fixture.vlm").to_str().expect("path"));
+    let checked = vlmc::elab::check_file(std::path::Path::new("models/lxmert.vlm"));
+    let zoo = checked.result.expect("models/lxmert.vlm checks");
+    let pre = zoo
+        .iter()
+        .find(|m| m.model == "LxmertForPreTraining")
+        .expect("LxmertForPreTraining");
+    let mut cfg = TrainConfig::of(pre, "pretrain").expect("trainer");
+    assert_eq!(cfg.objective, Objective::Itm);
+    cfg.trainable = common::all_params(&model);
+    let wf = WeightFile::open(&dir.join("model.safetensors")).expect("weights");
+    let params = vlmc_runtime::weights::bind(&model.graph, &wf, &model.checkpoint)
+        .expect("bind")
+        .params;
+    let io = WeightFile::open(&dir.join("io.safetensors")).expect("io");
+    let mut batch = BTreeMap::new();
+    for k in [
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+        "visual_feats",
+        "visual_pos",
+        "matched_label",
+    ] {
+        batch.insert(k.to_string(), io.get(k).expect("input"));
+    }
+    batch.insert("loss_scale".into(), Tensor::f32(vec![], vec![1.0]));
+    let want = io.get("expect.loss").expect("loss").to_f64()[0];
+    let step = train::build(&model, &cfg, StepKind::Grad).expect("step graph");
+    let mut report = Vec::new();
+    for (name, backend) in [("interpreter", Backend::Interp), ("cpu", Backend::default())] {
+        let out = GraphRunner::new(step.graph.clone(), &backend)
+            .run(&batch, &params)
+            .expect("step");
+        let loss = out["loss"].to_f64()[0];
+        report.push(format!("loss ({name}) {loss:.7} vs {want:.7}"));
+        assert!((loss - want).abs() <= 1e-4 * want, "{name}: {loss} vs {want}");
+        let mut grads = 0;
+        for n in io.names() {
+            let Some(p) = n.strip_prefix("grad.") else {
+                continue;
+            };
+            let e = rel_err(&out[&format!("grad.{p}")], &io.get(&n).expect("gradient"));
+            report.push(format!("grad {p} ({name}): {e:.1e}"));
+            assert!(e <= 1e-4, "gradient of {p} on the {name}: {e}");
+            grads += 1;
+        }
+        assert_eq!(grads, 6);
+    }
+    eprintln!("LXMERT ITM vs transformers:\n  {}", report.join("\n  "));
+}

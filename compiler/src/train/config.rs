@@ -19,7 +19,8 @@ pub enum Objective {
     Siglip,
     /// BLIP-2 image-text contrastive loss over `sim_i2t` (label smoothing 0.1, LAVIS).
     Itc,
-    /// BLIP-2 image-text matching over `itm_logits` (positives, then two sets of negatives).
+    /// Image-text matching: cross-entropy of `itm_logits` against `itm_labels` (BLIP-2's
+    /// positives and mined negatives, LXMERT's `matched_label`).
     Itm,
     /// BLIP-2 image-grounded text generation over `itg_logits` (label smoothing 0.1, the mean
     /// over the caption's target tokens).
@@ -49,9 +50,9 @@ impl Objective {
     pub fn outputs(&self) -> Option<&'static [&'static str]> {
         match self {
             Objective::Itc => Some(&["sim_i2t"]),
-            Objective::Itm => Some(&["itm_logits"]),
+            Objective::Itm => Some(&["itm_logits", "itm_labels"]),
             Objective::Itg => Some(&["itg_logits"]),
-            Objective::Blip2Stage1 => Some(&["sim_i2t", "itm_logits", "itg_logits"]),
+            Objective::Blip2Stage1 => Some(&["sim_i2t", "itm_logits", "itm_labels", "itg_logits"]),
             _ => None,
         }
     }
