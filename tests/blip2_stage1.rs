@@ -140,7 +140,12 @@ fn colour_batch(step: u64, b: usize) -> BTreeMap<String, Tensor> {
             px.extend(std::iter::repeat_n(v, 400));
         }
         // [CLS], the colour word, a shared word, and padding on odd colours
-        let row = [1, 10 + c as i32, 30, if c.is_multiple_of(2) { 31 } else { 0 }];
+        let row = [
+            1,
+            10 + c as i32,
+            30,
+            if c.is_multiple_of(2) { 31 } else { 0 },
+        ];
         ids.extend(row);
         mask.extend(row.iter().map(|&i| i32::from(i != 0)));
     }
@@ -293,13 +298,19 @@ fn lxmert_itm_matches_transformers() {
     let want = io.get("expect.loss").expect("loss").to_f64()[0];
     let step = train::build(&model, &cfg, StepKind::Grad).expect("step graph");
     let mut report = Vec::new();
-    for (name, backend) in [("interpreter", Backend::Interp), ("cpu", Backend::default())] {
+    for (name, backend) in [
+        ("interpreter", Backend::Interp),
+        ("cpu", Backend::default()),
+    ] {
         let out = GraphRunner::new(step.graph.clone(), &backend)
             .run(&batch, &params)
             .expect("step");
         let loss = out["loss"].to_f64()[0];
         report.push(format!("loss ({name}) {loss:.7} vs {want:.7}"));
-        assert!((loss - want).abs() <= 1e-4 * want, "{name}: {loss} vs {want}");
+        assert!(
+            (loss - want).abs() <= 1e-4 * want,
+            "{name}: {loss} vs {want}"
+        );
         let mut grads = 0;
         for n in io.names() {
             let Some(p) = n.strip_prefix("grad.") else {
