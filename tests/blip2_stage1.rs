@@ -261,7 +261,7 @@ fn stage2_generative_loss_is_the_caption_lm_loss_of_transformers_logits() {
     assert!(out.contains_key("grad.language_projection.weight"));
 }
 
-/// LXMERT's cross-modality matching (`objective itm` on models/lxmert.vlm
+/// LXMERT's cross-modality matching (`objective itm` on models/lxmert_pretraining.vlm
 /// `LxmertForPreTraining`) against transformers' LxmertForPreTraining called with
 /// `matched_label` (tests/fixtures/lxmert_itm/make.py): the loss and gradients of one step, on
 /// the interpreter and compiled for the CPU.
@@ -269,8 +269,8 @@ fn stage2_generative_loss_is_the_caption_lm_loss_of_transformers_logits() {
 fn lxmert_itm_matches_transformers() {
     let dir = std::path::Path::new("tests/fixtures/lxmert_itm");
     let model = load(dir.join("fixture.vlm").to_str().expect("path"));
-    let checked = vlmc::elab::check_file(std::path::Path::new("models/lxmert.vlm"));
-    let zoo = checked.result.expect("models/lxmert.vlm checks");
+    let checked = vlmc::elab::check_file(std::path::Path::new("models/lxmert_pretraining.vlm"));
+    let zoo = checked.result.expect("models/lxmert_pretraining.vlm checks");
     let pre = zoo
         .iter()
         .find(|m| m.model == "LxmertForPreTraining")
