@@ -270,7 +270,9 @@ fn lxmert_itm_matches_transformers() {
     let dir = std::path::Path::new("tests/fixtures/lxmert_itm");
     let model = load(dir.join("fixture.vlm").to_str().expect("path"));
     let checked = vlmc::elab::check_file(std::path::Path::new("models/lxmert_pretraining.vlm"));
-    let zoo = checked.result.expect("models/lxmert_pretraining.vlm checks");
+    let zoo = checked
+        .result
+        .expect("models/lxmert_pretraining.vlm checks");
     let pre = zoo
         .iter()
         .find(|m| m.model == "LxmertForPreTraining")
