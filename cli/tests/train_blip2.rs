@@ -101,3 +101,44 @@ fn blip2_stage1_resumes_exactly_and_trains_the_qformer_side_only() {
     eprintln!("stage 1: losses {la:?}; {frozen} ViT tensors unchanged, {changed} others changed");
     assert!(frozen > 10 && changed > 50, "{frozen} {changed}");
 }
+
+/// LXMERT's `pretrain` reads region features and `matched_label`, which data rows do not give:
+/// refused before anything is written, naming the inputs.
+#[test]
+fn a_model_whose_inputs_rows_cannot_give_is_refused() {
+    let out = fresh("lxmert-pretrain");
+    let mut v = vec![
+        "train",
+        "models/lxmert_pretraining.vlm",
+        "--trainer",
+        "pretrain",
+        "--data",
+        "tests/fixtures/blip2_stage1/captions/train.jsonl",
+        "--steps",
+        "2",
+        "--quiet",
+        "-o",
+        s(&out),
+    ];
+    for kv in [
+        "vocab=11",
+        "dim=32",
+        "heads=4",
+        "ffn=64",
+        "max_pos=16",
+        "feat_dim=8",
+    ] {
+        v.extend_from_slice(&["--set", kv]);
+    }
+    let o = vlmc(&v);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(
+            "model `LxmertForPreTraining` reads input(s) that data rows do not give: input_ids, \
+             attention_mask, token_type_ids, visual_feats, visual_pos, matched_label"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists(), "nothing is written");
+}

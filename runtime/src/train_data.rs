@@ -292,6 +292,23 @@ pub fn collate(
     Ok(out)
 }
 
+/// The inputs of `graph` (a model's forward) that a batch of data rows cannot give: all but
+/// what [`collate`] makes (`ids`, `mask`, `loss_mask`, the image inputs of `images`) and the
+/// uniform numbers the session draws (`uniform_*`). Empty when the data can feed the model.
+pub fn inputs_missing(graph: &vlmc::ir::Graph, images: Option<&Preprocess>) -> Vec<String> {
+    let image_inputs: &[String] = images.map_or(&[], |p| p.inputs.as_slice());
+    graph
+        .inputs()
+        .into_iter()
+        .map(|(_, name, _)| name.to_string())
+        .filter(|n| {
+            !["ids", "mask", "loss_mask"].contains(&n.as_str())
+                && !image_inputs.contains(n)
+                && !n.starts_with(crate::train_uniform::UNIFORM_INPUT)
+        })
+        .collect()
+}
+
 /// The largest tensor a graph makes at some sizes of its inputs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Largest {
@@ -435,5 +452,28 @@ mod tests {
             b["loss_mask"],
             Tensor::f32(vec![2, 3], vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
         );
+        // the attention mask: 1 on each row's tokens, whatever their loss mask
+        assert_eq!(b["mask"], Tensor::i32(vec![2, 3], vec![1, 1, 1, 1, 0, 0]));
+    }
+
+    #[test]
+    fn inputs_the_rows_cannot_give_are_named() {
+        let mut g = vlmc::ir::Graph::new("g");
+        let ty = |s: &str| vlmc::ir::TensorType::parse(s).expect("type");
+        g.dims.push("B".into());
+        g.dims.push("T".into());
+        for (name, t) in [
+            ("pixels", "f32[B, 3, 8, 8]"),
+            ("ids", "i32[B, T]"),
+            ("mask", "i32[B, T]"),
+            ("uniform_itm", "f32[2, B]"),
+            ("visual_feats", "f32[B, 4, 6]"),
+        ] {
+            g.add_source(vlmc::ir::Op::Input { name: name.into() }, ty(t), "")
+                .expect("input");
+        }
+        let images = image_preprocess(&[], 8);
+        assert_eq!(inputs_missing(&g, Some(&images)), vec!["visual_feats"]);
+        assert_eq!(inputs_missing(&g, None), vec!["pixels", "visual_feats"]);
     }
 }

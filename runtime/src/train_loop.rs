@@ -460,6 +460,16 @@ pub fn train(
             let size = t.shape[3].as_const().unwrap_or(224) as usize;
             train_data::image_preprocess(&o.model.preprocess, size)
         });
+    let missing = train_data::inputs_missing(&o.model.graph, images.as_ref());
+    if !missing.is_empty() {
+        return Err(err(format!(
+            "{}: model `{}` reads input(s) that data rows do not give: {} (a row gives `ids`, \
+             `mask` and `loss_mask` from its text, and `pixels` from its `image`)",
+            o.data.display(),
+            o.model.model,
+            missing.join(", ")
+        )));
+    }
     let eval = match o.eval_data {
         Some(path) => {
             let rows = train_data::read_jsonl(path, &tok, prompt_masked, session.cfg.max_len)
