@@ -327,3 +327,30 @@ fn lxmert_itm_matches_transformers() {
     }
     eprintln!("LXMERT ITM vs transformers:\n  {}", report.join("\n  "));
 }
+
+/// The compiled backward of a symmetric loss over a square matrix (`clip` on `x * 2`): the
+/// gradient `g + gᵀ` is read transposed, which must not happen inside the kernel that holds
+/// the rows' reductions (it read other rows' values there: 7.0 relative error before the fix).
+#[test]
+fn the_compiled_gradient_of_a_square_symmetric_loss_equals_the_interpreted_one() {
+    let model = load(&format!("{DIR}/square_logits.vlm"));
+    let clip = load("models/clip_tiny.vlm");
+    let cfg = TrainConfig {
+        trainable: common::all_params(&model),
+        ..TrainConfig::of(&clip, "contrastive").expect("trainer")
+    };
+    let params = vlmc_runtime::init::init_params(&model.graph, 3).expect("init");
+    let mut batch = BTreeMap::new();
+    batch.insert("ids".to_string(), Tensor::i32(vec![1, 1], vec![1]));
+    batch.insert("loss_scale".to_string(), Tensor::f32(vec![], vec![1.0]));
+    let step = train::build(&model, &cfg, StepKind::Grad).expect("step graph");
+    let want = GraphRunner::new(step.graph.clone(), &Backend::Interp)
+        .run(&batch, &params)
+        .expect("interpreter");
+    let got = GraphRunner::new(step.graph.clone(), &Backend::default())
+        .run(&batch, &params)
+        .expect("cpu");
+    let e = rel_err(&got["grad.x"], &want["grad.x"]);
+    assert!(e <= 1e-5, "compiled gradient: {e}");
+    assert!(want["grad.x"].to_f64().iter().any(|v| v.abs() > 0.1));
+}
