@@ -368,7 +368,9 @@ fn inputs_given_per_row_are_read_and_stacked() {
         .unwrap_err()
         .message;
     assert!(
-        e.contains("data.jsonl:1: the model's input `visual_feats`"),
+        e.contains(
+            "data.jsonl:1: the row does not give the model's input(s) `visual_feats`, `visual_pos`"
+        ),
         "{e}"
     );
 }

@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{word_tokenizer as tokenizer, zoo_model};
+use common::{fixture_sets, word_tokenizer as tokenizer, zoo_model};
 use std::path::{Path, PathBuf};
 use vlmc::elab::{Elaborated, Setting};
 use vlmc_runtime::train::Backend;
@@ -22,6 +22,24 @@ use vlmc_runtime::weights::WeightFile;
 
 const COLOURS: &str = "tests/fixtures/train/colours";
 const STEPS: u64 = 10;
+const BLIP2_QFORMER: &[(&str, &str)] = &[
+    ("image", "32"),
+    ("patch", "8"),
+    ("vision_dim", "32"),
+    ("vision_depth", "2"),
+    ("vision_heads", "4"),
+    ("vision_ffn", "64"),
+    ("qformer_vocab", "11"),
+    ("qformer_max_pos", "16"),
+    ("qformer_dim", "32"),
+    ("qformer_depth", "2"),
+    ("qformer_heads", "4"),
+    ("qformer_ffn", "64"),
+    ("queries", "4"),
+    ("embed", "16"),
+    ("dec_token", "10"),
+    ("max_len", "8"),
+];
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("vlmc-trainzoo-{}-{name}", std::process::id()));
@@ -60,11 +78,44 @@ enum Rows {
     Pairs,
     /// text only: the prompt names a colour, the completion repeats it
     Text,
+    /// LXMERT: text with region features and boxes per row (two kinds of regions), matched
+    /// (label 1) for one kind only
+    Regions,
+    /// a committed data file with its own tokenizer beside it
+    Fixture(&'static str),
 }
 
-/// The rows of the synthetic task.
-fn rows(kind: Rows) -> String {
+/// Two region files (`feats` `[3, feat_dim]`, `pos` `[3, 4]`) in `work`, of two kinds.
+fn regions(work: &Path, feat_dim: usize) -> [String; 2] {
+    let mut names = [String::new(), String::new()];
+    for (k, name) in names.iter_mut().enumerate() {
+        let feats: Vec<f32> = (0..3 * feat_dim)
+            .map(|i| ((i * 7 + k * 5) % 11) as f32 / 11.0 - 0.5 + k as f32 * 0.3)
+            .collect();
+        let pos: Vec<f32> = (0..12).map(|i| (i + k) as f32 / 16.0).collect();
+        let mut m = std::collections::BTreeMap::new();
+        m.insert(
+            "feats".to_string(),
+            vlmc_runtime::Tensor::f32(vec![3, feat_dim], feats),
+        );
+        m.insert(
+            "pos".to_string(),
+            vlmc_runtime::Tensor::f32(vec![3, 4], pos),
+        );
+        let p = work.join(format!("regions{k}.safetensors"));
+        vlmc_runtime::weights::save(&p, &m).expect("regions");
+        *name = p.display().to_string();
+    }
+    names
+}
+
+/// The rows of the synthetic task (files they name are written into `work`).
+fn rows(kind: Rows, work: &Path, feat_dim: usize) -> String {
     let imgs = images();
+    let regions = match kind {
+        Rows::Regions => regions(work, feat_dim),
+        _ => Default::default(),
+    };
     let mut out = String::new();
     for (i, (img, c)) in imgs.iter().enumerate().take(48) {
         let row = match kind {
@@ -84,6 +135,13 @@ fn rows(kind: Rows) -> String {
             Rows::Pairs => serde_json::json!({"image": img, "text": format!("{c} </s>")}),
             Rows::Text => serde_json::json!({"prompt": format!("what colour is {c} ?"),
                 "completion": c}),
+            Rows::Regions => {
+                let f = &regions[i % 2];
+                serde_json::json!({"text": format!("what colour is {c}"),
+                    "visual_feats": format!("{f}:feats"), "visual_pos": format!("{f}:pos"),
+                    "matched_label": i % 2})
+            }
+            Rows::Fixture(_) => unreachable!("a fixture's rows are its file"),
         };
         out.push_str(&format!("{row}\n"));
     }
@@ -169,6 +227,18 @@ fn cases() -> Vec<Case> {
             start: 50,
         },
         Case {
+            file: "blip2_qformer",
+            rows: Rows::Fixture("tests/fixtures/blip2_stage1/captions/train.jsonl"),
+            specials: BASE,
+            start: 0,
+        },
+        Case {
+            file: "lxmert_pretraining",
+            rows: Rows::Regions,
+            specials: &[("<pad>", 0), ("<unk>", 3), ("[SEP]", 2)],
+            start: 50,
+        },
+        Case {
             file: "llava_tiny",
             rows: Rows::Caption,
             specials: BASE,
@@ -233,13 +303,27 @@ fn every_zoo_trainer_trains_at_fixture_size() {
             continue;
         }
         let fixture = PathBuf::from(format!("tests/fixtures/zoo/{}", case.file));
-        // a 4 x 4 grid of the fixture's 4-pixel patches for Fuyu
-        let extra: &[(&str, &str)] = if case.file == "fuyu" {
-            &[("image", "16")]
-        } else {
-            &[]
+        let extra: Vec<(String, String)> = match case.file {
+            // a 4 x 4 grid of the fixture's 4-pixel patches
+            "fuyu" => vec![("image".into(), "16".into())],
+            // LxmertForPreTraining at the sizes of LxmertModel's fixture
+            "lxmert_pretraining" => fixture_sets(Path::new("tests/fixtures/zoo/lxmert")),
+            // the sizes of tests/fixtures/blip2_stage1 (its tokenizer has 11 tokens)
+            "blip2_qformer" => BLIP2_QFORMER
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            _ => Vec::new(),
         };
-        let model = zoo_model(case.file, extra);
+        let extra: Vec<(&str, &str)> = extra
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let model = zoo_model(case.file, &extra);
+        let feat_dim = extra
+            .iter()
+            .find(|(k, _)| *k == "feat_dim")
+            .map_or(8, |(_, v)| v.parse().expect("feat_dim"));
         let weights = fixture.join("model.safetensors");
         let start = weights.is_file().then(|| {
             let wf = WeightFile::open(&weights).expect("fixture weights");
@@ -253,8 +337,14 @@ fn every_zoo_trainer_trains_at_fixture_size() {
             // the Q-Former's own tokenizer (vocabulary of 50)
             tokenizer(&work.join("qformer_tokenizer.json"), BASE, 10);
         }
-        let data = work.join("data.jsonl");
-        std::fs::write(&data, rows(case.rows)).expect("data");
+        let data = match case.rows {
+            Rows::Fixture(f) => std::fs::canonicalize(f).expect("fixture data"),
+            kind => {
+                let d = work.join("data.jsonl");
+                std::fs::write(&d, rows(kind, &work, feat_dim)).expect("data");
+                d
+            }
+        };
         for trainer in model.trainers.iter().map(|t| t.name.clone()) {
             let mut m = model.clone();
             sized(&mut m, &trainer);
@@ -321,6 +411,22 @@ fn every_zoo_trainer_trains_at_fixture_size() {
     }
     eprintln!("{}", report.join("\n"));
     if only.is_none() {
-        assert!(ran >= 13, "only {ran} trainers ran");
+        // every zoo spec that declares a trainer is a case above
+        let covered: Vec<&str> = cases().iter().map(|c| c.file).collect();
+        for f in common::vlm_files("models") {
+            let text = std::fs::read_to_string(&f).expect("spec");
+            let stem = f
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .expect("name")
+                .to_string();
+            if text.lines().any(|l| l.starts_with("trainer ")) {
+                assert!(
+                    covered.contains(&stem.as_str()),
+                    "{stem} declares trainers but is not tested here"
+                );
+            }
+        }
+        assert!(ran >= 15, "only {ran} trainers ran");
     }
 }

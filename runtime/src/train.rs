@@ -179,6 +179,9 @@ pub struct Session {
     /// The inputs of the step graph when it reads LoRA dropout masks (which the step draws,
     /// see [`crate::train_dropout`]); empty without dropout.
     pub dropout_inputs: Vec<(String, vlmc::ir::TensorType)>,
+    /// The inputs of the step graph when it reads uniform numbers (`uniform_*`, drawn per
+    /// step, see [`crate::train_uniform`]); empty without.
+    pub uniform_inputs: Vec<(String, vlmc::ir::TensorType)>,
 }
 
 impl Session {
@@ -223,6 +226,7 @@ impl Session {
         // Adapter parameters not given start from their init rules.
         let (adapted, _, _) = train::model_graph(model, &cfg)?;
         let dropout_inputs = crate::train_dropout::inputs_of(&adapted);
+        let uniform_inputs = crate::train_uniform::inputs_of(&adapted);
         for (_, path, ty, init) in adapted.params() {
             if !params.contains_key(path) {
                 if !adapter_params.iter().any(|a| a == path) {
@@ -256,6 +260,7 @@ impl Session {
             spare: BTreeMap::new(),
             adapter_params,
             dropout_inputs,
+            uniform_inputs,
         })
     }
 
@@ -305,6 +310,23 @@ impl Session {
         )
     }
 
+    /// The uniform inputs of micro-batch `k` of the next step and its LoRA dropout masks.
+    fn drawn(
+        &self,
+        data: &BTreeMap<String, Tensor>,
+        k: usize,
+    ) -> Result<BTreeMap<String, Tensor>, TrainRunError> {
+        let mut out = self.dropout_masks(data, k)?;
+        out.extend(crate::train_uniform::draws(
+            &self.uniform_inputs,
+            data,
+            self.cfg.seed,
+            self.step + 1,
+            k,
+        )?);
+        Ok(out)
+    }
+
     /// Runs one optimiser step over the micro-batches (each a map of the step graph's data
     /// inputs: the model's inputs and `loss_mask`).
     pub fn step(&mut self, micro: &[BTreeMap<String, Tensor>]) -> Result<StepStats, TrainRunError> {
@@ -324,7 +346,7 @@ impl Session {
         // inputs but the optimiser state.
         let (last, mut inputs) = if let Some(f) = &self.fused {
             let mut inputs = micro[0].clone();
-            inputs.extend(self.dropout_masks(&micro[0], 0)?);
+            inputs.extend(self.drawn(&micro[0], 0)?);
             inputs.extend(control.clone());
             (f, inputs)
         } else {
@@ -334,7 +356,7 @@ impl Session {
             let mut sum: BTreeMap<String, Vec<f32>> = BTreeMap::new();
             for (k, m) in micro.iter().enumerate() {
                 let mut inputs = m.clone();
-                inputs.extend(self.dropout_masks(m, k)?);
+                inputs.extend(self.drawn(m, k)?);
                 inputs.extend(control.clone());
                 let o = gs.run(&inputs, &self.params)?;
                 loss += o["loss"].to_f64()[0];

@@ -540,7 +540,8 @@ pub fn image_preprocess(declared: &[Preprocess], size: usize) -> Preprocess {
 }
 
 /// A batch as step-graph inputs: `ids` and `loss_mask` [B, T] right-padded to the longest
-/// example (padding is no target), and `pixels` when `images` gives the preprocessing.
+/// example (padding is no target), `mask` [B, T] the 0/1 attention mask (1 on each row's
+/// tokens, for models that read one), and `pixels` when `images` gives the preprocessing.
 pub fn collate(
     examples: &[&Example],
     pad_id: i32,
@@ -550,12 +551,15 @@ pub fn collate(
     let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
     let mut ids = vec![pad_id; b * t];
     let mut mask = vec![0f32; b * t];
+    let mut attention = vec![0i32; b * t];
     for (r, e) in examples.iter().enumerate() {
         ids[r * t..r * t + e.ids.len()].copy_from_slice(&e.ids);
         mask[r * t..r * t + e.mask.len()].copy_from_slice(&e.mask);
+        attention[r * t..r * t + e.ids.len()].fill(1);
     }
     let mut out = BTreeMap::new();
     out.insert("ids".to_string(), Tensor::i32(vec![b, t], ids));
+    out.insert("mask".to_string(), Tensor::i32(vec![b, t], attention));
     out.insert("loss_mask".to_string(), Tensor::f32(vec![b, t], mask));
     if let Some(p) = images {
         let mut paths = Vec::new();
@@ -716,5 +720,7 @@ mod tests {
             b["loss_mask"],
             Tensor::f32(vec![2, 3], vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
         );
+        // the attention mask: 1 on each row's tokens, whatever their loss mask
+        assert_eq!(b["mask"], Tensor::i32(vec![2, 3], vec![1, 1, 1, 1, 0, 0]));
     }
 }

@@ -61,14 +61,18 @@ impl Evaluator {
         }
         let graph = vlmc::train::build_eval(model, cfg)?;
         let token_loss = cfg.objective.is_token_loss();
+        let uniform = crate::train_uniform::inputs_of(&graph);
         let mut batches = Vec::new();
         let mut rows = Vec::new();
-        for chunk in examples.chunks(cfg.batch.max(1)) {
+        for (k, chunk) in examples.chunks(cfg.batch.max(1)).enumerate() {
             let refs: Vec<&Example> = chunk.iter().collect();
-            batches.push(
-                plan.collate(&refs)
-                    .map_err(|e| err(format!("evaluation data: {}", e.message)))?,
-            );
+            let mut batch = plan
+                .collate(&refs)
+                .map_err(|e| err(format!("evaluation data: {}", e.message)))?;
+            // Uniform inputs (BLIP-2's ITM negatives): fixed per batch (step 0).
+            let drawn = crate::train_uniform::draws(&uniform, &batch, cfg.seed, 0, k)?;
+            batch.extend(drawn);
+            batches.push(batch);
             rows.push(chunk.len());
         }
         let items = if token_loss {

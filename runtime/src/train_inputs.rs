@@ -210,9 +210,12 @@ impl BatchPlan {
             filled.push(&i.ids);
             filled.extend(i.mask.as_deref());
         }
+        // `uniform_*` inputs are drawn by the session (crate::train_uniform)
         let per_row = inputs
             .iter()
-            .filter(|(n, _)| !filled.contains(&n.as_str()))
+            .filter(|(n, _)| {
+                !filled.contains(&n.as_str()) && !n.starts_with(crate::train_uniform::UNIFORM_INPUT)
+            })
             .cloned()
             .collect();
         Ok(BatchPlan {
@@ -299,14 +302,19 @@ impl BatchPlan {
     /// Checks a row against the model before the run: a model with one image per row needs
     /// exactly one; a model without images takes none; every per-row input is given.
     pub fn check_row(&self, e: &Example, at: &str) -> Result<(), DataError> {
-        for (name, _) in &self.per_row {
-            if !e.fields.contains_key(name) {
-                return derr(format!(
-                    "{at}: the model's input `{name}` is not filled from text or images: give it \
-                     in every row (`\"{name}\": \"FILE.npy\"`, a .safetensors file or \
-                     FILE.safetensors:TENSOR, or a number)"
-                ));
-            }
+        let missing: Vec<String> = self
+            .per_row
+            .iter()
+            .filter(|(n, _)| !e.fields.contains_key(n))
+            .map(|(n, _)| format!("`{n}`"))
+            .collect();
+        if !missing.is_empty() {
+            return derr(format!(
+                "{at}: the row does not give the model's input(s) {}, which are not made from \
+                 text or images: give each in every row, `\"NAME\": \"FILE.npy\"` (or \
+                 FILE.safetensors, FILE.safetensors:TENSOR, relative to the data) or a number",
+                missing.join(", ")
+            ));
         }
         match &self.images {
             None if !e.images.is_empty() => derr(format!(

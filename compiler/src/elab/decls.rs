@@ -172,6 +172,7 @@ const OBJECTIVES: &[(&str, &[(&str, &str)])] = &[
     ("itc", &[("label_smoothing", "f")]),
     ("itm", &[]),
     ("itg", &[("label_smoothing", "f")]),
+    ("blip2_stage1", &[]),
 ];
 
 const OPTIMIZERS: &[(&str, &[&str])] = &[

@@ -192,7 +192,9 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
                             reduced.0[*axis] = Dim::c(1);
                             let keeps_rows = node.op.kind() == OpKind::Elementwise
                                 || matches!(node.op, Op::Expand { .. });
-                            keeps_rows && (*shape == *rows || *shape == reduced)
+                            keeps_rows
+                                && (*shape == *rows || *shape == reduced)
+                                && !reads_permuted(graph, id, &group_of, &cheap)
                         }
                         Anchor::Contraction => {
                             let out = grp.nodes.first().map(|&m| graph.node(m).ty.shape.clone());
@@ -228,6 +230,7 @@ pub fn plan_with(graph: &Graph, params_fixed: bool) -> FusionPlan {
                             && grp.nodes.iter().all(|&n| {
                                 graph.node(n).op.kind() == OpKind::Elementwise
                                     && graph.node(n).ty.shape == *shape
+                                    && !reads_permuted(graph, n, &group_of, &cheap)
                             })
                     };
                     let absorbed: Vec<usize> = producer_groups
@@ -548,6 +551,35 @@ fn sort_groups(
 /// generated chains (`y = y * y + y` in a loop, whose tree triples every step) small, and their
 /// compilation linear in the length of the chain.
 pub const MAX_KERNEL_TREE: usize = 1024;
+
+/// Whether `id` reads a kernel's value through a `permute` (looking through cheap views). Such
+/// an op stays out of row kernels: a transpose of a square matrix has the row kernel's shape,
+/// but its element (i, j) lies in row j, whose reductions row i's loop does not hold (the
+/// gradient `g + gᵀ` of a symmetric loss over a square logit matrix read garbage).
+fn reads_permuted(
+    graph: &Graph,
+    id: NodeId,
+    group_of: &HashMap<NodeId, usize>,
+    cheap: &HashSet<NodeId>,
+) -> bool {
+    let mut stack: Vec<(NodeId, bool)> =
+        graph.operands(id).into_iter().map(|o| (o, false)).collect();
+    let mut seen = HashSet::new();
+    while let Some((o, permuted)) = stack.pop() {
+        if !seen.insert((o, permuted)) {
+            continue;
+        }
+        if group_of.contains_key(&o) {
+            if permuted {
+                return true;
+            }
+        } else if cheap.contains(&o) {
+            let p = permuted || matches!(graph.node(o).op, Op::Permute { .. });
+            stack.extend(graph.operands(o).into_iter().map(|x| (x, p)));
+        }
+    }
+    false
+}
 
 /// The size of `id`'s expression tree if it is computed in kernel `g`: operands computed in
 /// `g` count their trees, cheap views are looked through, anything else is one load. Saturates.

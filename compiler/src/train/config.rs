@@ -21,6 +21,16 @@ pub enum Objective {
     Clip,
     /// SigLIP's pairwise sigmoid loss over `logits_per_image` (scale and bias learnable).
     Siglip,
+    /// BLIP-2 image-text contrastive loss over `sim_i2t` (label smoothing 0.1, LAVIS).
+    Itc,
+    /// Image-text matching: cross-entropy of `itm_logits` against `itm_labels` (BLIP-2's
+    /// positives and mined negatives, LXMERT's `matched_label`).
+    Itm,
+    /// BLIP-2 image-grounded text generation over `itg_logits` (label smoothing 0.1, the mean
+    /// over the caption's target tokens).
+    Itg,
+    /// BLIP-2 stage 1: ITC + ITM + ITG (LAVIS `blip2_qformer`).
+    Blip2Stage1,
 }
 
 impl Objective {
@@ -31,6 +41,37 @@ impl Objective {
             Objective::Sft { .. } | Objective::Pretrain => ("next_token_nll_sum", true),
             Objective::Clip => ("clip_loss", false),
             Objective::Siglip => ("siglip_loss", false),
+            Objective::Itc => ("itc_loss", false),
+            Objective::Itm => ("itm_loss", false),
+            Objective::Itg => ("itg_loss", false),
+            Objective::Blip2Stage1 => ("blip2_stage1_loss", false),
+        }
+    }
+
+    /// The model outputs the loss function reads, in its argument order (before `ids` and
+    /// `loss_mask` when [`Objective::reads_tokens`]); `None` for the objectives that find
+    /// their output by type (token losses: `logits`; contrastive: `logits_per_image`).
+    pub fn outputs(&self) -> Option<&'static [&'static str]> {
+        match self {
+            Objective::Itc => Some(&["sim_i2t"]),
+            Objective::Itm => Some(&["itm_logits", "itm_labels"]),
+            Objective::Itg => Some(&["itg_logits"]),
+            Objective::Blip2Stage1 => Some(&["sim_i2t", "itm_logits", "itm_labels", "itg_logits"]),
+            _ => None,
+        }
+    }
+
+    /// Whether the loss function reads `ids` and `loss_mask` (as its last two arguments).
+    pub fn reads_tokens(&self) -> bool {
+        self.is_token_loss() || matches!(self, Objective::Itg | Objective::Blip2Stage1)
+    }
+
+    /// Parameters clamped after each update: (last path component, low, high).
+    pub fn clamps(&self) -> Vec<(&'static str, f64, f64)> {
+        match self {
+            Objective::Clip | Objective::Siglip => vec![("logit_scale", 0.0, 100f64.ln())],
+            Objective::Itc | Objective::Blip2Stage1 => vec![("temp", 0.001, 0.5)],
+            _ => vec![],
         }
     }
 
@@ -233,9 +274,13 @@ impl TrainConfig {
             "pretrain" => Objective::Pretrain,
             "clip" => Objective::Clip,
             "siglip" => Objective::Siglip,
+            "itc" => Objective::Itc,
+            "itm" => Objective::Itm,
+            "itg" => Objective::Itg,
+            "blip2_stage1" => Objective::Blip2Stage1,
             other => {
                 return Err(format!(
-                    "trainer `{}`: objective `{other}` is not implemented yet (implemented: sft, pretrain, clip, siglip)",
+                    "trainer `{}`: objective `{other}` is not implemented yet (implemented: sft, pretrain, clip, siglip, itc, itm, itg, blip2_stage1)",
                     t.name
                 ))
             }

@@ -136,10 +136,33 @@ fn objective_output(g: &Graph, cfg: &TrainConfig) -> Result<NodeId, TrainError> 
     })
 }
 
+/// The model outputs the objective's loss function reads, bound to its parameter names
+/// (`model_out`, or `out_<name>` for objectives that name their outputs).
+fn objective_outputs(g: &Graph, cfg: &TrainConfig) -> Result<Vec<(String, NodeId)>, TrainError> {
+    let Some(wanted) = cfg.objective.outputs() else {
+        return Ok(vec![("model_out".into(), objective_output(g, cfg)?)]);
+    };
+    let names: Vec<&str> = g.outputs.iter().map(|(n, _)| n.as_str()).collect();
+    wanted
+        .iter()
+        .map(|w| {
+            g.output(w)
+                .map(|id| (format!("out_{w}"), id))
+                .ok_or_else(|| {
+                    TrainError(format!(
+                        "objective {:?} needs the output `{w}`; the model's outputs are: {}",
+                        cfg.objective,
+                        names.join(", ")
+                    ))
+                })
+        })
+        .collect()
+}
+
 /// Elaborates the objective's loss against the model's input and output types and joins it
 /// to `g`; returns the loss node (an f32 scalar).
 fn attach_loss(g: &mut Graph, cfg: &TrainConfig) -> Result<NodeId, TrainError> {
-    let out = objective_output(g, cfg)?;
+    let outs = objective_outputs(g, cfg)?;
     let (func, _) = cfg.objective.loss_fn();
     let mut params = Vec::new();
     for (_, name, ty) in g.inputs() {
@@ -148,11 +171,17 @@ fn attach_loss(g: &mut Graph, cfg: &TrainConfig) -> Result<NodeId, TrainError> {
             params.push(format!("{name}: {ty}"));
         }
     }
-    let out_ty = g.node(out).ty.clone();
-    params.push(format!("model_out: {out_ty}"));
-    let call = if cfg.objective.is_token_loss() {
+    let mut args: Vec<String> = Vec::new();
+    for (name, id) in &outs {
+        params.push(format!("{name}: {}", g.node(*id).ty));
+        args.push(name.clone());
+    }
+    if cfg.objective.reads_tokens() {
         let ids = g.input("ids").ok_or_else(|| {
-            TrainError("token objectives need a model input `ids` (i32[B, T])".into())
+            TrainError(format!(
+                "objective {:?} needs a model input `ids` (i32[B, T])",
+                cfg.objective
+            ))
         })?;
         let ity = g.node(ids).ty.clone();
         if ity.dtype != DType::I32 || ity.rank() != 2 {
@@ -160,10 +189,10 @@ fn attach_loss(g: &mut Graph, cfg: &TrainConfig) -> Result<NodeId, TrainError> {
         }
         let mty = TensorType::new(DType::F32, ity.shape.clone());
         params.push(format!("loss_mask: {mty}"));
-        format!("{func}(model_out, ids, loss_mask)")
-    } else {
-        format!("{func}(model_out)")
-    };
+        args.push("ids".into());
+        args.push("loss_mask".into());
+    }
+    let call = format!("{func}({})", args.join(", "));
     let text = format!(
         "use std.losses.{func}\nmodel Objective {{\n  fn forward({}) -> f32[] {{\n    return {call}\n  }}\n}}\n",
         params.join(", ")
@@ -180,7 +209,9 @@ fn attach_loss(g: &mut Graph, cfg: &TrainConfig) -> Result<NodeId, TrainError> {
     for (id, name, _) in g.inputs() {
         bind.insert(name.to_string(), id);
     }
-    bind.insert("model_out".into(), out);
+    for (name, id) in outs {
+        bind.insert(name, id);
+    }
     let map = splice::splice(g, &lg, &bind, "loss").map_err(TrainError)?;
     let (_, lid) = lg.outputs[0];
     Ok(map[&lid])
@@ -210,10 +241,7 @@ pub fn build(
 ) -> Result<StepGraph, TrainError> {
     let (mut g, trainable, added) = model_graph(model, cfg)?;
     let slots = cfg.optimizer.slots();
-    let clamp: Vec<(&str, f64, f64)> = match cfg.objective {
-        Objective::Clip | Objective::Siglip => vec![("logit_scale", 0.0, 100f64.ln())],
-        _ => vec![],
-    };
+    let clamp = cfg.objective.clamps();
     let mut items = Vec::new();
     if kind == StepKind::Update {
         // Parameters and gradients only.
