@@ -41,6 +41,10 @@ pub struct TrainArgs {
     /// Override the trainer's number of steps (every stage's, for a chain).
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Override the warm-up of every stage's schedule: N steps (0: none), e.g. for a short
+    /// trial of a recipe whose warm-up is longer than the run.
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
     /// Stop after this many steps in total (a checkpoint is written; resume with --resume).
     /// In a chain, the stage it stops stays unfinished and the later stages do not run.
     #[arg(long)]
@@ -191,6 +195,29 @@ pub fn stage_data(
     Ok(out)
 }
 
+/// `--warmup-steps N`: the trainer's schedule warms up for `n` steps (its own `warmup`,
+/// `warmup_steps` or `warmup_ratio` replaced); a trainer without a schedule gets a constant one.
+fn set_warmup(t: &mut vlmc::elab::TrainerInfo, n: u64) {
+    use vlmc::elab::Setting;
+    let warm = ("warmup".to_string(), Setting::Int(n as i64));
+    match t.settings.iter_mut().find(|(k, _)| k == "schedule") {
+        Some((_, Setting::Call(_, args))) => {
+            args.retain(|(k, _)| !k.starts_with("warmup"));
+            args.push(warm);
+        }
+        Some((_, s @ Setting::Symbol(_))) => {
+            let Setting::Symbol(name) = s.clone() else {
+                return;
+            };
+            *s = Setting::Call(name, vec![warm]);
+        }
+        _ => t.settings.push((
+            "schedule".into(),
+            Setting::Call("constant".into(), vec![warm]),
+        )),
+    }
+}
+
 fn fail(e: impl std::fmt::Display) -> u8 {
     eprintln!("error: {e}");
     1
@@ -252,7 +279,14 @@ fn backend(a: &TrainArgs) -> vlmc_runtime::train::Backend {
 
 /// Runs `vlmc train`.
 pub fn train(a: &TrainArgs) -> Result<(), u8> {
-    let all = models(&a.file, &a.sets)?;
+    let mut all = models(&a.file, &a.sets)?;
+    if let Some(n) = a.warmup_steps {
+        for m in &mut all {
+            for t in &mut m.trainers {
+                set_warmup(t, n);
+            }
+        }
+    }
     let Some(m) = all
         .iter()
         .find(|m| m.trainers.iter().any(|t| t.name == a.trainer))

@@ -403,4 +403,24 @@ fn a_warm_up_longer_than_the_run_is_refused() {
         stderr(&o)
     );
     assert!(!work.join("out").join("log.jsonl").exists());
+    // --warmup-steps overrides the recipe's for a short trial: step 1 at lr 0, then the peak
+    let o = vlmc(&train_args(
+        "long_warmup",
+        &data,
+        &work.join("out"),
+        &["--warmup-steps", "1"],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(work.join("out/log.jsonl")).expect("log");
+    let lrs: Vec<f64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["lr"]
+                .as_f64()
+                .expect("lr")
+        })
+        .collect();
+    assert_eq!(lrs.len(), 4);
+    assert_eq!(lrs[0], 0.0);
+    assert!(lrs[1] > 0.0 && lrs[1] > lrs[2], "{lrs:?}");
 }

@@ -37,6 +37,9 @@ fn stage1(out: &Path, extra: &[&str]) -> std::process::Output {
         "tests/fixtures/blip2_stage1/captions/train.jsonl",
         "--steps",
         "8",
+        // the recipe warms up for 5000 steps: none in 8
+        "--warmup-steps",
+        "0",
         "--quiet",
         "-o",
         s(out),

@@ -24,6 +24,7 @@ pub mod tensorboard;
 pub mod train;
 pub mod train_ckpt;
 pub mod train_data;
+pub mod train_draw;
 pub mod train_dropout;
 pub mod train_eval;
 pub mod train_folder;

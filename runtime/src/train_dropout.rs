@@ -8,32 +8,28 @@
 //! counter-based generator of [`crate::rng`], so every step draws new masks, and a resumed run
 //! (which restores the step) draws exactly the masks of an uninterrupted one.
 
-use crate::interp::{concrete, Bindings};
-use crate::rng::{fnv1a, uniform01};
 use crate::tensor::Tensor;
 use crate::train::TrainRunError;
+use crate::train_draw::{At, Draw};
 use std::collections::BTreeMap;
-use vlmc::ir::{DType, Graph, TensorType};
+use vlmc::ir::{Graph, TensorType};
 use vlmc::passes::lora::DROPOUT_INPUT;
+
+const DRAW: Draw<'static> = Draw {
+    prefix: DROPOUT_INPUT,
+    tag: "lora-dropout",
+    what: "LoRA dropout mask",
+};
 
 /// The seed of one mask's stream.
 pub fn stream_seed(seed: u64, step: u64, micro: usize, name: &str) -> u64 {
-    fnv1a(&format!("lora-dropout/{seed}/{step}/{micro}/{name}"))
+    DRAW.stream_seed(At { seed, step, micro }, name)
 }
 
 /// The inputs (name, type) of a graph with LoRA dropout masks: every input when one of them
 /// is a mask (the masks' sizes are solved from the others), none otherwise.
 pub fn inputs_of(graph: &Graph) -> Vec<(String, TensorType)> {
-    let all: Vec<(String, TensorType)> = graph
-        .inputs()
-        .into_iter()
-        .map(|(_, n, t)| (n.to_string(), t.clone()))
-        .collect();
-    if all.iter().any(|(n, _)| n.starts_with(DROPOUT_INPUT)) {
-        all
-    } else {
-        Vec::new()
-    }
+    crate::train_draw::inputs_with(graph, DROPOUT_INPUT)
 }
 
 /// The masks of the dropout inputs among `inputs` (a graph's, see [`inputs_of`]) for
@@ -47,58 +43,22 @@ pub fn masks(
     step: u64,
     micro: usize,
 ) -> Result<BTreeMap<String, Tensor>, TrainRunError> {
-    let mut out = BTreeMap::new();
-    let wanted: Vec<&(String, TensorType)> = inputs
-        .iter()
-        .filter(|(n, _)| n.starts_with(DROPOUT_INPUT))
-        .collect();
-    if wanted.is_empty() {
-        return Ok(out);
+    if !inputs.iter().any(|(n, _)| n.starts_with(DROPOUT_INPUT)) {
+        return Ok(BTreeMap::new());
     }
     if !(0.0..1.0).contains(&p) {
         return Err(TrainRunError {
             message: format!("LoRA dropout must be in [0, 1), got {p}"),
         });
     }
-    let mut dims = Bindings::new();
-    for (name, ty) in inputs {
-        if let Some(t) = data.get(name) {
-            for (d, &n) in ty.shape.0.iter().zip(&t.shape) {
-                if let Some(s) = d.as_symbol() {
-                    dims.entry(s.to_string()).or_insert(n as i64);
-                }
-            }
-        }
-    }
     let keep = 1.0 / (1.0 - p);
-    for (name, ty) in wanted {
-        let shape = concrete(&ty.shape.0, &dims).map_err(|e| TrainRunError {
-            message: format!("the LoRA dropout mask `{name}` ({ty}): {}", e.message),
-        })?;
-        let n: usize = shape.iter().product();
-        let s = stream_seed(seed, step, micro, name);
-        let vals = (0..n).map(|i| {
-            if uniform01(s, i as u64) < p {
-                0.0
-            } else {
-                keep
-            }
-        });
-        let t = match ty.dtype {
-            DType::F32 => Tensor::f32(shape, vals.map(|v| v as f32).collect()),
-            DType::F64 => Tensor::f64(shape, vals.collect()),
-            other => {
-                return Err(TrainRunError {
-                    message: format!(
-                        "LoRA dropout on {other} activations (`{name}`) is not supported; \
-                         set the adapter's dropout to 0"
-                    ),
-                })
-            }
-        };
-        out.insert(name.clone(), t);
-    }
-    Ok(out)
+    DRAW.draw(inputs, data, At { seed, step, micro }, &|u| {
+        if u < p {
+            0.0
+        } else {
+            keep
+        }
+    })
 }
 
 #[cfg(test)]

@@ -9,34 +9,30 @@
 //! uninterrupted one would. Evaluation draws with step 0 and the batch's index as the
 //! micro-batch, so an evaluation set scores the same every time.
 
-use crate::interp::{concrete, Bindings};
-use crate::rng::{fnv1a, uniform01};
 use crate::tensor::Tensor;
 use crate::train::TrainRunError;
+use crate::train_draw::{At, Draw};
 use std::collections::BTreeMap;
-use vlmc::ir::{DType, Graph, TensorType};
+use vlmc::ir::{Graph, TensorType};
 
 /// The name prefix of the inputs the session fills with uniform numbers.
 pub const UNIFORM_INPUT: &str = "uniform_";
 
+const DRAW: Draw<'static> = Draw {
+    prefix: UNIFORM_INPUT,
+    tag: "uniform",
+    what: "uniform input",
+};
+
 /// The seed of one input's stream.
 pub fn stream_seed(seed: u64, step: u64, micro: usize, name: &str) -> u64 {
-    fnv1a(&format!("uniform/{seed}/{step}/{micro}/{name}"))
+    DRAW.stream_seed(At { seed, step, micro }, name)
 }
 
 /// The inputs (name, type) of a graph with uniform inputs: every input when one of them is
 /// (their sizes are solved from the others), none otherwise.
 pub fn inputs_of(graph: &Graph) -> Vec<(String, TensorType)> {
-    let all: Vec<(String, TensorType)> = graph
-        .inputs()
-        .into_iter()
-        .map(|(_, n, t)| (n.to_string(), t.clone()))
-        .collect();
-    if all.iter().any(|(n, _)| n.starts_with(UNIFORM_INPUT)) {
-        all
-    } else {
-        Vec::new()
-    }
+    crate::train_draw::inputs_with(graph, UNIFORM_INPUT)
 }
 
 /// The uniform inputs among `inputs` (a graph's, see [`inputs_of`]) for optimiser step
@@ -49,36 +45,7 @@ pub fn draws(
     step: u64,
     micro: usize,
 ) -> Result<BTreeMap<String, Tensor>, TrainRunError> {
-    let mut out = BTreeMap::new();
-    let mut dims = Bindings::new();
-    for (name, ty) in inputs {
-        if let Some(t) = data.get(name) {
-            for (d, &n) in ty.shape.0.iter().zip(&t.shape) {
-                if let Some(s) = d.as_symbol() {
-                    dims.entry(s.to_string()).or_insert(n as i64);
-                }
-            }
-        }
-    }
-    for (name, ty) in inputs.iter().filter(|(n, _)| n.starts_with(UNIFORM_INPUT)) {
-        let shape = concrete(&ty.shape.0, &dims).map_err(|e| TrainRunError {
-            message: format!("the uniform input `{name}` ({ty}): {}", e.message),
-        })?;
-        let n: usize = shape.iter().product();
-        let s = stream_seed(seed, step, micro, name);
-        let vals = (0..n).map(|i| uniform01(s, i as u64));
-        let t = match ty.dtype {
-            DType::F32 => Tensor::f32(shape, vals.map(|v| v as f32).collect()),
-            DType::F64 => Tensor::f64(shape, vals.collect()),
-            other => {
-                return Err(TrainRunError {
-                    message: format!("the uniform input `{name}` must be f32, not {other}"),
-                })
-            }
-        };
-        out.insert(name.clone(), t);
-    }
-    Ok(out)
+    DRAW.draw(inputs, data, At { seed, step, micro }, &|u| u)
 }
 
 #[cfg(test)]
