@@ -132,3 +132,119 @@ fn a_hugging_face_folder_and_its_export_run_like_transformers() {
     assert!(!dir.join("clipcap").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `vlmc export --adapter`: a LoRA adapter goes out under transformers' module names beside the
+/// exported model, whatever names it came in with. SmolLM2's spec holds the decoder as `lm.*`
+/// (`checkpoint { "model." => "lm.model." }`): an adapter named as PEFT names it on
+/// `LlamaForCausalLM` (`model.layers...`) and the same adapter under the spec's paths
+/// (`lm.model.layers...`, as vlmc's trainers write it) both export as PEFT's tensors, byte for
+/// byte, with `base_model_name_or_path` the export.
+#[test]
+fn export_writes_an_adapter_under_transformers_names() {
+    let work = std::env::temp_dir().join(format!("vlmc-interop-adapter-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).expect("mkdir");
+    let s = |p: &Path| p.display().to_string();
+    let sets = [
+        "vocab=15",
+        "dim=32",
+        "depth=2",
+        "heads=4",
+        "kv_heads=2",
+        "ffn=48",
+        "context=64",
+    ];
+    let with_sets = |mut v: Vec<String>| {
+        for kv in sets {
+            v.push("--set".into());
+            v.push(kv.into());
+        }
+        v
+    };
+    let base = work.join("base.safetensors");
+    let args = with_sets(vec![
+        "init".into(),
+        "models/smollm2.vlm".into(),
+        "--seed".into(),
+        "3".into(),
+        "-o".into(),
+        s(&base),
+    ]);
+    let o = vlmc(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // the same adapter (rank 2 on q_proj, non-zero A and B) under two namings
+    let write_adapter = |dir: &Path, prefix: &str| {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let mut t = std::collections::BTreeMap::new();
+        for l in 0..2 {
+            let a: Vec<f32> = (0..64)
+                .map(|i| ((i * 7 + l) % 13) as f32 / 13.0 - 0.4)
+                .collect();
+            let b: Vec<f32> = (0..64)
+                .map(|i| ((i * 5 + l) % 11) as f32 / 11.0 - 0.5)
+                .collect();
+            let m = format!("base_model.model.{prefix}layers.{l}.self_attn.q_proj");
+            t.insert(
+                format!("{m}.lora_A.weight"),
+                vlmc_runtime::Tensor::f32(vec![2, 32], a),
+            );
+            t.insert(
+                format!("{m}.lora_B.weight"),
+                vlmc_runtime::Tensor::f32(vec![32, 2], b),
+            );
+        }
+        vlmc_runtime::weights::save(&dir.join("adapter_model.safetensors"), &t).expect("save");
+        let cfg = serde_json::json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2,
+            "lora_alpha": 4, "lora_dropout": 0.1, "target_modules": ["q_proj"], "bias": "none",
+            "fan_in_fan_out": false});
+        std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).expect("config");
+    };
+    let (hf_named, spec_named) = (work.join("peft"), work.join("vlmc"));
+    write_adapter(&hf_named, "model.");
+    write_adapter(&spec_named, "lm.model.");
+    let want = WeightFile::open(&hf_named.join("adapter_model.safetensors")).expect("peft");
+    for (i, adapter) in [&hf_named, &spec_named].into_iter().enumerate() {
+        let out = work.join(format!("export{i}"));
+        let args = with_sets(vec![
+            "export".into(),
+            "models/smollm2.vlm".into(),
+            "--weights".into(),
+            s(&base),
+            "--adapter".into(),
+            s(adapter),
+            "--hf".into(),
+            s(&out),
+        ]);
+        let o = vlmc(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let got = WeightFile::open(&out.join("adapter/adapter_model.safetensors")).expect("out");
+        assert_eq!(got.names(), want.names(), "{}", adapter.display());
+        for n in want.names() {
+            assert_eq!(
+                got.get(&n).expect("got"),
+                want.get(&n).expect("want"),
+                "{n}"
+            );
+        }
+        // every adapted module is a module of the exported model
+        let model = WeightFile::open(&out.join("model.safetensors")).expect("model");
+        for n in got.names() {
+            let module = n
+                .strip_prefix("base_model.model.")
+                .and_then(|m| m.split(".lora_").next())
+                .expect("PEFT key");
+            assert!(model.names().contains(&format!("{module}.weight")), "{n}");
+        }
+        let cfg: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out.join("adapter/adapter_config.json")).expect("config"),
+        )
+        .expect("json");
+        assert_eq!(cfg["base_model_name_or_path"], s(&out));
+        assert_eq!(
+            (cfg["r"].as_u64(), cfg["lora_dropout"].as_f64()),
+            (Some(2), Some(0.1))
+        );
+        assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj"]));
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
