@@ -22,7 +22,7 @@ fn adapter_beside(weights: &[PathBuf]) -> Option<PathBuf> {
 }
 
 /// `--weights` as given, for messages.
-fn shown(weights: &[PathBuf]) -> String {
+pub fn shown(weights: &[PathBuf]) -> String {
     let v: Vec<String> = weights.iter().map(|w| w.display().to_string()).collect();
     v.join(",")
 }

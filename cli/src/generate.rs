@@ -216,11 +216,7 @@ pub fn generate(a: &GenerateArgs) -> Result<(), u8> {
         eprintln!(
             "warning: {} tensor(s) in {} are not used",
             bound.unused.len(),
-            a.weights
-                .iter()
-                .map(|w| w.display().to_string())
-                .collect::<Vec<_>>()
-                .join(",")
+            crate::adapter::shown(&a.weights)
         );
     }
     let runner = |m: &vlmc::elab::Elaborated| -> Result<Runner, u8> {

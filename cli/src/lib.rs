@@ -489,11 +489,7 @@ pub fn run(file: &Path, args: &RunArgs<'_>) -> Result<(), u8> {
         eprintln!(
             "warning: {} tensor(s) in {} are not used: {}{}",
             bound.unused.len(),
-            args.weights
-                .iter()
-                .map(|w| w.display().to_string())
-                .collect::<Vec<_>>()
-                .join(","),
+            adapter::shown(args.weights),
             shown.join(", "),
             if bound.unused.len() > 8 { ", ..." } else { "" }
         );

@@ -339,12 +339,7 @@ pub fn train(a: &TrainArgs) -> Result<(), u8> {
         weights_dir: (!a.weights.is_empty())
             .then(|| vlmc_runtime::weight_set::tokenizer_dir(&a.weights)),
         base_name: Some(match a.weights.is_empty() {
-            false => a
-                .weights
-                .iter()
-                .map(|w| w.display().to_string())
-                .collect::<Vec<_>>()
-                .join(","),
+            false => crate::adapter::shown(&a.weights),
             true => a.file.display().to_string(),
         }),
         out: &a.out,

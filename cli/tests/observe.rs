@@ -5,26 +5,18 @@
 
 mod common;
 
-use common::{s, stderr, text_data, tmp, vlmc, ROOT, TINY_LM, TOKENIZER};
+use common::{s, stderr, text_data, tmp, train_args, vlmc, ROOT, TINY_LM, TOKENIZER};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use vlmc_runtime::tensorboard::{self, Event, What};
 
 /// `vlmc train` of TinyLm's `trainer` on `data` into `out`, without `--quiet`.
 fn train(trainer: &str, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "train",
-        TINY_LM,
-        "--trainer",
-        trainer,
-        "--data",
-        s(data),
-        "--tokenizer",
-        TOKENIZER,
-        "-o",
-        s(out),
-    ];
-    args.extend_from_slice(extra);
+    // train_args' own `--quiet` (the first; `extra` may give another)
+    let mut args = train_args(trainer, data, out, extra);
+    if let Some(i) = args.iter().position(|a| *a == "--quiet") {
+        args.remove(i);
+    }
     let o = vlmc(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     o

@@ -8,7 +8,6 @@
 //! prompt). Images: `"image": PATH` or `"images": [PATH, ...]` (the first), relative to the
 //! data file. Contrastive objectives read `image` and `text` (or `caption`).
 
-use crate::inputs::load_images;
 use crate::rng::uniform01;
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
@@ -539,42 +538,15 @@ pub fn image_preprocess(declared: &[Preprocess], size: usize) -> Preprocess {
     }
 }
 
-/// A batch as step-graph inputs: `ids` and `loss_mask` [B, T] right-padded to the longest
-/// example (padding is no target), `mask` [B, T] the 0/1 attention mask (1 on each row's
-/// tokens, for models that read one), and `pixels` when `images` gives the preprocessing.
+/// A batch as step-graph inputs for a model that reads `ids`, the attention `mask` and, when
+/// `images` gives the preprocessing, one image per row ([`crate::train_inputs::BatchPlan`]'s
+/// collation): `ids`, `mask` and `loss_mask` [B, T] right-padded to the longest example.
 pub fn collate(
     examples: &[&Example],
     pad_id: i32,
     images: Option<&Preprocess>,
 ) -> Result<BTreeMap<String, Tensor>, DataError> {
-    let b = examples.len();
-    let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
-    let mut ids = vec![pad_id; b * t];
-    let mut mask = vec![0f32; b * t];
-    let mut attention = vec![0i32; b * t];
-    for (r, e) in examples.iter().enumerate() {
-        ids[r * t..r * t + e.ids.len()].copy_from_slice(&e.ids);
-        mask[r * t..r * t + e.mask.len()].copy_from_slice(&e.mask);
-        attention[r * t..r * t + e.ids.len()].fill(1);
-    }
-    let mut out = BTreeMap::new();
-    out.insert("ids".to_string(), Tensor::i32(vec![b, t], ids));
-    out.insert("mask".to_string(), Tensor::i32(vec![b, t], attention));
-    out.insert("loss_mask".to_string(), Tensor::f32(vec![b, t], mask));
-    if let Some(p) = images {
-        let mut paths = Vec::new();
-        for e in examples {
-            let Some(img) = e.images.first() else {
-                return derr("the model takes images, but a row has no `image`");
-            };
-            paths.push(img.display().to_string());
-        }
-        let px = load_images(p, &paths).map_err(|e| DataError { message: e.message })?;
-        for name in &p.inputs {
-            out.insert(name.clone(), px.clone());
-        }
-    }
-    Ok(out)
+    crate::train_inputs::BatchPlan::simple(pad_id, images).collate(examples)
 }
 
 /// The largest tensor a graph makes at some sizes of its inputs.

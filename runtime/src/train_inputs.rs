@@ -82,25 +82,36 @@ fn str_arg<'a>(p: &'a Preprocess, key: &str) -> Option<&'a str> {
     }
 }
 
-/// The image preprocessing of a model that declares none: resize to the pixel input's size,
-/// scale to [-1, 1].
+/// The image preprocessing of a model that declares none, for its input `input`: resize to
+/// the input's size, scale to [-1, 1] ([`crate::train_data::image_preprocess`]).
 fn default_image(input: &str, size: usize) -> Preprocess {
-    let list = |v: f64| Setting::List(vec![Setting::Float(v); 3]);
-    Preprocess {
-        kind: "image".into(),
-        inputs: vec![input.into()],
-        args: vec![
-            ("size".into(), Setting::Int(size as i64)),
-            ("crop".into(), Setting::Int(size as i64)),
-            ("rescale".into(), Setting::Float(1.0 / 255.0)),
-            ("mean".into(), list(0.5)),
-            ("std".into(), list(0.5)),
-            ("resample".into(), Setting::Symbol("bilinear".into())),
-        ],
-    }
+    let mut p = crate::train_data::image_preprocess(&[], size);
+    p.inputs = vec![input.into()];
+    p
 }
 
 impl BatchPlan {
+    /// The plan of a model that reads `ids`, the attention `mask` and (with `images`) one
+    /// image per row into the preprocessing's input.
+    pub fn simple(pad_id: i32, images: Option<&Preprocess>) -> BatchPlan {
+        BatchPlan {
+            ids: "ids".into(),
+            attention: Some("mask".into()),
+            types: None,
+            images: images.map(|p| Images {
+                input: p.inputs.first().cloned().unwrap_or_else(|| "pixels".into()),
+                pre: p.clone(),
+                grouping: Grouping::OnePerRow,
+                patch: None,
+            }),
+            image_mask: None,
+            instruction: None,
+            placeholder: None,
+            per_row: Vec::new(),
+            pad_id,
+        }
+    }
+
     /// The plan for `model`'s inputs. `tok` is the training tokenizer (its pad id; the
     /// placeholder's id); `tok_dir` is where a second tokenizer (`qformer_tokenizer.json`) is
     /// looked for.

@@ -697,17 +697,7 @@ fn check_trainer(
                 match v {
                     // a data file is relative to the spec
                     Setting::Str(path) if key == "data" => {
-                        let spec = prog.sources.path(prog.modules[m].file);
-                        let p = spec
-                            .parent()
-                            .unwrap_or(std::path::Path::new("."))
-                            .join(path);
-                        Setting::Str(
-                            std::path::absolute(&p)
-                                .unwrap_or(p)
-                                .to_string_lossy()
-                                .into_owned(),
-                        )
+                        Setting::Str(spec_relative(prog, m, &path))
                     }
                     v => v,
                 }
@@ -1146,18 +1136,24 @@ fn default_setting(kind: char, text: &str) -> Setting {
 /// first: when it is there, its path; else the name as written (the runtime resolves it
 /// beside the weights).
 fn beside_spec(prog: &Program, m: usize, name: &str) -> String {
+    let here = spec_relative(prog, m, name);
+    match std::path::Path::new(&here).is_file() {
+        true => here,
+        false => name.to_string(),
+    }
+}
+
+/// `name` relative to the folder of module `m`'s file, made absolute.
+fn spec_relative(prog: &Program, m: usize, name: &str) -> String {
     let spec = prog.sources.path(prog.modules[m].file);
-    let here = spec
+    let p = spec
         .parent()
         .unwrap_or(std::path::Path::new("."))
         .join(name);
-    match here.is_file() {
-        true => std::path::absolute(&here)
-            .unwrap_or(here)
-            .to_string_lossy()
-            .into_owned(),
-        false => name.to_string(),
-    }
+    std::path::absolute(&p)
+        .unwrap_or(p)
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn setting_kind_ok(s: &Setting, kind: char) -> bool {
