@@ -9,8 +9,8 @@ use super::Elaborated;
 use crate::diag::{Diagnostic, Loc};
 use std::rc::Rc;
 use vlmc_grammar::ast::{
-    AdapterDecl, CheckpointRule, Expr, ExprKind, Item, PatSeg, Pattern, SettingValue, Span,
-    TrainerDecl, UnaryOp,
+    AdapterDecl, CheckpointRule, Expr, ExprKind, FnDecl, Item, PatSeg, Pattern, ScalarType,
+    SettingValue, Span, TrainerDecl, TypeKind, UnaryOp,
 };
 
 type R<T> = Result<T, Diagnostic>;
@@ -86,21 +86,32 @@ const OBJECTIVES: &[(&str, &[(&str, &str)])] = &[
         "dpo",
         &[
             ("beta", "f"),
-            ("loss_type", "s"),
+            ("loss_type", "y"),
             ("loss_weights", "l"),
             ("label_smoothing", "f"),
-            ("rpo_alpha", "f"),
             ("ld_alpha", "f"),
             ("use_weighting", "b"),
             (
                 "f_divergence_type",
-                "reverse_kl|forward_kl|js|alpha_divergence",
+                "reverse_kl|forward_kl|js_divergence|alpha_divergence",
             ),
             ("f_alpha_divergence_coef", "f"),
+            ("discopop_tau", "f"),
+            ("precompute_ref", "b"),
         ],
     ),
-    ("ipo", &[("beta", "f")]),
-    ("mpo", &[("beta", "f"), ("loss_weights", "l")]),
+    (
+        "ipo",
+        &[("beta", "f"), ("precompute_ref", "b"), ("ld_alpha", "f")],
+    ),
+    (
+        "mpo",
+        &[
+            ("beta", "f"),
+            ("loss_weights", "l"),
+            ("precompute_ref", "b"),
+        ],
+    ),
     ("online_dpo", &[("beta", "f"), ("loss_type", "sigmoid|ipo")]),
     (
         "cpo",
@@ -110,11 +121,17 @@ const OBJECTIVES: &[(&str, &[(&str, &str)])] = &[
             ("label_smoothing", "f"),
             ("cpo_alpha", "f"),
             ("simpo_gamma", "f"),
+            ("alpha", "f"),
         ],
     ),
     (
         "simpo",
-        &[("beta", "f"), ("simpo_gamma", "f"), ("cpo_alpha", "f")],
+        &[
+            ("beta", "f"),
+            ("simpo_gamma", "f"),
+            ("cpo_alpha", "f"),
+            ("label_smoothing", "f"),
+        ],
     ),
     (
         "kto",
@@ -122,15 +139,14 @@ const OBJECTIVES: &[(&str, &[(&str, &str)])] = &[
             ("beta", "f"),
             ("desirable_weight", "f"),
             ("undesirable_weight", "f"),
+            ("loss_type", "kto|apo_zero_unpaired"),
+            ("precompute_ref", "b"),
         ],
     ),
     ("nash_md", &[("beta", "f"), ("mixture_coef", "f")]),
     ("orpo", &[("beta", "f")]),
     ("xpo", &[("beta", "f"), ("alpha", "f")]),
-    (
-        "reward",
-        &[("center_rewards_coefficient", "f"), ("margin", "b")],
-    ),
+    ("reward", &[("center_rewards_coefficient", "f")]),
     (
         "ppo",
         &[
@@ -143,7 +159,10 @@ const OBJECTIVES: &[(&str, &[(&str, &str)])] = &[
             ("ppo_epochs", "i"),
         ],
     ),
-    ("prm", &[("step_separator", "t")]),
+    (
+        "prm",
+        &[("step_separator", "t"), ("train_on_last_step_only", "b")],
+    ),
     (
         "grpo",
         &[
@@ -694,6 +713,14 @@ fn check_trainer(
                 if key == "objective" {
                     has_objective = true;
                 }
+                if key == "objective" {
+                    // a user's objective function: where `vlmc train` imports it from
+                    if let Setting::Call(name, _) | Setting::Symbol(name) = &v {
+                        if let Some(r) = custom_objective_ref(prog, m, name) {
+                            settings.push(("objective_module".into(), Setting::Str(r)));
+                        }
+                    }
+                }
                 match v {
                     // a data file is relative to the spec
                     Setting::Str(path) if key == "data" => {
@@ -810,6 +837,9 @@ fn check_setting(
             let allowed: Option<&[&str]> = match key {
                 "objective" => {
                     let Some((_, sig)) = OBJECTIVES.iter().find(|(n, _)| *n == name) else {
+                        if let Some(f) = objective_fn(prog, m, name) {
+                            return check_custom_objective(prog, m, f, args, expr);
+                        }
                         let known: Vec<&str> = OBJECTIVES.iter().map(|(n, _)| *n).collect();
                         return Err(err(prog, m, span, format!("unknown objective `{name}`"))
                             .label("not an objective")
@@ -943,6 +973,14 @@ fn check_objective_args(
             "t" => matches!(v, Setting::Str(_)),
             "l" => matches!(v, Setting::List(items)
                 if items.iter().all(|i| matches!(i, Setting::Int(_) | Setting::Float(_)))),
+            "y" => match v {
+                Setting::Symbol(s) => DPO_LOSS_TYPES.contains(&s.as_str()),
+                Setting::List(items) => !items.is_empty()
+                    && items.iter().all(
+                        |i| matches!(i, Setting::Symbol(s) if DPO_LOSS_TYPES.contains(&s.as_str())),
+                    ),
+                _ => false,
+            },
             k if k.len() == 1 => kind_ok(v, k.chars().next().unwrap_or('?')),
             names => matches!(v, Setting::Symbol(s) if names.split('|').any(|n| n == s)),
         };
@@ -950,6 +988,10 @@ fn check_objective_args(
             let wants = match *kind {
                 "t" => "a string".to_string(),
                 "l" => "a list of numbers".to_string(),
+                "y" => format!(
+                    "a loss type or a list of them ({})",
+                    DPO_LOSS_TYPES.join(", ")
+                ),
                 k if k.len() == 1 => kind_name(k.chars().next().unwrap_or('?')).to_string(),
                 names => format!("one of {}", names.replace('|', ", ")),
             };
@@ -962,8 +1004,48 @@ fn check_objective_args(
             .label("not a valid value"));
         }
     }
+    let types = match args.iter().find(|(k, _)| k == "loss_type") {
+        Some((_, Setting::List(items))) => items.len(),
+        _ if name == "mpo" => 3,
+        _ => 1,
+    };
+    if let Some((_, Setting::List(w))) = args.iter().find(|(k, _)| k == "loss_weights") {
+        if w.len() != types {
+            return Err(err(
+                prog,
+                m,
+                arg_span(expr, "loss_weights", false),
+                format!(
+                    "{} loss weights for {types} loss type{}",
+                    w.len(),
+                    if types == 1 { "" } else { "s" }
+                ),
+            )
+            .label("one weight per loss type"));
+        }
+    }
     Ok(())
 }
+
+/// TRL's DPO loss types (`DPOConfig.loss_type`), each a function `dpo_<type>` of
+/// `std.preference`.
+pub const DPO_LOSS_TYPES: &[&str] = &[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+];
 
 /// The declarations of one kind in `model`'s file that name `model`.
 fn decls<T: DeclOf>(prog: &Program, model: ItemRef) -> Vec<&T> {
@@ -1369,4 +1451,121 @@ fn check_preprocess(
         inputs: targets.iter().map(|t| t.name.clone()).collect(),
         args,
     })
+}
+
+/// The quantities a user's preference objective may name (each per pair, f32[b], but
+/// `chosen_nll`, a scalar); its other parameters are `float` hyperparameters given as the
+/// objective's arguments or left at their defaults.
+pub const PAIR_VOCABULARY: &[&str] = &[
+    "chosen_logps",
+    "rejected_logps",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "chosen_logratios",
+    "rejected_logratios",
+    "chosen_len",
+    "rejected_len",
+    "chosen_avg_logps",
+    "rejected_avg_logps",
+    "chosen_nll",
+];
+
+/// The function `name` visible in module `m` that is not a built-in objective.
+fn objective_fn<'a>(prog: &'a Program, m: usize, name: &str) -> Option<&'a FnDecl> {
+    let r = prog.modules[m].scope.get(name)?;
+    match prog.item(*r) {
+        Item::Fn(f) => Some(f),
+        _ => None,
+    }
+}
+
+/// `"<spec folder>|<module>"` for a user's objective function `name`: the folder its import
+/// resolves from and the dotted module that defines it.
+fn custom_objective_ref(prog: &Program, m: usize, name: &str) -> Option<String> {
+    if OBJECTIVES.iter().any(|(n, _)| *n == name) {
+        return None;
+    }
+    let r = prog.modules[m].scope.get(name)?;
+    let dir = spec_relative(prog, m, ".");
+    Some(format!("{dir}|{}", prog.modules[r.module].name))
+}
+
+/// A user's preference objective: every parameter is a quantity of [`PAIR_VOCABULARY`] or a
+/// `float` given by an argument (or defaulted); every argument names such a `float`.
+fn check_custom_objective(
+    prog: &Program,
+    m: usize,
+    f: &FnDecl,
+    args: &[(String, Setting)],
+    expr: &Expr,
+) -> R<()> {
+    let name = &f.name.name;
+    let mut floats = Vec::new();
+    for p in &f.params {
+        let pn = p.name.name.as_str();
+        if PAIR_VOCABULARY.contains(&pn) {
+            continue;
+        }
+        if !matches!(p.ty.kind, TypeKind::Scalar(ScalarType::Float)) {
+            return Err(err(
+                prog,
+                m,
+                expr.span,
+                format!("objective `{name}`: parameter `{pn}` is not a preference quantity nor a float"),
+            )
+            .label("used as an objective here")
+            .note(format!(
+                "an objective function's parameters are named from: {}; or are `float` hyperparameters",
+                PAIR_VOCABULARY.join(", ")
+            )));
+        }
+        if p.default.is_none() && !args.iter().any(|(k, _)| k == pn) {
+            return Err(err(
+                prog,
+                m,
+                expr.span,
+                format!("objective `{name}` needs a value for `{pn}`"),
+            )
+            .label(format!("give `{pn}: ...` here")));
+        }
+        floats.push(pn);
+    }
+    if !f.params.iter().any(|p| p.name.name.starts_with("chosen_")) {
+        return Err(err(
+            prog,
+            m,
+            expr.span,
+            format!("function `{name}` reads no chosen-sequence quantity: it is not a preference objective"),
+        )
+        .note(format!("name its parameters from: {}", PAIR_VOCABULARY.join(", "))));
+    }
+    for (k, v) in args {
+        if !floats.contains(&k.as_str()) {
+            return Err(err(
+                prog,
+                m,
+                arg_span(expr, k, true),
+                format!("objective `{name}` has no float parameter `{k}`"),
+            )
+            .label("unknown argument")
+            .note(format!(
+                "its hyperparameters: {}",
+                if floats.is_empty() {
+                    "none".to_string()
+                } else {
+                    floats.join(", ")
+                }
+            )));
+        }
+        if !matches!(v, Setting::Int(_) | Setting::Float(_)) {
+            return Err(err(
+                prog,
+                m,
+                arg_span(expr, k, false),
+                format!("objective `{name}`'s `{k}` must be a number"),
+            )
+            .label("not a number"));
+        }
+    }
+    Ok(())
 }

@@ -25,7 +25,9 @@ use std::rc::Rc;
 use value::{Instance, Value};
 use vlmc_grammar::ast::{BlockKind, Item, Span};
 
-pub use decls::{AdapterInfo, NameRule, Preprocess, Setting, TrainerInfo};
+pub use decls::{
+    AdapterInfo, NameRule, Preprocess, Setting, TrainerInfo, DPO_LOSS_TYPES, PAIR_VOCABULARY,
+};
 
 /// A model elaborated into a graph, with its adapters and trainers checked.
 #[derive(Clone, Debug)]

@@ -31,6 +31,67 @@ pub enum Objective {
     Itg,
     /// BLIP-2 stage 1: ITC + ITM + ITG (LAVIS `blip2_qformer`).
     Blip2Stage1,
+    /// A preference, reward or process-reward objective (TRL's DPO family, CPO/SimPO, ORPO,
+    /// KTO, reward modelling, PRM, or a user's `.vlm` function): see
+    /// [`crate::train::preference`].
+    Preference(Preference),
+}
+
+/// How the rows of a preference objective's batch are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefData {
+    /// Pairs: the model runs on the chosen and on the rejected sequences.
+    Pairs,
+    /// Rows with a desirable/undesirable label (KTO).
+    Labeled,
+    /// Rows with a class label at some tokens (PRM).
+    Steps,
+}
+
+/// Which trainer family (it decides the metrics TRL logs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefFamily {
+    Dpo,
+    Cpo,
+    Orpo,
+    Kto,
+    Reward,
+    Prm,
+    /// A user's `.vlm` function over the pair quantities.
+    Custom,
+}
+
+/// A preference objective: a `.vlm` loss expression over per-pair quantities, and what its
+/// trainer needs around it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Preference {
+    pub family: PrefFamily,
+    pub data: PrefData,
+    /// The loss: a `.vlm` expression over the quantities of [`crate::train::preference`].
+    pub expr: String,
+    /// `use` lines the expression needs beyond `std.preference`.
+    pub uses: Vec<String>,
+    /// The folder user modules are imported from (the spec's), for a custom objective.
+    pub dir: Option<std::path::PathBuf>,
+    /// Whether it reads a frozen reference policy's log-probabilities.
+    pub reference: bool,
+    /// β (the rewards logged are β · logratio, or β · logp without a reference).
+    pub beta: f64,
+    /// LD-DPO: the weight of the longer completion's tail tokens.
+    pub ld_alpha: Option<f64>,
+    /// The policy log-probabilities are means over completion tokens (CPO's ipo/simpo, ORPO).
+    pub average_logps: bool,
+    /// AlphaPO's α (CPO): rewards are (1 − p^(−α)) / α of the (mean) log-probabilities.
+    pub alphapo: f64,
+    /// Reference log-probabilities computed once before training and cached on disk.
+    pub precompute_ref: bool,
+    /// KTO's loss type needs the KL estimate from mismatched completions.
+    pub kl: bool,
+    /// PRM: the step separator and whether only the last step is labelled.
+    pub step_separator: String,
+    pub last_step_only: bool,
+    /// The f-divergence's score of a logratio, a `.vlm` expression with `{}` for it.
+    pub fdiv: String,
 }
 
 impl Objective {
@@ -45,6 +106,7 @@ impl Objective {
             Objective::Itm => ("itm_loss", false),
             Objective::Itg => ("itg_loss", false),
             Objective::Blip2Stage1 => ("blip2_stage1_loss", false),
+            Objective::Preference(_) => ("preference", false),
         }
     }
 
@@ -212,7 +274,7 @@ pub struct TrainConfig {
     pub trainable: Vec<String>,
 }
 
-fn num(s: &Setting) -> Option<f64> {
+pub(crate) fn num(s: &Setting) -> Option<f64> {
     match s {
         Setting::Int(i) => Some(*i as f64),
         Setting::Float(f) => Some(*f),
@@ -220,7 +282,7 @@ fn num(s: &Setting) -> Option<f64> {
     }
 }
 
-fn call(s: &Setting) -> (&str, &[(String, Setting)]) {
+pub(crate) fn call(s: &Setting) -> (&str, &[(String, Setting)]) {
     match s {
         Setting::Call(n, a) => (n.as_str(), a.as_slice()),
         Setting::Symbol(n) => (n.as_str(), &[]),
@@ -228,7 +290,7 @@ fn call(s: &Setting) -> (&str, &[(String, Setting)]) {
     }
 }
 
-fn arg<'a>(args: &'a [(String, Setting)], k: &str) -> Option<&'a Setting> {
+pub(crate) fn arg<'a>(args: &'a [(String, Setting)], k: &str) -> Option<&'a Setting> {
     args.iter().find(|(n, _)| n == k).map(|(_, v)| v)
 }
 
@@ -278,9 +340,19 @@ impl TrainConfig {
             "itm" => Objective::Itm,
             "itg" => Objective::Itg,
             "blip2_stage1" => Objective::Blip2Stage1,
+            "dpo" | "ipo" | "mpo" | "cpo" | "simpo" | "orpo" | "kto" | "reward" | "prm" => {
+                Objective::Preference(crate::train::preference::read(oname, oargs)?)
+            }
+            other if matches!(get("objective_module"), Some(Setting::Str(_))) => {
+                let r = match get("objective_module") {
+                    Some(Setting::Str(r)) => r.as_str(),
+                    _ => "",
+                };
+                Objective::Preference(crate::train::preference::custom(other, oargs, r)?)
+            }
             other => {
                 return Err(format!(
-                    "trainer `{}`: objective `{other}` is not implemented yet (implemented: sft, pretrain, clip, siglip, itc, itm, itg, blip2_stage1)",
+                    "trainer `{}`: objective `{other}` is not implemented yet (implemented: sft, pretrain, clip, siglip, itc, itm, itg, blip2_stage1, dpo, ipo, mpo, cpo, simpo, orpo, kto, reward, prm)",
                     t.name
                 ))
             }

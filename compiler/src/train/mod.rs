@@ -18,10 +18,12 @@
 
 pub mod config;
 pub mod optim;
+pub mod preference;
 pub mod splice;
 
 pub use config::{
-    Objective, Optimizer, OptimizerKind, Schedule, ScheduleKind, TrainConfig, DEFAULT_LOG_EVERY,
+    Objective, Optimizer, OptimizerKind, PrefData, PrefFamily, Preference, Schedule, ScheduleKind,
+    TrainConfig, DEFAULT_LOG_EVERY,
 };
 
 use crate::elab::Elaborated;
@@ -70,14 +72,24 @@ impl From<passes::PassError> for TrainError {
 /// LoRA dropout (mask inputs `lora_dropout.<layer>`, see [`passes::lora::apply_with_dropout`])
 /// when it has one. Returns the graph, the trainable parameter paths and the adapter's
 /// parameter paths.
+/// Preference objectives train without LoRA dropout, as TRL's `disable_dropout` (default
+/// true) sets every dropout of the model, PEFT's included, to 0.
 pub fn model_graph(
     model: &Elaborated,
     cfg: &TrainConfig,
 ) -> Result<(Graph, Vec<String>, Vec<String>), TrainError> {
-    adapted_graph(model, cfg, cfg.lora_dropout())
+    adapted_graph(model, cfg, step_dropout(cfg))
 }
 
-fn adapted_graph(
+/// The LoRA dropout of the step graph: the adapter's, but none for preference objectives.
+fn step_dropout(cfg: &TrainConfig) -> f64 {
+    match cfg.objective {
+        Objective::Preference(_) => 0.0,
+        _ => cfg.lora_dropout(),
+    }
+}
+
+pub(crate) fn adapted_graph(
     model: &Elaborated,
     cfg: &TrainConfig,
     dropout: f64,
@@ -160,8 +172,15 @@ fn objective_outputs(g: &Graph, cfg: &TrainConfig) -> Result<Vec<(String, NodeId
 }
 
 /// Elaborates the objective's loss against the model's input and output types and joins it
-/// to `g`; returns the loss node (an f32 scalar).
-fn attach_loss(g: &mut Graph, cfg: &TrainConfig) -> Result<NodeId, TrainError> {
+/// to `g`; returns the loss node (an f32 scalar) and the objective's statistics (preference
+/// objectives, which also rewrite `g`, see [`preference::attach`]).
+fn attach_loss(
+    g: &mut Graph,
+    cfg: &TrainConfig,
+) -> Result<(NodeId, Vec<(String, NodeId)>), TrainError> {
+    if let Objective::Preference(p) = &cfg.objective {
+        return preference::attach(g, p);
+    }
     let outs = objective_outputs(g, cfg)?;
     let (func, _) = cfg.objective.loss_fn();
     let mut params = Vec::new();
@@ -214,7 +233,7 @@ fn attach_loss(g: &mut Graph, cfg: &TrainConfig) -> Result<NodeId, TrainError> {
     }
     let map = splice::splice(g, &lg, &bind, "loss").map_err(TrainError)?;
     let (_, lid) = lg.outputs[0];
-    Ok(map[&lid])
+    Ok((map[&lid], Vec::new()))
 }
 
 /// The evaluation graph of trainer `cfg`: the model's forward (adapter applied, no dropout)
@@ -224,7 +243,7 @@ fn attach_loss(g: &mut Graph, cfg: &TrainConfig) -> Result<NodeId, TrainError> {
 /// (divide by the target count), the batch's mean loss otherwise.
 pub fn build_eval(model: &Elaborated, cfg: &TrainConfig) -> Result<Graph, TrainError> {
     let (mut g, _, _) = adapted_graph(model, cfg, 0.0)?;
-    let loss = attach_loss(&mut g, cfg)?;
+    let (loss, _) = attach_loss(&mut g, cfg)?;
     g.outputs.clear();
     g.set_output("loss", loss)
         .map_err(|e| TrainError(e.to_string()))?;
@@ -270,7 +289,7 @@ pub fn build(
         }
         g = u;
     } else {
-        let loss = attach_loss(&mut g, cfg)?;
+        let (loss, stats) = attach_loss(&mut g, cfg)?;
         let scalar = TensorType::new(DType::F32, vec![]);
         let mut e = passes::emit::Emit::new(&mut g, "train", "loss");
         let scale = e.source(
@@ -284,6 +303,10 @@ pub fn build(
         g.outputs.clear();
         g.set_output("loss", loss)
             .map_err(|e| TrainError(e.to_string()))?;
+        for (name, id) in stats {
+            g.set_output(&format!("stat.{name}"), id)
+                .map_err(|e| TrainError(e.to_string()))?;
+        }
         let wrt: Vec<NodeId> = trainable
             .iter()
             .map(|p| g.param(p).expect("trainable parameter"))
