@@ -92,3 +92,44 @@ fn every_pair_objective_builds_and_runs() {
         eprintln!("{o}: loss {loss}");
     }
 }
+
+/// The reference policy: with an adapter trainer it is the base model with the adapter
+/// switched off, on the policy's own parameter tensors (no extra memory); with full
+/// fine-tuning a frozen copy of the starting weights. Either way it does not move while the
+/// policy trains, and at the start (LoRA B = 0, or the copy) it equals the policy.
+#[test]
+fn the_reference_is_the_starting_policy_and_stays() {
+    use vlmc_runtime::train::Session;
+    let path = "tests/fixtures/train/preference.vlm";
+    let model = common::load(path);
+    let params = vlmc_runtime::init::init_params(&model.graph, 5).expect("init");
+    let mut data = pair_batch();
+    data.retain(|k, _| !k.starts_with("ref_") && k != "loss_scale");
+    for (trainer, extra) in [("dpo_lora", false), ("dpo", true)] {
+        let cfg = TrainConfig::of(&model, trainer).expect("trainer");
+        let mut s = Session::new(&model, cfg, params.clone(), 3).expect("session");
+        let pref = s.pref.as_ref().expect("preference state");
+        let r = pref.reference.as_ref().expect("a reference");
+        let bytes: usize = params.values().map(|t| t.numel() * 4).sum();
+        assert_eq!(r.extra_bytes(), if extra { bytes } else { 0 }, "{trainer}");
+        let before = pref.reference_logps(&data, &s.params).expect("ref");
+        let first = s.step(std::slice::from_ref(&data)).expect("step");
+        // At the start the policy is the reference: every logratio is 0, the rewards too.
+        let m: BTreeMap<String, f64> = first.metrics.iter().cloned().collect();
+        assert!(m["rewards/chosen"].abs() < 1e-6, "{trainer}: {m:?}");
+        assert!(m["rewards/margins"].abs() < 1e-6, "{trainer}: {m:?}");
+        // DPO sigmoid at logratio 0: -log σ(0) = ln 2.
+        assert!(
+            (first.loss - std::f64::consts::LN_2).abs() < 1e-6,
+            "{trainer}: {}",
+            first.loss
+        );
+        let second = s.step(std::slice::from_ref(&data)).expect("step");
+        let pref = s.pref.as_ref().expect("preference state");
+        let after = pref.reference_logps(&data, &s.params).expect("ref");
+        assert_eq!(before, after, "{trainer}: the reference moved");
+        let m: BTreeMap<String, f64> = second.metrics.iter().cloned().collect();
+        assert!(m["rewards/margins"] > 0.0, "{trainer}: {m:?}");
+        eprintln!("{trainer}: step 2 {m:?}");
+    }
+}

@@ -30,6 +30,7 @@ pub mod train_eval;
 pub mod train_folder;
 pub mod train_inputs;
 pub mod train_loop;
+pub mod train_pref;
 pub mod train_stages;
 pub mod train_uniform;
 pub mod weight_set;

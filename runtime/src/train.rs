@@ -48,6 +48,9 @@ pub struct StepStats {
     pub lr: f64,
     /// Target tokens (token objectives) or examples in the batch.
     pub items: f64,
+    /// The objective's own metrics under TRL's names (`rewards/accuracies`, ...; preference
+    /// objectives), in a fixed order.
+    pub metrics: Vec<(String, f64)>,
 }
 
 /// What runs training graphs (steps, evaluation).
@@ -182,6 +185,8 @@ pub struct Session {
     /// The inputs of the step graph when it reads uniform numbers (`uniform_*`, drawn per
     /// step, see [`crate::train_uniform`]); empty without.
     pub uniform_inputs: Vec<(String, vlmc::ir::TensorType)>,
+    /// A preference objective's reference policy, KL estimate and metrics.
+    pub pref: Option<crate::train_pref::PrefState>,
 }
 
 impl Session {
@@ -237,6 +242,14 @@ impl Session {
                 params.insert(path.to_string(), t);
             }
         }
+        let pref = crate::train_pref::PrefState::new(
+            model,
+            &cfg,
+            &params,
+            &trainable,
+            &adapter_params,
+            backend,
+        )?;
         let mut state = BTreeMap::new();
         for p in &trainable {
             let t = &params[p];
@@ -261,6 +274,7 @@ impl Session {
             adapter_params,
             dropout_inputs,
             uniform_inputs,
+            pref,
         })
     }
 
@@ -342,10 +356,31 @@ impl Session {
         control.insert("lr".to_string(), scalar(lr));
         control.insert("step".to_string(), scalar((self.step + 1) as f64));
         let mut loss = 0.0;
+        // Preference objectives: each micro-batch's reference log-probabilities and KL
+        // estimate, and what the metrics read of it.
+        let mut kl = None;
+        let mut seen = Vec::new();
+        let mut stats = Vec::new();
+        let mut prepared =
+            |m: &BTreeMap<String, Tensor>| -> Result<BTreeMap<String, Tensor>, TrainRunError> {
+                let mut m = m.clone();
+                if let Some(p) = &self.pref {
+                    if let Some(z) = p.prepare(&mut m, &self.params)? {
+                        kl = Some(kl.unwrap_or(0.0) + z / micro.len() as f64);
+                    }
+                    seen.push(
+                        m.iter()
+                            .filter(|(k, _)| k.starts_with("ref_") || *k == "label")
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect::<BTreeMap<String, Tensor>>(),
+                    );
+                }
+                Ok(m)
+            };
         // The graph that updates (the fused step, or the update after accumulation) and its
         // inputs but the optimiser state.
         let (last, mut inputs) = if let Some(f) = &self.fused {
-            let mut inputs = micro[0].clone();
+            let mut inputs = prepared(&micro[0])?;
             inputs.extend(self.drawn(&micro[0], 0)?);
             inputs.extend(control.clone());
             (f, inputs)
@@ -355,11 +390,12 @@ impl Session {
             };
             let mut sum: BTreeMap<String, Vec<f32>> = BTreeMap::new();
             for (k, m) in micro.iter().enumerate() {
-                let mut inputs = m.clone();
+                let mut inputs = prepared(m)?;
                 inputs.extend(self.drawn(m, k)?);
                 inputs.extend(control.clone());
                 let o = gs.run(&inputs, &self.params)?;
                 loss += o["loss"].to_f64()[0];
+                stats.push(stat_outputs(&o));
                 for p in &self.trainable {
                     let g = o[&format!("grad.{p}")].to_f64();
                     let acc = sum.entry(p.clone()).or_insert_with(|| vec![0.0; g.len()]);
@@ -392,7 +428,12 @@ impl Session {
         }
         if self.fused.is_some() {
             loss += outs["loss"].to_f64()[0];
+            stats.push(stat_outputs(&outs));
         }
+        let metrics = match &self.pref {
+            Some(p) => p.metrics(&seen, &stats, kl),
+            None => Vec::new(),
+        };
         if !loss.is_finite() {
             self.state = old_state;
             self.spare = outs;
@@ -422,6 +463,15 @@ impl Session {
             grad_norm,
             lr,
             items,
+            metrics,
         })
     }
+}
+
+/// The `stat.*` outputs of a step graph's run.
+fn stat_outputs(o: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    o.iter()
+        .filter(|(k, _)| k.starts_with("stat."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }

@@ -54,7 +54,7 @@ struct Instruction {
 
 /// How a batch of [`Example`]s becomes the model's inputs.
 pub struct BatchPlan {
-    ids: String,
+    pub ids: String,
     attention: Option<String>,
     types: Option<String>,
     images: Option<Images>,
