@@ -10,21 +10,11 @@ use vlmc_runtime::Tensor;
 
 /// The fixture spec with one more trainer (objective `objective`, e.g. `dpo(beta: 0.1)`).
 fn with_trainer(objective: &str) -> (vlmc::elab::Elaborated, TrainConfig) {
-    let path = std::path::Path::new("tests/fixtures/train/preference.vlm");
-    let mut text = std::fs::read_to_string(path).expect("spec");
-    text.push_str(&format!(
-        "\ntrainer case for TinyLlama {{\n  objective {objective}\n  optimizer adamw(lr: 1e-3, \
-         weight_decay: 0.0)\n  batch 3, steps 1, clip_grad 1.0\n}}\n"
-    ));
-    let checked = vlmc::elab::check_text(path, text);
-    let rendered = checked.render();
-    let model = checked
-        .result
-        .unwrap_or_else(|_| panic!("{rendered}"))
-        .pop()
-        .expect("model");
-    let cfg = TrainConfig::of(&model, "case").expect("trainer");
-    (model, cfg)
+    common::with_trainer(
+        "tests/fixtures/train/preference.vlm",
+        "TinyLlama",
+        objective,
+    )
 }
 
 /// A pair batch of 3 rows (prompt 2 tokens, completions of different lengths) with reference
@@ -131,5 +121,190 @@ fn the_reference_is_the_starting_policy_and_stays() {
         let m: BTreeMap<String, f64> = second.metrics.iter().cloned().collect();
         assert!(m["rewards/margins"] > 0.0, "{trainer}: {m:?}");
         eprintln!("{trainer}: step 2 {m:?}");
+    }
+}
+
+const COLOURS: [&str; 6] = ["red", "green", "blue", "yellow", "cyan", "magenta"];
+
+/// Preference rows: the prompt names a colour; the chosen completion repeats it, the rejected
+/// one names another. `pairs` picks (right, wrong) colour indices.
+fn colour_rows(pairs: &[(usize, usize)], unpaired: bool) -> String {
+    let mut out = String::new();
+    for &(c, w) in pairs {
+        let prompt = format!("{} square what colour is the square ?", COLOURS[c]);
+        if unpaired {
+            for (x, label) in [(c, true), (w, false)] {
+                out.push_str(&format!(
+                    "{}\n",
+                    serde_json::json!({"prompt": prompt, "completion": COLOURS[x], "label": label})
+                ));
+            }
+        } else {
+            out.push_str(&format!(
+                "{}\n",
+                serde_json::json!({"prompt": prompt, "chosen": COLOURS[c], "rejected": COLOURS[w]})
+            ));
+        }
+    }
+    out
+}
+
+/// The colour pairs of the training set and the held-out set: every ordered pair of distinct
+/// colours, split 20 / 10 so that the held-out pairs are combinations never trained on.
+fn colour_split() -> (Vec<(usize, usize)>, Vec<(usize, usize)>) {
+    let all: Vec<(usize, usize)> = (0..6)
+        .flat_map(|c| (0..6).filter(move |&w| w != c).map(move |w| (c, w)))
+        .collect();
+    let (mut train, mut held) = (Vec::new(), Vec::new());
+    for (i, p) in all.into_iter().enumerate() {
+        if i % 3 == 2 {
+            held.push(p);
+        } else {
+            train.push(p);
+        }
+    }
+    (train, held)
+}
+
+/// The share of held-out pairs whose chosen completion the model (with `params`) finds more
+/// likely than the rejected one.
+fn heldout_accuracy(
+    model: &vlmc::elab::Elaborated,
+    params: &BTreeMap<String, Tensor>,
+    data: &std::path::Path,
+) -> f64 {
+    let cfg = TrainConfig::of(model, "dpo").expect("trainer");
+    let vlmc::train::Objective::Preference(p) = &cfg.objective else {
+        panic!("dpo")
+    };
+    let tok_path = std::path::Path::new("tests/fixtures/train/colours/tokenizer.json");
+    let tok = vlmc_runtime::train_data::Tok::load(tok_path).expect("tokenizer");
+    let text = std::fs::read_to_string(data).expect("data");
+    let format = vlmc_runtime::train_data::RowFormat::plain(true, None);
+    let rows =
+        vlmc_runtime::train_pref::parse_rows(&cfg, data, &text, &tok, &format).expect("rows");
+    let plan = vlmc_runtime::train_inputs::BatchPlan::simple(tok.pad_id, None);
+    let idx: Vec<usize> = (0..rows.len()).collect();
+    let batch = rows.batch(&plan, &idx, None).expect("batch");
+    let g = train::preference::build_logps(model, &cfg, p, false).expect("logps graph");
+    let out = vlmc_runtime::run(&g, &batch, params).expect("run");
+    let (c, r) = (out["chosen_logps"].to_f64(), out["rejected_logps"].to_f64());
+    c.iter().zip(&r).filter(|(a, b)| a > b).count() as f64 / c.len() as f64
+}
+
+/// Every preference objective learns the colour preference: held-out accuracy (chosen more
+/// likely than rejected, on colour combinations never trained on) from about chance to > 90 %,
+/// and the training log carries TRL's metric names.
+#[test]
+fn preference_objectives_learn_the_colour_preference() {
+    use vlmc_runtime::train_loop::{train, TrainOptions};
+    let spec = "tests/fixtures/train/pref_lm.vlm";
+    let model = common::load(spec);
+    let dir = std::env::temp_dir().join(format!("vlmc-pref-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let (train_pairs, held_pairs) = colour_split();
+    let data = dir.join("train.jsonl");
+    let unpaired = dir.join("unpaired.jsonl");
+    let held = dir.join("heldout.jsonl");
+    std::fs::write(&data, colour_rows(&train_pairs, false)).expect("write");
+    std::fs::write(&unpaired, colour_rows(&train_pairs, true)).expect("write");
+    std::fs::write(&held, colour_rows(&held_pairs, false)).expect("write");
+    let tok = std::path::PathBuf::from("tests/fixtures/train/colours/tokenizer.json");
+    let start = vlmc_runtime::init::init_params(&model.graph, 0).expect("init");
+    let before = heldout_accuracy(&model, &start, &held);
+    assert!(
+        (0.2..=0.8).contains(&before),
+        "held-out accuracy before training {before}"
+    );
+    let only = std::env::var("VLMC_PREF").ok();
+    for trainer in ["dpo", "dpo_lora", "ipo", "cpo", "simpo", "orpo", "kto"] {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|x| x == trainer))
+        {
+            continue;
+        }
+        let out = dir.join(trainer);
+        let o = TrainOptions {
+            model: &model,
+            trainer,
+            data: if trainer == "kto" { &unpaired } else { &data },
+            tokenizer: Some(tok.clone()),
+            weights: Some(start.clone()),
+            weights_dir: None,
+            base_name: None,
+            out: &out,
+            resume: None,
+            steps: None,
+            stop_after: None,
+            eval_data: None,
+            skip_finished: false,
+            overwrite: false,
+            restart_unfinished: false,
+            backend: Default::default(),
+            tensorboard: false,
+        };
+        let s = train(&o, &mut |_| {}).unwrap_or_else(|e| panic!("{trainer}: {e}"));
+        let w = vlmc_runtime::weights::WeightFile::open(&out.join("model.safetensors"))
+            .expect("weights");
+        let params: BTreeMap<String, Tensor> = w
+            .names()
+            .into_iter()
+            .map(|n| {
+                let t = w.get(&n).expect("tensor");
+                (n, t)
+            })
+            .collect();
+        let mut merged = start.clone();
+        merged.extend(params);
+        // an adapter run's final weights hold the base and the adapter: the policy is the
+        // base with the adapter applied, which build_logps(.., adapted) runs
+        let after = if trainer == "dpo_lora" {
+            let cfg = TrainConfig::of(&model, trainer).expect("trainer");
+            let vlmc::train::Objective::Preference(p) = &cfg.objective else {
+                panic!("dpo")
+            };
+            let g = train::preference::build_logps(&model, &cfg, p, true).expect("graph");
+            let text = std::fs::read_to_string(&held).expect("data");
+            let t = vlmc_runtime::train_data::Tok::load(&tok).expect("tokenizer");
+            let rows = vlmc_runtime::train_pref::parse_rows(
+                &cfg,
+                &held,
+                &text,
+                &t,
+                &vlmc_runtime::train_data::RowFormat::plain(true, None),
+            )
+            .expect("rows");
+            let plan = vlmc_runtime::train_inputs::BatchPlan::simple(t.pad_id, None);
+            let idx: Vec<usize> = (0..rows.len()).collect();
+            let o = vlmc_runtime::run(&g, &rows.batch(&plan, &idx, None).expect("b"), &merged)
+                .expect("run");
+            let (c, r) = (o["chosen_logps"].to_f64(), o["rejected_logps"].to_f64());
+            c.iter().zip(&r).filter(|(a, b)| a > b).count() as f64 / c.len() as f64
+        } else {
+            heldout_accuracy(&model, &merged, &held)
+        };
+        let log = std::fs::read_to_string(out.join("log.jsonl")).expect("log");
+        let last: serde_json::Value =
+            serde_json::from_str(log.lines().last().expect("a line")).expect("json");
+        // TRL's KTO logs no reward accuracy; its margin and KL estimate instead
+        let acc_key = if trainer == "kto" {
+            "rewards/margins"
+        } else {
+            "rewards/accuracies"
+        };
+        if trainer == "kto" {
+            assert!(last.get("kl").is_some(), "kto: log line {last}");
+        }
+        assert!(last.get(acc_key).is_some(), "{trainer}: log line {last}");
+        eprintln!(
+            "{trainer}: loss {:.4} -> {:.4}, held-out accuracy {before:.2} -> {after:.2}, last \
+             batch {acc_key} {}",
+            s.losses[0],
+            s.losses[s.losses.len() - 1],
+            last[acc_key]
+        );
+        assert!(after > 0.9, "{trainer}: held-out accuracy {after}");
     }
 }

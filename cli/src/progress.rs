@@ -167,6 +167,15 @@ impl Progress {
             throughput,
             short_duration(left)
         );
+        // preference objectives: the reward accuracy (reward models, PRM: their accuracy)
+        let acc = ev
+            .stats
+            .metrics
+            .iter()
+            .find(|(k, _)| k == "rewards/accuracies" || k == "accuracy");
+        if let Some((_, a)) = acc {
+            msg.push_str(&format!(" acc {:.0}%", 100.0 * a));
+        }
         if let Some(e) = self.eval {
             msg.push_str(&format!(" eval {e:.4}"));
         }

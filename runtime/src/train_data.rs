@@ -273,10 +273,6 @@ pub fn parse_rows(
     format: &RowFormat,
 ) -> Result<Vec<Example>, DataError> {
     let base = path.parent().unwrap_or(Path::new("."));
-    let placeholder = format
-        .images
-        .as_ref()
-        .map_or("<image>", |i| i.placeholder.as_str());
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -286,6 +282,30 @@ pub fn parse_rows(
         let row: serde_json::Value = serde_json::from_str(line).map_err(|e| DataError {
             message: format!("{at}: not JSON: {e}"),
         })?;
+        out.push(parse_row(&row, &at, n + 1, base, tok, format)?);
+    }
+    if out.is_empty() {
+        return derr(format!("{} has no rows", path.display()));
+    }
+    Ok(out)
+}
+
+/// One JSONL row (at `at`, line `line`; relative image paths resolve in `base`) as an
+/// example.
+pub fn parse_row(
+    row: &serde_json::Value,
+    at: &str,
+    line: usize,
+    base: &Path,
+    tok: &Tok,
+    format: &RowFormat,
+) -> Result<Example, DataError> {
+    let placeholder = format
+        .images
+        .as_ref()
+        .map_or("<image>", |i| i.placeholder.as_str());
+    {
+        let row = row;
         let mut images: Vec<PathBuf> = Vec::new();
         if let Some(p) = str_field(&row, "image") {
             images.push(base.join(p));
@@ -407,19 +427,15 @@ pub fn parse_rows(
             };
             fields.insert(k.clone(), v);
         }
-        out.push(Example {
+        Ok(Example {
             ids,
             mask,
             images,
             instruction,
             fields,
-            line: n + 1,
-        });
+            line,
+        })
     }
-    if out.is_empty() {
-        return derr(format!("{} has no rows", path.display()));
-    }
-    Ok(out)
 }
 
 /// The row fields the text and images are read from.
@@ -631,7 +647,10 @@ pub fn largest_tensor(
 pub fn check_fits(graph: &vlmc::ir::Graph, batch: usize, len: usize) -> Result<(), String> {
     let mut shapes = BTreeMap::new();
     for name in ["ids", "loss_mask"] {
-        shapes.insert(name.to_string(), vec![batch, len]);
+        // pair objectives read each side as `chosen.<input>` and `rejected.<input>`
+        for prefix in ["", "chosen.", "rejected."] {
+            shapes.insert(format!("{prefix}{name}"), vec![batch, len]);
+        }
     }
     let Some(big) = largest_tensor(graph, &shapes) else {
         return Ok(());

@@ -169,7 +169,7 @@ fn refuse_earlier(
 fn check_targets(
     cfg: &TrainConfig,
     path: &Path,
-    rows: &[train_data::Example],
+    rows: &[&train_data::Example],
 ) -> Result<(), TrainRunError> {
     if !cfg.objective.is_token_loss() {
         return Ok(());
@@ -214,6 +214,8 @@ fn row_format(
             prompt_masked: true,
             ..
         } => train_data::LossMask::Prompt,
+        // preference rows: the completion (chosen, rejected, or the labelled one) is the target
+        Objective::Preference(_) => train_data::LossMask::Prompt,
         _ => train_data::LossMask::None,
     };
     let tc = crate::chat::TokenizerConfig::read(tok_dir).map_err(err)?;
@@ -232,7 +234,7 @@ fn check_rows(
     cfg: &TrainConfig,
     plan: &BatchPlan,
     data: &Path,
-    rows: &[train_data::Example],
+    rows: &[&train_data::Example],
 ) -> Result<(), TrainRunError> {
     use vlmc::train::Objective;
     for e in rows {
@@ -253,9 +255,9 @@ fn check_longest(
     graph: &vlmc::ir::Graph,
     cfg: &TrainConfig,
     path: &Path,
-    rows: &[train_data::Example],
+    rows: &[&train_data::Example],
 ) -> Result<(), TrainRunError> {
-    let Some(longest) = rows.iter().max_by_key(|e| e.ids.len()) else {
+    let Some(longest) = rows.iter().copied().max_by_key(|e| e.ids.len()) else {
         return Ok(());
     };
     // A training batch always has `batch` rows (drawn across epochs when the data has fewer).
@@ -433,11 +435,11 @@ pub fn train(
     // Read once: parsed here, hashed into the run's fingerprint below.
     let data_text = std::str::from_utf8(&data_bytes)
         .map_err(|e| err(format!("cannot read {}: {e}", o.data.display())))?;
-    let examples =
-        train_data::parse_rows(o.data, data_text, &tok, &format).map_err(|e| err(e.message))?;
+    let rows = crate::train_pref::parse_rows(&cfg, o.data, data_text, &tok, &format)?;
+    let examples = rows.examples();
     check_rows(&cfg, &plan, o.data, &examples)?;
     check_targets(&cfg, o.data, &examples)?;
-    let n = examples.len();
+    let n = rows.len();
     let per_step = cfg.batch * cfg.grad_accum;
     let total = o
         .steps
@@ -544,15 +546,30 @@ pub fn train(
         last_ckpt = Some(ck.clone());
     }
     let eval = match o.eval_data {
+        Some(_) if session.pref.is_some() => {
+            return Err(err(format!(
+                "trainer `{}`: --eval-data is not supported for preference objectives yet                  (the step log has the training batch's reward accuracy)",
+                session.cfg.name
+            )));
+        }
         Some(path) => {
             let rows = train_data::read_rows(path, &tok, &format).map_err(|e| err(e.message))?;
-            check_rows(&session.cfg, &plan, path, &rows)?;
-            check_targets(&session.cfg, path, &rows)?;
+            let refs: Vec<&train_data::Example> = rows.iter().collect();
+            check_rows(&session.cfg, &plan, path, &refs)?;
+            check_targets(&session.cfg, path, &refs)?;
             let ev = Evaluator::new(o.model, &session.cfg, &rows, &plan, &o.backend)?;
-            check_longest(ev.runner.graph(), &session.cfg, path, &rows)?;
+            check_longest(ev.runner.graph(), &session.cfg, path, &refs)?;
             Some(ev)
         }
         None => None,
+    };
+    // `precompute_ref`: the reference log-probabilities of every row, once, cached beside
+    // the run (reused while the run's fingerprint is the same).
+    let ref_cache = match &session.pref {
+        Some(p) if p.p.precompute_ref => {
+            Some(precomputed_ref(o.out, &fp, p, &rows, &plan, &session)?)
+        }
+        _ => None,
     };
 
     // Everything is checked: now the folder changes.
@@ -679,8 +696,7 @@ pub fn train(
         for _ in 0..session.cfg.grad_accum {
             let (idx, next) = train_data::next_batch(n, session.cfg.batch, seed, pos);
             pos = next;
-            let rows: Vec<&train_data::Example> = idx.iter().map(|&i| &examples[i]).collect();
-            micro.push(plan.collate(&rows).map_err(|e| err(e.message))?);
+            micro.push(rows.batch(&plan, &idx, ref_cache.as_ref())?);
         }
         let stats = match session.step(&micro) {
             Ok(s) => s,
@@ -694,7 +710,7 @@ pub fn train(
         };
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         let eps = (session.cfg.batch * session.cfg.grad_accum) as f64 / secs;
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "step": session.step,
             "loss": stats.loss,
             "lr": stats.lr,
@@ -703,15 +719,27 @@ pub fn train(
             "epoch": pos.epoch,
             "examples_per_s": eps,
         });
+        // the objective's metrics under TRL's names (`rewards/accuracies`, ...)
+        for (k, v) in &stats.metrics {
+            line[k.as_str()] = serde_json::json!(v);
+        }
         write_line(line)?;
-        event(
-            session.step,
-            &[
-                ("train/loss", stats.loss),
-                ("train/learning_rate", stats.lr),
-                ("train/grad_norm", stats.grad_norm),
-            ],
-        )?;
+        let tags: Vec<String> = stats
+            .metrics
+            .iter()
+            .map(|(k, _)| format!("train/{k}"))
+            .collect();
+        let mut scalars = vec![
+            ("train/loss", stats.loss),
+            ("train/learning_rate", stats.lr),
+            ("train/grad_norm", stats.grad_norm),
+        ];
+        scalars.extend(
+            tags.iter()
+                .map(String::as_str)
+                .zip(stats.metrics.iter().map(|m| m.1)),
+        );
+        event(session.step, &scalars)?;
         losses.push(stats.loss);
         let mut eval_loss = None;
         if let Some(ev) = &eval {
@@ -787,4 +815,48 @@ pub fn save_tokenizer(tokenizer: &Path, out: &Path) -> Result<(), TrainRunError>
             .map_err(|e| err(format!("{}: {e}", dst.display())))?;
     }
     Ok(())
+}
+
+/// The reference log-probabilities of every row (`precompute_ref`): read from
+/// `OUT/ref_logps.json` when it was written for this run's fingerprint, else computed in one
+/// pass over the data and written there.
+fn precomputed_ref(
+    out: &Path,
+    fp: &Fingerprint,
+    p: &crate::train_pref::PrefState,
+    rows: &crate::train_pref::Rows,
+    plan: &BatchPlan,
+    session: &Session,
+) -> Result<crate::train_pref::RefCache, TrainRunError> {
+    let path = out.join("ref_logps.json");
+    let key = serde_json::json!(format!("{fp:?}"));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            if v["fingerprint"] == key {
+                if let Ok(c) = serde_json::from_value::<Vec<(f64, f64)>>(v["rows"].clone()) {
+                    if c.len() == rows.len() {
+                        return Ok(c);
+                    }
+                }
+            }
+        }
+    }
+    let t0 = Instant::now();
+    let cache = p.precompute(
+        rows,
+        plan,
+        session.cfg.batch,
+        &session.params,
+        &mut |_, _| {},
+    )?;
+    let v = serde_json::json!({ "fingerprint": key, "rows": cache });
+    crate::weights::write_atomic(&path, v.to_string().as_bytes())
+        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+    eprintln!(
+        "reference log-probabilities of {} rows computed in {:.1} s ({})",
+        cache.len(),
+        t0.elapsed().as_secs_f64(),
+        path.display()
+    );
+    Ok(cache)
 }

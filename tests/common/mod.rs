@@ -108,3 +108,28 @@ pub fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
         .fold(0f64, f64::max)
         / scale
 }
+
+/// The spec `path` with one more trainer `case` for model `model` (objective `objective`,
+/// AdamW lr 1e-3 without weight decay, batch 3, one step, clipping at 1.0), elaborated, and
+/// that trainer read.
+pub fn with_trainer(
+    path: &str,
+    model: &str,
+    objective: &str,
+) -> (vlmc::elab::Elaborated, vlmc::train::TrainConfig) {
+    let path = std::path::Path::new(path);
+    let mut text = std::fs::read_to_string(path).expect("spec");
+    text.push_str(&format!(
+        "\ntrainer case for {model} {{\n  objective {objective}\n  optimizer adamw(lr: 1e-3, \
+         weight_decay: 0.0)\n  batch 3, steps 1, clip_grad 1.0\n}}\n"
+    ));
+    let checked = vlmc::elab::check_text(path, text);
+    let rendered = checked.render();
+    let model = checked
+        .result
+        .unwrap_or_else(|_| panic!("{rendered}"))
+        .pop()
+        .expect("model");
+    let cfg = vlmc::train::TrainConfig::of(&model, "case").expect("trainer");
+    (model, cfg)
+}
