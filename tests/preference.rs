@@ -166,16 +166,18 @@ fn colour_split() -> (Vec<(usize, usize)>, Vec<(usize, usize)>) {
     (train, held)
 }
 
-/// The share of held-out pairs whose chosen completion the model (with `params`) finds more
-/// likely than the rejected one.
-fn heldout_accuracy(
+/// The share of the pairs of `data` whose chosen completion the policy of trainer `trainer`
+/// (with `params`; `adapted`: with its adapter) finds more likely than the rejected one.
+fn pair_accuracy(
     model: &vlmc::elab::Elaborated,
+    trainer: &str,
+    adapted: bool,
     params: &BTreeMap<String, Tensor>,
     data: &std::path::Path,
 ) -> f64 {
-    let cfg = TrainConfig::of(model, "dpo").expect("trainer");
+    let cfg = TrainConfig::of(model, trainer).expect("trainer");
     let vlmc::train::Objective::Preference(p) = &cfg.objective else {
-        panic!("dpo")
+        panic!("{trainer} is not a preference trainer")
     };
     let tok_path = std::path::Path::new("tests/fixtures/train/colours/tokenizer.json");
     let tok = vlmc_runtime::train_data::Tok::load(tok_path).expect("tokenizer");
@@ -183,13 +185,43 @@ fn heldout_accuracy(
     let format = vlmc_runtime::train_data::RowFormat::plain(true, None);
     let rows =
         vlmc_runtime::train_pref::parse_rows(&cfg, data, &text, &tok, &format).expect("rows");
-    let plan = vlmc_runtime::train_inputs::BatchPlan::simple(tok.pad_id, None);
+    let plan =
+        vlmc_runtime::train_inputs::BatchPlan::of(model, &tok, tok_path.parent().expect("dir"))
+            .expect("plan");
+    let g = train::preference::build_logps(model, &cfg, p, adapted).expect("logps graph");
+    let runner = vlmc_runtime::train::GraphRunner::new(g, &Default::default());
+    let (mut right, mut all) = (0, 0);
     let idx: Vec<usize> = (0..rows.len()).collect();
-    let batch = rows.batch(&plan, &idx, None).expect("batch");
-    let g = train::preference::build_logps(model, &cfg, p, false).expect("logps graph");
-    let out = vlmc_runtime::run(&g, &batch, params).expect("run");
-    let (c, r) = (out["chosen_logps"].to_f64(), out["rejected_logps"].to_f64());
-    c.iter().zip(&r).filter(|(a, b)| a > b).count() as f64 / c.len() as f64
+    for chunk in idx.chunks(16) {
+        let out = runner
+            .run(&rows.batch(&plan, chunk, None).expect("batch"), params)
+            .expect("run");
+        let (c, r) = (out["chosen_logps"].to_f64(), out["rejected_logps"].to_f64());
+        right += c.iter().zip(&r).filter(|(a, b)| a > b).count();
+        all += c.len();
+    }
+    right as f64 / all as f64
+}
+
+fn heldout_accuracy(
+    model: &vlmc::elab::Elaborated,
+    params: &BTreeMap<String, Tensor>,
+    data: &std::path::Path,
+) -> f64 {
+    pair_accuracy(model, "dpo", false, params, data)
+}
+
+/// The final weights of a run (an adapter run's hold the base and the adapter).
+fn final_weights(out: &std::path::Path) -> BTreeMap<String, Tensor> {
+    let w =
+        vlmc_runtime::weights::WeightFile::open(&out.join("model.safetensors")).expect("weights");
+    w.names()
+        .into_iter()
+        .map(|n| {
+            let t = w.get(&n).expect("tensor");
+            (n, t)
+        })
+        .collect()
 }
 
 /// Every preference objective learns the colour preference: held-out accuracy (chosen more
@@ -246,42 +278,10 @@ fn preference_objectives_learn_the_colour_preference() {
             tensorboard: false,
         };
         let s = train(&o, &mut |_| {}).unwrap_or_else(|e| panic!("{trainer}: {e}"));
-        let w = vlmc_runtime::weights::WeightFile::open(&out.join("model.safetensors"))
-            .expect("weights");
-        let params: BTreeMap<String, Tensor> = w
-            .names()
-            .into_iter()
-            .map(|n| {
-                let t = w.get(&n).expect("tensor");
-                (n, t)
-            })
-            .collect();
         let mut merged = start.clone();
-        merged.extend(params);
-        // an adapter run's final weights hold the base and the adapter: the policy is the
-        // base with the adapter applied, which build_logps(.., adapted) runs
+        merged.extend(final_weights(&out));
         let after = if trainer == "dpo_lora" {
-            let cfg = TrainConfig::of(&model, trainer).expect("trainer");
-            let vlmc::train::Objective::Preference(p) = &cfg.objective else {
-                panic!("dpo")
-            };
-            let g = train::preference::build_logps(&model, &cfg, p, true).expect("graph");
-            let text = std::fs::read_to_string(&held).expect("data");
-            let t = vlmc_runtime::train_data::Tok::load(&tok).expect("tokenizer");
-            let rows = vlmc_runtime::train_pref::parse_rows(
-                &cfg,
-                &held,
-                &text,
-                &t,
-                &vlmc_runtime::train_data::RowFormat::plain(true, None),
-            )
-            .expect("rows");
-            let plan = vlmc_runtime::train_inputs::BatchPlan::simple(t.pad_id, None);
-            let idx: Vec<usize> = (0..rows.len()).collect();
-            let o = vlmc_runtime::run(&g, &rows.batch(&plan, &idx, None).expect("b"), &merged)
-                .expect("run");
-            let (c, r) = (o["chosen_logps"].to_f64(), o["rejected_logps"].to_f64());
-            c.iter().zip(&r).filter(|(a, b)| a > b).count() as f64 / c.len() as f64
+            pair_accuracy(&model, trainer, true, &merged, &held)
         } else {
             heldout_accuracy(&model, &merged, &held)
         };
@@ -307,4 +307,137 @@ fn preference_objectives_learn_the_colour_preference() {
         );
         assert!(after > 0.9, "{trainer}: held-out accuracy {after}");
     }
+}
+
+/// A preference run is a function of its inputs: run twice it writes the same weights bit
+/// for bit, and stopped and resumed it continues exactly (the reference log-probabilities,
+/// precomputed or not, and KTO's KL rows included).
+#[test]
+fn preference_runs_rerun_and_resume_bit_identically() {
+    use vlmc_runtime::train_loop::{train, TrainOptions};
+    let model = common::load("tests/fixtures/train/pref_lm.vlm");
+    let dir = std::env::temp_dir().join(format!("vlmc-pref-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let (pairs, _) = colour_split();
+    let data = dir.join("train.jsonl");
+    let unpaired = dir.join("unpaired.jsonl");
+    std::fs::write(&data, colour_rows(&pairs, false)).expect("write");
+    std::fs::write(&unpaired, colour_rows(&pairs, true)).expect("write");
+    let tok = std::path::PathBuf::from("tests/fixtures/train/colours/tokenizer.json");
+    let weights = final_weights;
+    for trainer in ["dpo_lora", "kto"] {
+        let run = |out: &std::path::Path, stop: Option<u64>, resume: Option<&std::path::Path>| {
+            let o = TrainOptions {
+                model: &model,
+                trainer,
+                data: if trainer == "kto" { &unpaired } else { &data },
+                tokenizer: Some(tok.clone()),
+                weights: None,
+                weights_dir: None,
+                base_name: None,
+                out,
+                resume,
+                steps: Some(9),
+                stop_after: stop,
+                eval_data: None,
+                skip_finished: false,
+                overwrite: false,
+                restart_unfinished: false,
+                backend: Default::default(),
+                tensorboard: false,
+            };
+            train(&o, &mut |_| {})
+                .unwrap_or_else(|e| panic!("{trainer}: {e}"))
+                .losses
+        };
+        let (a, b, c) = (
+            dir.join(format!("{trainer}_a")),
+            dir.join(format!("{trainer}_b")),
+            dir.join(format!("{trainer}_c")),
+        );
+        let first = run(&a, None, None);
+        let again = run(&b, None, None);
+        assert_eq!(first, again, "{trainer}: a rerun's losses differ");
+        assert_eq!(
+            weights(&a),
+            weights(&b),
+            "{trainer}: a rerun's weights differ"
+        );
+        let head = run(&c, Some(4), None);
+        let tail = run(&c, None, Some(&c));
+        let joined: Vec<f64> = head.into_iter().chain(tail).collect();
+        assert_eq!(joined, first, "{trainer}: the resumed run's losses differ");
+        assert_eq!(
+            weights(&c),
+            weights(&a),
+            "{trainer}: the resumed run's weights differ"
+        );
+        // the log of the resumed run has every step once, with the metrics
+        let log = std::fs::read_to_string(c.join("log.jsonl")).expect("log");
+        assert_eq!(log.lines().count(), 9, "{trainer}: {log}");
+    }
+}
+
+/// A vision-language model learns a preference that depends on the image: llava_tiny, DPO on
+/// colour images, prefers the completion that names the square's colour on held-out images.
+#[test]
+fn llava_learns_to_prefer_the_image_colour() {
+    use vlmc_runtime::train_loop::{train, TrainOptions};
+    let model = common::load("tests/fixtures/train/pref_llava.vlm");
+    let dir = std::env::temp_dir().join(format!("vlmc-pref-llava-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let colours_dir = std::fs::canonicalize("tests/fixtures/train/colours").expect("colours");
+    // {"image", "prompt", "completion"} rows -> pairs with a wrong colour as the rejected one
+    let pairs = |name: &str| -> std::path::PathBuf {
+        let text = std::fs::read_to_string(colours_dir.join(name)).expect("rows");
+        let mut out = String::new();
+        for (k, l) in text.lines().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json");
+            let right = v["completion"].as_str().expect("completion");
+            let c = COLOURS.iter().position(|x| *x == right).expect("a colour");
+            let wrong = COLOURS[(c + 1 + k % 5) % 6];
+            let image = colours_dir.join(v["image"].as_str().expect("image"));
+            out.push_str(&format!(
+                "{}\n",
+                serde_json::json!({"image": image, "prompt": v["prompt"], "chosen": right,
+                                   "rejected": wrong})
+            ));
+        }
+        let p = dir.join(name);
+        std::fs::write(&p, out).expect("write");
+        p
+    };
+    let (data, held) = (pairs("train.jsonl"), pairs("heldout.jsonl"));
+    let start = vlmc_runtime::init::init_params(&model.graph, 0).expect("init");
+    let before = pair_accuracy(&model, "dpo", false, &start, &held);
+    let out = dir.join("dpo");
+    let o = TrainOptions {
+        model: &model,
+        trainer: "dpo",
+        data: &data,
+        tokenizer: Some(colours_dir.join("tokenizer.json")),
+        weights: Some(start.clone()),
+        weights_dir: None,
+        base_name: None,
+        out: &out,
+        resume: None,
+        steps: None,
+        stop_after: None,
+        eval_data: None,
+        skip_finished: false,
+        overwrite: false,
+        restart_unfinished: false,
+        backend: Default::default(),
+        tensorboard: false,
+    };
+    let s = train(&o, &mut |_| {}).expect("trains");
+    let after = pair_accuracy(&model, "dpo", false, &final_weights(&out), &held);
+    eprintln!(
+        "llava_tiny DPO: loss {:.4} -> {:.4}, held-out accuracy {before:.2} -> {after:.2}",
+        s.losses[0],
+        s.losses[s.losses.len() - 1]
+    );
+    assert!(after > 0.9, "held-out accuracy {after}");
 }

@@ -592,10 +592,11 @@ pub fn attach(
                     ids0 = Some(ids);
                     continue;
                 }
-                t.read(&pg, &format!("{s}_logits"), out);
+                // sizes appear alone (ids: [B, T]) before expressions of them (logits)
                 let (ids, mask) = ids_and_mask(&mut pg, &format!("{s}."))?;
                 t.read(&pg, &format!("{s}_ids"), ids);
                 t.read(&pg, &format!("{s}_mask"), mask);
+                t.read(&pg, &format!("{s}_logits"), out);
                 ids0 = Some(ids);
             }
             let row = per_row(&pg, ids0.expect("two sides"));
@@ -638,9 +639,9 @@ pub fn attach(
             let out = scored_output(&outs, g, p.family)?;
             let (ids, mask) = ids_and_mask(g, "")?;
             let row = per_row(g, ids);
-            t.read(g, "logits", out);
             t.read(g, "ids", ids);
             t.read(g, "loss_mask", mask);
+            t.read(g, "logits", out);
             t.input(g, "label", row.clone())?;
             if p.reference {
                 t.input(g, "ref_logps", row.clone())?;
@@ -718,10 +719,11 @@ pub fn build_logps(
             let mut ids0 = None;
             for (k, s) in SIDES.iter().enumerate() {
                 let out = scored_output(&outs[k], &pg, p.family)?;
-                t.read(&pg, &format!("{s}_logits"), out);
+                // sizes appear alone (ids: [B, T]) before expressions of them (logits)
                 let (ids, mask) = ids_and_mask(&mut pg, &format!("{s}."))?;
                 t.read(&pg, &format!("{s}_ids"), ids);
                 t.read(&pg, &format!("{s}_mask"), mask);
+                t.read(&pg, &format!("{s}_logits"), out);
                 ids0 = Some(ids);
             }
             let r = per_row(&pg, ids0.expect("two sides")).to_string();
@@ -735,9 +737,9 @@ pub fn build_logps(
             let out = scored_output(&outs, &g, p.family)?;
             let (ids, mask) = ids_and_mask(&mut g, "")?;
             let r = per_row(&g, ids).to_string();
-            t.read(&g, "logits", out);
             t.read(&g, "ids", ids);
             t.read(&g, "loss_mask", mask);
+            t.read(&g, "logits", out);
             t.out("logps", "sequence_logps(logits, ids, loss_mask)", &r);
         }
         PrefData::Steps => {
