@@ -441,3 +441,203 @@ fn llava_learns_to_prefer_the_image_colour() {
     );
     assert!(after > 0.9, "held-out accuracy {after}");
 }
+
+/// Trains trainer `trainer` of `model` on `data` from `start` into `out` (its own settings).
+fn train_run(
+    model: &vlmc::elab::Elaborated,
+    trainer: &str,
+    data: &std::path::Path,
+    start: &BTreeMap<String, Tensor>,
+    out: &std::path::Path,
+) -> vlmc_runtime::train_loop::Summary {
+    let o = vlmc_runtime::train_loop::TrainOptions {
+        model,
+        trainer,
+        data,
+        tokenizer: Some("tests/fixtures/train/colours/tokenizer.json".into()),
+        weights: Some(start.clone()),
+        weights_dir: None,
+        base_name: None,
+        out,
+        resume: None,
+        steps: None,
+        stop_after: None,
+        eval_data: None,
+        skip_finished: false,
+        overwrite: false,
+        restart_unfinished: false,
+        backend: Default::default(),
+        tensorboard: false,
+    };
+    vlmc_runtime::train_loop::train(&o, &mut |_| {}).unwrap_or_else(|e| panic!("{trainer}: {e}"))
+}
+
+/// The collated batch of every row of `data` as trainer `trainer` reads it.
+fn whole_batch(
+    model: &vlmc::elab::Elaborated,
+    trainer: &str,
+    data: &std::path::Path,
+) -> BTreeMap<String, Tensor> {
+    let cfg = TrainConfig::of(model, trainer).expect("trainer");
+    let tok_path = std::path::Path::new("tests/fixtures/train/colours/tokenizer.json");
+    let tok = vlmc_runtime::train_data::Tok::load(tok_path).expect("tokenizer");
+    let text = std::fs::read_to_string(data).expect("data");
+    let format = vlmc_runtime::train_data::RowFormat::plain(true, None);
+    let rows =
+        vlmc_runtime::train_pref::parse_rows(&cfg, data, &text, &tok, &format).expect("rows");
+    let plan =
+        vlmc_runtime::train_inputs::BatchPlan::of(model, &tok, tok_path.parent().expect("d"))
+            .expect("plan");
+    let idx: Vec<usize> = (0..rows.len()).collect();
+    rows.batch(&plan, &idx, None).expect("batch")
+}
+
+/// A reward model (LlamaForSequenceClassification's layout, Bradley–Terry loss) learns to
+/// score the completion naming the prompt's colour higher, on held-out combinations; so does
+/// a process reward model label each step right (token classification at the separators).
+#[test]
+fn reward_and_process_reward_models_learn() {
+    let dir = std::env::temp_dir().join(format!("vlmc-pref-rm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let (train_pairs, held_pairs) = colour_split();
+    // the reward model sees every colour combination in three phrasings and is checked on a
+    // fourth it never saw
+    let all: Vec<(usize, usize)> = train_pairs.iter().chain(&held_pairs).copied().collect();
+    let phrased = |templates: &[&str]| -> String {
+        let mut out = String::new();
+        for t in templates {
+            for &(c, w) in &all {
+                let v = serde_json::json!({"prompt": t.replace("{}", COLOURS[c]),
+                                           "chosen": COLOURS[c], "rejected": COLOURS[w]});
+                out.push_str(&format!("{v}\n"));
+            }
+        }
+        out
+    };
+    let (data, held) = (dir.join("train.jsonl"), dir.join("held.jsonl"));
+    std::fs::write(
+        &data,
+        phrased(&[
+            "{} square what colour is the square ?",
+            "what colour is the {} square ?",
+            "the {} square what colour is the square ?",
+        ]),
+    )
+    .expect("write");
+    std::fs::write(
+        &held,
+        phrased(&["is the square {} ? what colour is the square ?"]),
+    )
+    .expect("write");
+    let model = common::load("tests/fixtures/train/pref_rm.vlm");
+    let start = vlmc_runtime::init::init_params(&model.graph, 0).expect("init");
+    let accuracy = |params: &BTreeMap<String, Tensor>| {
+        let b = whole_batch(&model, "reward", &held);
+        let side = |s: &str| -> Vec<f64> {
+            let inputs: BTreeMap<String, Tensor> = b
+                .iter()
+                .filter_map(|(k, v)| {
+                    k.strip_prefix(&format!("{s}."))
+                        .map(|n| (n.to_string(), v.clone()))
+                })
+                .collect();
+            let out = vlmc_runtime::run(&model.graph, &inputs, params).expect("run");
+            out.values().next().expect("scores").to_f64()
+        };
+        let (c, r) = (side("chosen"), side("rejected"));
+        c.iter().zip(&r).filter(|(a, b)| a > b).count() as f64 / c.len() as f64
+    };
+    let before = accuracy(&start);
+    for trainer in ["reward", "reward_centered"] {
+        let out = dir.join(trainer);
+        let s = train_run(&model, trainer, &data, &start, &out);
+        let after = accuracy(&final_weights(&out));
+        let log = std::fs::read_to_string(out.join("log.jsonl")).expect("log");
+        let last: serde_json::Value =
+            serde_json::from_str(log.lines().last().expect("line")).expect("json");
+        for k in [
+            "accuracy",
+            "margin",
+            "mean_reward",
+            "min_reward",
+            "max_reward",
+        ] {
+            assert!(last.get(k).is_some(), "{trainer}: {k} missing in {last}");
+        }
+        eprintln!(
+            "{trainer}: loss {:.4} -> {:.4}, held-out accuracy {before:.2} -> {after:.2}, mean reward {}",
+            s.losses[0],
+            s.losses[s.losses.len() - 1],
+            last["mean_reward"]
+        );
+        assert!(after > 0.9, "{trainer}: held-out accuracy {after}");
+    }
+    // PRM: a prompt naming a colour, then steps "<colour>" each followed by the separator "?",
+    // labelled right when the step names the prompt's colour
+    let steps = |templates: &[&str]| -> String {
+        let mut out = String::new();
+        for t in templates {
+            for (k, &(c, w)) in all.iter().enumerate() {
+                let other = (w + 1 + k % 4) % 6;
+                let (list, labels) = if k % 2 == 0 {
+                    (vec![w, c, other], vec![false, true, other == c])
+                } else {
+                    (vec![c, other, w], vec![true, other == c, false])
+                };
+                let v = serde_json::json!({
+                    "prompt": t.replace("{}", COLOURS[c]),
+                    "completions": list.iter().map(|&i| COLOURS[i]).collect::<Vec<_>>(),
+                    "labels": labels,
+                });
+                out.push_str(&format!("{v}\n"));
+            }
+        }
+        out
+    };
+    let (sdata, sheld) = (dir.join("steps.jsonl"), dir.join("steps_held.jsonl"));
+    std::fs::write(
+        &sdata,
+        steps(&[
+            "{} square what colour is the square",
+            "what colour is the {} square",
+            "the {} square what colour is the square",
+        ]),
+    )
+    .expect("write");
+    std::fs::write(
+        &sheld,
+        steps(&["is the square {} what colour is the square"]),
+    )
+    .expect("write");
+    let prm = common::load("tests/fixtures/train/pref_prm.vlm");
+    let pstart = vlmc_runtime::init::init_params(&prm.graph, 0).expect("init");
+    let step_accuracy = |params: &BTreeMap<String, Tensor>| {
+        let b = whole_batch(&prm, "prm", &sheld);
+        let out = vlmc_runtime::run(&prm.graph, &b, params).expect("run");
+        let logits = out.values().next().expect("logits").to_f64();
+        let (labels, mask) = (
+            b["labels"].as_i32().expect("i32").to_vec(),
+            b["loss_mask"].to_f64(),
+        );
+        let (mut right, mut all) = (0, 0);
+        for (i, m) in mask.iter().enumerate() {
+            if *m > 0.0 {
+                let guess = usize::from(logits[2 * i + 1] > logits[2 * i]);
+                right += usize::from(guess as i32 == labels[i]);
+                all += 1;
+            }
+        }
+        right as f64 / all as f64
+    };
+    let before = step_accuracy(&pstart);
+    let out = dir.join("prm");
+    let s = train_run(&prm, "prm", &sdata, &pstart, &out);
+    let after = step_accuracy(&final_weights(&out));
+    eprintln!(
+        "prm: loss {:.4} -> {:.4}, held-out step accuracy {before:.2} -> {after:.2}",
+        s.losses[0],
+        s.losses[s.losses.len() - 1]
+    );
+    assert!(after > 0.9, "prm: held-out step accuracy {after}");
+}
