@@ -563,6 +563,18 @@ pub fn train(
         }
         None => None,
     };
+    if let Some(r) = session.pref.as_ref().and_then(|p| p.reference.as_ref()) {
+        let mib = r.extra_bytes() as f64 / (1 << 20) as f64;
+        eprintln!(
+            "reference policy: {}",
+            if r.extra_bytes() == 0 {
+                "the base model with the adapter switched off (no extra parameter memory)"
+                    .to_string()
+            } else {
+                format!("a frozen copy of the starting weights ({mib:.1} MiB)")
+            }
+        );
+    }
     // `precompute_ref`: the reference log-probabilities of every row, once, cached beside
     // the run (reused while the run's fingerprint is the same).
     let ref_cache = match &session.pref {
