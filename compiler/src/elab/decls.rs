@@ -837,8 +837,8 @@ fn check_setting(
             let allowed: Option<&[&str]> = match key {
                 "objective" => {
                     let Some((_, sig)) = OBJECTIVES.iter().find(|(n, _)| *n == name) else {
-                        if let Some(f) = objective_fn(prog, m, name) {
-                            return check_custom_objective(prog, m, f, args, expr);
+                        if let Some((fm, f)) = objective_fn(prog, m, name) {
+                            return check_custom_objective(prog, m, (fm, f), args, expr);
                         }
                         let known: Vec<&str> = OBJECTIVES.iter().map(|(n, _)| *n).collect();
                         return Err(err(prog, m, span, format!("unknown objective `{name}`"))
@@ -1471,10 +1471,10 @@ pub const PAIR_VOCABULARY: &[&str] = &[
 ];
 
 /// The function `name` visible in module `m` that is not a built-in objective.
-fn objective_fn<'a>(prog: &'a Program, m: usize, name: &str) -> Option<&'a FnDecl> {
+fn objective_fn<'a>(prog: &'a Program, m: usize, name: &str) -> Option<(usize, &'a FnDecl)> {
     let r = prog.modules[m].scope.get(name)?;
     match prog.item(*r) {
-        Item::Fn(f) => Some(f),
+        Item::Fn(f) => Some((r.module, f)),
         _ => None,
     }
 }
@@ -1495,7 +1495,7 @@ fn custom_objective_ref(prog: &Program, m: usize, name: &str) -> Option<String> 
 fn check_custom_objective(
     prog: &Program,
     m: usize,
-    f: &FnDecl,
+    (fm, f): (usize, &FnDecl),
     args: &[(String, Setting)],
     expr: &Expr,
 ) -> R<()> {
@@ -1514,6 +1514,7 @@ fn check_custom_objective(
                 format!("objective `{name}`: parameter `{pn}` is not a preference quantity nor a float"),
             )
             .label("used as an objective here")
+            .also(prog.loc(fm, p.span), "this parameter")
             .note(format!(
                 "an objective function's parameters are named from: {}; or are `float` hyperparameters",
                 PAIR_VOCABULARY.join(", ")
