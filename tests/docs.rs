@@ -1,5 +1,5 @@
 //! The documentation's examples are real: every ```vlm block of `docs/language.md`,
-//! `docs/generation.md` and `README.md` is checked. A block followed by a ```text block
+//! `docs/generation.md`, `docs/training.md` and `README.md` is checked. A block followed by a ```text block
 //! that starts with `error:` must fail with exactly that diagnostic; every other model must
 //! check.
 
@@ -106,6 +106,11 @@ fn check_document(doc: &str) -> usize {
 fn language_reference_examples_are_real() {
     let n = check_document("docs/language.md");
     assert!(n >= 20, "expected the reference's examples, found {n}");
+}
+
+#[test]
+fn training_examples_check() {
+    assert_eq!(check_document("docs/training.md"), 2);
 }
 
 #[test]
