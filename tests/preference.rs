@@ -124,6 +124,9 @@ fn the_reference_is_the_starting_policy_and_stays() {
     }
 }
 
+/// (right, wrong) colour indices.
+type Pairs = Vec<(usize, usize)>;
+
 const COLOURS: [&str; 6] = ["red", "green", "blue", "yellow", "cyan", "magenta"];
 
 /// Preference rows: the prompt names a colour; the chosen completion repeats it, the rejected
@@ -151,7 +154,7 @@ fn colour_rows(pairs: &[(usize, usize)], unpaired: bool) -> String {
 
 /// The colour pairs of the training set and the held-out set: every ordered pair of distinct
 /// colours, split 20 / 10 so that the held-out pairs are combinations never trained on.
-fn colour_split() -> (Vec<(usize, usize)>, Vec<(usize, usize)>) {
+fn colour_split() -> (Pairs, Pairs) {
     let all: Vec<(usize, usize)> = (0..6)
         .flat_map(|c| (0..6).filter(move |&w| w != c).map(move |w| (c, w)))
         .collect();

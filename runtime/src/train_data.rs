@@ -304,29 +304,26 @@ pub fn parse_row(
         .images
         .as_ref()
         .map_or("<image>", |i| i.placeholder.as_str());
-    {
-        let row = row;
-        let mut images: Vec<PathBuf> = Vec::new();
-        if let Some(p) = str_field(&row, "image") {
+    let mut images: Vec<PathBuf> = Vec::new();
+    if let Some(p) = str_field(row, "image") {
+        images.push(base.join(p));
+    }
+    if let Some(list) = row.get("images").and_then(|v| v.as_array()) {
+        for (i, v) in list.iter().enumerate() {
+            let Some(p) = v.as_str() else {
+                return derr(format!("{at}: `images[{i}]` is not a path"));
+            };
             images.push(base.join(p));
         }
-        if let Some(list) = row.get("images").and_then(|v| v.as_array()) {
-            for (i, v) in list.iter().enumerate() {
-                let Some(p) = v.as_str() else {
-                    return derr(format!("{at}: `images[{i}]` is not a path"));
-                };
-                images.push(base.join(p));
-            }
-        }
-        let prompt_mask = if format.mask == LossMask::None {
-            1.0
-        } else {
-            0.0
-        };
-        let mut instruction: String;
-        let (mut ids, mut mask) = if let (Some(p), Some(c)) =
-            (str_field(&row, "prompt"), str_field(&row, "completion"))
-        {
+    }
+    let prompt_mask = if format.mask == LossMask::None {
+        1.0
+    } else {
+        0.0
+    };
+    let mut instruction: String;
+    let (mut ids, mut mask) =
+        if let (Some(p), Some(c)) = (str_field(row, "prompt"), str_field(row, "completion")) {
             instruction = p.to_string();
             let (p, mut c) = (tok.encode(p, true)?, tok.encode(c, false)?);
             if let Some(eos) = tok.eos_id {
@@ -357,7 +354,7 @@ pub fn parse_row(
                 if format.mask == LossMask::Assistant {
                     return derr(format!(
                         "{at}: `sft(mask: assistant)` needs the tokenizer's chat template \
-                         (tokenizer_config.json's \"chat_template\" beside tokenizer.json)"
+                     (tokenizer_config.json's \"chat_template\" beside tokenizer.json)"
                     ));
                 }
                 let render = |m: &serde_json::Value| {
@@ -379,7 +376,7 @@ pub fn parse_row(
                 ids.extend(c);
                 (ids, mask)
             }
-        } else if let Some(t) = str_field(&row, "text").or_else(|| str_field(&row, "caption")) {
+        } else if let Some(t) = str_field(row, "text").or_else(|| str_field(row, "caption")) {
             instruction = t.to_string();
             let ids = tok.encode(t, true)?;
             let mask = vec![1.0; ids.len()];
@@ -389,53 +386,52 @@ pub fn parse_row(
                 "{at}: a row needs `text`, `prompt` and `completion`, or `messages`"
             ));
         };
-        if ids.is_empty() {
-            return derr(format!("{at}: the text has no tokens"));
-        }
-        if let Some(it) = &format.images {
-            (ids, mask) = place_images(it, ids, mask, images.len()).map_err(|e| DataError {
-                message: format!("{at}: {e}"),
-            })?;
-        }
-        if let Some(m) = max_len_of(format) {
-            if ids.len() > m {
-                if let Some(it) = &format.images {
-                    let kept = ids[..m].iter().filter(|&&i| i == it.id).count();
-                    let all = ids.iter().filter(|&&i| i == it.id).count();
-                    if kept != all {
-                        return derr(format!(
-                            "{at}: the row is {} tokens with its images; truncated to `max_len` \
-                             {m} it would lose image tokens: shorten the text or raise `max_len`",
-                            ids.len()
-                        ));
-                    }
+    if ids.is_empty() {
+        return derr(format!("{at}: the text has no tokens"));
+    }
+    if let Some(it) = &format.images {
+        (ids, mask) = place_images(it, ids, mask, images.len()).map_err(|e| DataError {
+            message: format!("{at}: {e}"),
+        })?;
+    }
+    if let Some(m) = max_len_of(format) {
+        if ids.len() > m {
+            if let Some(it) = &format.images {
+                let kept = ids[..m].iter().filter(|&&i| i == it.id).count();
+                let all = ids.iter().filter(|&&i| i == it.id).count();
+                if kept != all {
+                    return derr(format!(
+                        "{at}: the row is {} tokens with its images; truncated to `max_len` \
+                         {m} it would lose image tokens: shorten the text or raise `max_len`",
+                        ids.len()
+                    ));
                 }
             }
-            ids.truncate(m);
-            mask.truncate(m);
         }
-        instruction = instruction.replace(placeholder, "").trim().to_string();
-        let mut fields = BTreeMap::new();
-        for (k, v) in row.as_object().into_iter().flatten() {
-            if ROW_KEYS.contains(&k.as_str()) {
-                continue;
-            }
-            let v = match v.as_str() {
-                // a file: relative to the data file (`FILE.safetensors:TENSOR` kept whole)
-                Some(s) => serde_json::Value::String(base.join(s).display().to_string()),
-                None => v.clone(),
-            };
-            fields.insert(k.clone(), v);
-        }
-        Ok(Example {
-            ids,
-            mask,
-            images,
-            instruction,
-            fields,
-            line,
-        })
+        ids.truncate(m);
+        mask.truncate(m);
     }
+    instruction = instruction.replace(placeholder, "").trim().to_string();
+    let mut fields = BTreeMap::new();
+    for (k, v) in row.as_object().into_iter().flatten() {
+        if ROW_KEYS.contains(&k.as_str()) {
+            continue;
+        }
+        let v = match v.as_str() {
+            // a file: relative to the data file (`FILE.safetensors:TENSOR` kept whole)
+            Some(s) => serde_json::Value::String(base.join(s).display().to_string()),
+            None => v.clone(),
+        };
+        fields.insert(k.clone(), v);
+    }
+    Ok(Example {
+        ids,
+        mask,
+        images,
+        instruction,
+        fields,
+        line,
+    })
 }
 
 /// The row fields the text and images are read from.

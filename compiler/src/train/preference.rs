@@ -23,6 +23,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use vlmc_grammar::ast::{Item, ScalarType, TypeKind};
 
+/// A graph's outputs by name.
+pub type Outputs = Vec<(String, NodeId)>;
+
 /// The prefixes of the two copies of a pair graph's inputs.
 pub const SIDES: [&str; 2] = ["chosen", "rejected"];
 
@@ -340,10 +343,10 @@ pub fn custom(
 /// The forward run on the chosen and the rejected rows: two copies of `g` sharing its
 /// parameters, each input `x` as `chosen.x` and `rejected.x` (uniform draws, `uniform_*`,
 /// shared). Returns the graph and each copy's outputs by name.
-pub fn pair_graph(g: &Graph) -> Result<(Graph, [Vec<(String, NodeId)>; 2]), TrainError> {
+pub fn pair_graph(g: &Graph) -> Result<(Graph, [Outputs; 2]), TrainError> {
     let mut pg = Graph::new(&g.name);
     pg.dims = g.dims.clone();
-    let mut outs: [Vec<(String, NodeId)>; 2] = [Vec::new(), Vec::new()];
+    let mut outs: [Outputs; 2] = [Vec::new(), Vec::new()];
     for (k, side) in SIDES.iter().enumerate() {
         let mut bind = HashMap::new();
         for (_, name, ty) in g.inputs() {
