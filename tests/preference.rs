@@ -1,6 +1,6 @@
 //! Preference and reward objectives (TRL's DPO family, CPO/SimPO, ORPO, KTO, reward models,
 //! PRM): step graphs against TRL 1.16's losses, gradients and optimiser steps
-//! (tests/fixtures/preference/make.py), and a user's own objective.
+//! (tests/fixtures/preference_trl/make.py), and a user's own objective.
 
 mod common;
 
@@ -24,7 +24,7 @@ fn pair_batch() -> BTreeMap<String, Tensor> {
     let mut m = BTreeMap::new();
     for (k, side) in ["chosen", "rejected"].iter().enumerate() {
         let ids: Vec<i32> = (0..3 * t)
-            .map(|i| 1 + ((i * 37 + k * 11) % 95) as i32)
+            .map(|i| 1 + ((i * 37 + k * 11) % 30) as i32)
             .collect();
         let mask: Vec<f32> = (0..3 * t)
             .map(|i| {

@@ -125,10 +125,12 @@ pub fn with_trainer(
     ));
     let checked = vlmc::elab::check_text(path, text);
     let rendered = checked.render();
+    let name = model;
     let model = checked
         .result
         .unwrap_or_else(|_| panic!("{rendered}"))
-        .pop()
+        .into_iter()
+        .find(|m| m.model == name)
         .expect("model");
     let cfg = vlmc::train::TrainConfig::of(&model, "case").expect("trainer");
     (model, cfg)

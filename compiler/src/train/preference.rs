@@ -230,8 +230,9 @@ pub fn read(name: &str, args: &[(String, Setting)]) -> Result<Preference, String
             p.family = PrefFamily::Orpo;
             p.reference = false;
             p.average_logps = true;
+            // TRL's ORPO: the NLL over the whole chosen sequence, prompt included
             p.expr = format!(
-                "chosen_nll + mean_over_pairs(orpo_ratio(chosen_avg: chosen_avg_logps, \
+                "chosen_full_nll + mean_over_pairs(orpo_ratio(chosen_avg: chosen_avg_logps, \
                  rejected_avg: rejected_avg_logps, beta: {}))",
                 lit(beta)
             );
@@ -551,6 +552,13 @@ fn pair_prelude(p: &Preference, with_ref: bool) -> Vec<String> {
         "let chosen_nll = -sum(chosen_token_logps, axis: 0) / maximum(sum(chosen_len, axis: 0), 1.0)"
             .into(),
     );
+    // every real token of the chosen rows (right padding: up to the completion's end)
+    l.push("let chosen_real = real_tokens(chosen_mask)".into());
+    l.push(
+        "let chosen_full_nll = -sum(sequence_logps(chosen_logits, chosen_ids, chosen_real), axis: 0) \
+         / maximum(sum(completion_len(chosen_real), axis: 0), 1.0)"
+            .into(),
+    );
     if with_ref {
         for s in SIDES {
             l.push(format!("let {s}_logratios = {s}_logps - ref_{s}_logps"));
@@ -626,9 +634,12 @@ pub fn attach(
                 for s in SIDES {
                     t.out(&format!("{s}_logps"), format!("{s}_{lp}"), &r);
                     t.out(&format!("{s}_len"), format!("{s}_len"), &r);
-                    let logits = if matches!(p.family, PrefFamily::Cpo | PrefFamily::Orpo) {
-                        // CPO and ORPO log the mean of every logit of the sequence
+                    let logits = if p.family == PrefFamily::Cpo {
+                        // CPO logs the mean of every logit of the sequence, ORPO of every
+                        // position but the last
                         format!("mean_logits_all({s}_logits)")
+                    } else if p.family == PrefFamily::Orpo {
+                        format!("mean_logits_all({s}_logits[:, :-1, :])")
                     } else {
                         format!("sequence_mean_logits({s}_logits, {s}_mask)")
                     };
