@@ -428,8 +428,10 @@ fn one_trainer_step_matches_trl() {
             worst = worst.max(diff / upd);
         }
         eprintln!("{case}: one step, loss {:.9} (TRL {want_loss:.9}), weights within {worst:.1e} of the update", stats.loss);
+        // AdamW's first step is ~lr·g/|g|: where |g| is near eps (1e-8) the f32 gradient's last
+        // bits show; a wrong gradient would be off by the whole update (1.0 or 2.0)
         assert!(
-            worst < 1e-3,
+            worst < 5e-3,
             "{case}: weights after the step differ by {worst:.2e} of the update"
         );
     }
