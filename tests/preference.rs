@@ -90,8 +90,7 @@ fn every_pair_objective_builds_and_runs() {
 #[test]
 fn the_reference_is_the_starting_policy_and_stays() {
     use vlmc_runtime::train::Session;
-    let path = "tests/fixtures/train/preference.vlm";
-    let model = common::load(path);
+    let model = common::load_named("tests/fixtures/train/preference.vlm", "TinyLlama");
     let params = vlmc_runtime::init::init_params(&model.graph, 5).expect("init");
     let mut data = pair_batch();
     data.retain(|k, _| !k.starts_with("ref_") && k != "loss_scale");

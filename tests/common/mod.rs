@@ -26,6 +26,17 @@ pub fn load(path: &str) -> vlmc::elab::Elaborated {
     models.pop().expect("a model")
 }
 
+/// The model `name` of the spec at `path`, elaborated.
+pub fn load_named(path: &str, name: &str) -> vlmc::elab::Elaborated {
+    let checked = vlmc::elab::check_file(std::path::Path::new(path));
+    let text = checked.render();
+    let models = checked.result.unwrap_or_else(|_| panic!("{text}"));
+    models
+        .into_iter()
+        .find(|m| m.model == name)
+        .unwrap_or_else(|| panic!("{path} has no model {name}"))
+}
+
 /// The `.vlm` files of a folder, sorted.
 pub fn vlm_files(dir: &str) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
